@@ -1,0 +1,1 @@
+"""Prediction heads: camera (pose encoding), DPT (depth / point maps), tracking."""
