@@ -1,0 +1,146 @@
+"""Clustering, upsampling, adaptive multi-Otsu threshold and token mask (VGGT4D spec §3-5)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vggt4d_ros.dynamic.cluster import (cluster_features, cluster_mean_map, kmeans_reference,
+                                        kmeans_torch)
+from vggt4d_ros.dynamic.intervention import key_keep_from_tokens, token_dynamic_mask
+from vggt4d_ros.dynamic.threshold import (adaptive_threshold, multiotsu_reference,
+                                          multiotsu_torch, upsample_map)
+
+
+@pytest.fixture(scope="module")
+def seq10(golden_dir):
+    return load_file(str(golden_dir / "vggt4d" / "case_seq10.safetensors"))
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a & b).sum()) / max(float((a | b).sum()), 1.0)
+
+
+def _coarse(saliency, labels, size, backend):
+    cmap = cluster_mean_map(saliency, labels)
+    up = upsample_map(cmap, size)
+    thr = adaptive_threshold(up, backend=backend)
+    return cmap, up, thr, up > thr
+
+
+# ---------------------------------------------------------------- golden (reference path)
+def test_dynamic_mask_golden_reference_labels(seq10):
+    feats = seq10["enc_feat"]
+    labels = cluster_features(feats, backend="reference").reshape(seq10["cluster.labels"].shape)
+    assert torch.equal(labels, seq10["cluster.labels"])
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_dynamic_mask_golden_from_labels(seq10, backend):
+    """Clustering-free parts, exact from the golden labels, for both threshold backends."""
+    size = tuple(seq10["mask.coarse"].shape[1:])
+    cmap, up, thr, coarse = _coarse(seq10["saliency.dyn_map"], seq10["cluster.labels"], size,
+                                    backend)
+    assert torch.allclose(cmap, seq10["cluster.map"], atol=1e-5)
+    assert torch.allclose(up, seq10["mask.upsampled"], atol=1e-5)
+    assert abs(thr - float(seq10["mask.threshold"])) < 1e-6
+    gold = seq10["mask.coarse"]
+    near = (seq10["mask.upsampled"] - float(seq10["mask.threshold"])).abs() < 1e-4
+    assert torch.equal(coarse[~near], gold[~near])
+
+
+def test_dynamic_mask_golden_end_to_end_reference(seq10):
+    size = tuple(seq10["mask.coarse"].shape[1:])
+    labels = cluster_features(seq10["enc_feat"], backend="reference").reshape(10, 12, 16)
+    *_, coarse = _coarse(seq10["saliency.dyn_map"], labels, size, "reference")
+    assert _iou(coarse, seq10["mask.coarse"]) >= 0.99
+
+
+def test_dynamic_mask_fast_kmeans_quality_on_golden_features(seq10):
+    """Random-weight features have no cluster structure, so labels of any two k-means runs
+    (even scikit-learn with another seed) differ; compare the objective instead."""
+    x = seq10["enc_feat"].reshape(-1, seq10["enc_feat"].shape[-1])
+    lab_fast, centres = kmeans_torch(x, 64, seed=42)
+    inertia_fast = float(((x - centres[lab_fast]) ** 2).sum())
+    lab_ref = torch.from_numpy(kmeans_reference(x.numpy(), 64, 42))
+    cref = torch.stack([x[lab_ref == c].mean(0) for c in range(64)])
+    inertia_ref = float(((x - cref[lab_ref]) ** 2).sum())
+    assert inertia_fast <= 1.05 * inertia_ref
+    assert len(torch.unique(lab_fast)) == 64
+
+
+def test_dynamic_mask_fast_path_matches_reference_on_structured_scene():
+    """Features with real cluster structure (one blob per surface, like a trained encoder):
+    fast and reference paths give the same coarse mask."""
+    g = torch.Generator().manual_seed(0)
+    s, h, w, c, k = 8, 12, 16, 32, 64
+    blob_id = torch.randint(0, k, (s, h, w), generator=g)
+    blob_id[:, 4:8, :] = torch.arange(s)[:, None, None] % 4   # a moving band of 4 blobs
+    centres = torch.randn(k, c, generator=g) * 5
+    feats = centres[blob_id] + 0.1 * torch.randn(s, h, w, c, generator=g)
+    sal = torch.rand(s, h, w, generator=g) * 0.3
+    sal[:, 4:8, :] += 0.7 * (torch.arange(w) > w // 2).float()      # dynamic half of the band
+    size = (h * 14, w * 14)
+    masks = {}
+    for backend in ("reference", "fast"):
+        labels = cluster_features(feats.reshape(s, h * w, c), backend=backend).reshape(s, h, w)
+        masks[backend] = _coarse(sal, labels, size, backend)[3]
+    assert masks["reference"].any()
+    assert _iou(masks["fast"], masks["reference"]) >= 0.95
+
+
+def test_dynamic_mask_fast_otsu_equals_skimage_on_random_maps():
+    g = torch.Generator().manual_seed(1)
+    for trial in range(3):
+        x = torch.cat([torch.rand(3000, generator=g) * 0.3,
+                       0.5 + torch.rand(800, generator=g) * 0.2,
+                       0.8 + torch.rand(200 + 100 * trial, generator=g) * 0.2])
+        for n in (2, 3, 4):
+            ref = multiotsu_reference(x.numpy(), n)
+            ours = multiotsu_torch(x, n).numpy()
+            np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_dynamic_mask_threshold_degenerate_inputs():
+    assert adaptive_threshold(torch.full((4, 5), 0.3)) == float("inf")
+    assert adaptive_threshold(torch.full((4, 5), 0.3), backend="fast") == float("inf")
+    with pytest.raises(ValueError):
+        adaptive_threshold(torch.tensor([0.1, float("nan")]))
+    with pytest.raises(ValueError):
+        adaptive_threshold(torch.rand(10), backend="gpu")
+    two = torch.tensor([0.0] * 50 + [1.0] * 10)     # fewer values than 3 or 4 classes
+    assert 0.0 <= adaptive_threshold(two) < 1.0
+    assert 0.0 <= adaptive_threshold(two, backend="fast") < 1.0
+
+
+def test_dynamic_mask_cluster_degenerate_inputs():
+    feats = torch.randn(1, 10, 4)                    # fewer tokens than 64 clusters
+    for backend in ("reference", "fast"):
+        lab = cluster_features(feats, backend=backend)
+        assert lab.shape == (1, 10) and int(lab.max()) < 10
+    with pytest.raises(ValueError):
+        cluster_features(feats, backend="nope")
+    with pytest.raises(ValueError):
+        cluster_mean_map(torch.rand(2, 3, 4), torch.zeros(2, 3, 5, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- token mask (spec §5)
+def test_dynamic_mask_token_mask_golden(seq10):
+    assert torch.equal(token_dynamic_mask(seq10["mask.coarse"]), seq10["mask.token"])
+
+
+def test_dynamic_mask_token_mask_rules():
+    m = torch.zeros(2, 28, 42, dtype=torch.bool)
+    m[0, 13, 14] = True                             # a single pixel -> token (0, 1)
+    m[1, 27, 41] = True                             # last pixel -> last token
+    tok = token_dynamic_mask(m)
+    assert tok.shape == (2, 6)
+    assert tok[0].tolist() == [False, True, False, False, False, False]
+    assert tok[1].tolist() == [False] * 5 + [True]
+    keep = key_keep_from_tokens(tok)
+    assert keep.shape == (1, 2, 11) and keep.dtype == torch.bool
+    assert keep[:, :, :5].all()                     # special tokens always kept
+    assert torch.equal(keep[0, :, 5:], ~tok)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        token_dynamic_mask(torch.zeros(1, 20, 28))
