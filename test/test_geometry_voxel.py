@@ -1,0 +1,87 @@
+"""VoxelMap: running-mean fusion, hit counts, the memory ceiling with eviction, PLY round trip."""
+import numpy as np
+import pytest
+
+from vggt4d_ros.geometry.voxel import VoxelMap, pack_voxel_keys, read_ply, unpack_voxel_keys
+
+
+def test_pack_unpack_keys_roundtrip():
+    ijk = np.array([[0, 0, 0], [-1, 5, -(1 << 20)], [(1 << 20) - 1, -7, 3]])
+    np.testing.assert_array_equal(unpack_voxel_keys(pack_voxel_keys(ijk)), ijk)
+
+
+def test_running_mean_position_colour_and_counts():
+    vm = VoxelMap(voxel_size=1.0, max_voxels=100)
+    vm.insert(np.array([[0.2, 0.2, 0.2], [0.4, 0.4, 0.4], [5.5, 0.5, 0.5]]),
+              np.array([[0, 0, 0], [100, 100, 100], [255, 0, 0]], np.uint8), np.array([1.0, 3.0, 2.0]))
+    vm.insert(np.array([[0.6, 0.6, 0.6]]), np.array([[200, 200, 200]], np.uint8))
+    arr = vm.to_arrays()
+    assert len(vm) == 2
+    order = np.argsort(arr["points"][:, 0])
+    np.testing.assert_allclose(arr["points"][order[0]], [0.4, 0.4, 0.4], atol=1e-6)
+    np.testing.assert_array_equal(arr["colors"][order[0]], [100, 100, 100])
+    np.testing.assert_array_equal(arr["counts"][order], [3, 1])
+    np.testing.assert_allclose(arr["confidence"][order], [5.0 / 3.0, 2.0], rtol=1e-6)
+    np.testing.assert_array_equal(arr["colors"][order[1]], [255, 0, 0])
+
+
+def test_nonfinite_points_are_ignored_and_bad_shapes_raise():
+    vm = VoxelMap(0.1, 10)
+    vm.insert(np.array([[np.nan, 0, 0], [np.inf, 1, 1], [0.05, 0.05, 0.05]]))
+    assert len(vm) == 1
+    with pytest.raises(ValueError):
+        vm.insert(np.zeros((3, 2)))
+    with pytest.raises(ValueError):
+        VoxelMap(voxel_size=0.0)
+    with pytest.raises(ValueError):
+        VoxelMap(max_voxels=0)
+
+
+def test_ceiling_evicts_oldest_then_farthest_and_memory_is_bounded():
+    vm = VoxelMap(voxel_size=1.0, max_voxels=50)
+    rng = np.random.default_rng(0)
+    # old region near the origin, then a sweep of new regions along +x
+    vm.insert(rng.uniform(0, 5, size=(500, 3)))
+    first_keys = set(map(tuple, np.floor(vm.to_arrays()["points"]).astype(int)))
+    for step in range(1, 30):
+        cam = np.array([10.0 * step, 0, 0])
+        vm.insert(cam + rng.uniform(0, 3, size=(200, 3)), camera_position=cam)
+        assert len(vm) <= 50
+    arr = vm.to_arrays()
+    # the latest insert survives entirely (27 voxels of a 3x3x3 block) and the oldest data is gone
+    assert (arr["last_update"] == arr["last_update"].max()).sum() == 27
+    assert not first_keys & set(map(tuple, np.floor(arr["points"]).astype(int)))
+    assert vm.evicted_total > 0
+    assert vm.nbytes <= 50 * 80  # storage capped at max_voxels rows of 80 bytes
+
+
+def test_single_insert_larger_than_ceiling_keeps_nearest():
+    vm = VoxelMap(voxel_size=1.0, max_voxels=10)
+    pts = np.c_[np.arange(100) + 0.5, np.zeros(100), np.zeros(100)]
+    vm.insert(pts, camera_position=np.zeros(3))
+    arr = vm.to_arrays()
+    assert len(vm) == 10
+    np.testing.assert_allclose(np.sort(arr["points"][:, 0]), np.arange(10) + 0.5)
+
+
+def test_eviction_without_camera_prefers_fewest_hits():
+    vm = VoxelMap(voxel_size=1.0, max_voxels=3)
+    vm.insert(np.array([[0.5, 0, 0], [0.5, 0, 0], [1.5, 0, 0], [2.5, 0, 0], [2.5, 0, 0]]))
+    vm.insert(np.array([[10.5, 0, 0]]))
+    xs = np.sort(vm.to_arrays()["points"][:, 0])
+    np.testing.assert_allclose(xs, [0.5, 2.5, 10.5])
+
+
+def test_ply_roundtrip(tmp_path):
+    vm = VoxelMap(voxel_size=0.5, max_voxels=1000)
+    rng = np.random.default_rng(1)
+    vm.insert(rng.normal(size=(300, 3)), rng.integers(0, 256, size=(300, 3)).astype(np.uint8))
+    path = vm.save_ply(tmp_path / "map.ply")
+    header = path.read_bytes()[:400].split(b"end_header")[0].decode()
+    assert "binary_little_endian" in header and "property uchar red" in header and "property uint count" in header
+    back = read_ply(path)
+    arr = vm.to_arrays()
+    np.testing.assert_array_equal(back["points"], arr["points"])
+    np.testing.assert_array_equal(back["colors"], arr["colors"])
+    np.testing.assert_array_equal(back["counts"], arr["counts"])
+    assert back["counts"].sum() == 300
