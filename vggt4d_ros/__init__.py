@@ -6,3 +6,15 @@ Layers (imports only point downwards): ``model`` (VGGT) → ``dynamic`` (VGGT4D)
 """
 
 __version__ = "0.1.0"
+
+# Without a ROS install the generated message module `vggt4d_ros.msg` is built by
+# scripts/build_interfaces.sh into <venv>/lib/vggt4d_ros_interfaces/vggt4d_ros (outside
+# sys.path, so it never shadows these sources); add it to this package's path. In a ROS
+# workspace colcon installs it next to these files and nothing needs to be added.
+import os as _os
+import sys as _sys
+
+_GENERATED = _os.path.join(_sys.prefix, "lib", "vggt4d_ros_interfaces", "vggt4d_ros")
+if _os.path.isdir(_GENERATED) and _GENERATED not in __path__:
+    __path__.append(_GENERATED)
+del _os, _sys
