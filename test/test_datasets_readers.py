@@ -324,3 +324,30 @@ def test_datasets_quaternion_matches_rotation() -> None:
     # 90 degrees about z: x axis → y axis
     s = np.sqrt(0.5)
     np.testing.assert_allclose(ds.quat_to_rot(0, 0, s, s) @ [1, 0, 0], [0, 1, 0], atol=1e-12)
+
+
+def test_datasets_synth_folder(tmp_path: Path) -> None:
+    seq = tmp_path / "synth"
+    n = 3
+    stamps = np.array([1_700_000_000_000_000_000 + i * 33_333_333 for i in range(n)], np.int64)
+    k = np.array([[50.0, 0, 8], [0, 50.0, 6], [0, 0, 1]])
+    for i in range(n):
+        _write_rgb(seq / "rgb" / f"{i:06d}.png", _rgb(i))
+        m = np.zeros((H, W), np.uint8)
+        m[i, :] = 255
+        (seq / "masks").mkdir(exist_ok=True)
+        cv2.imwrite(str(seq / "masks" / f"{i:06d}.png"), m)
+        (seq / "depth").mkdir(exist_ok=True)
+        np.savez_compressed(seq / "depth" / f"{i:06d}.npz", depth=np.full((H, W), i + 1.0,
+                            np.float32), object_id=np.full((H, W), -1, np.int16))
+    np.savez(seq / "gt.npz", stamps_ns=stamps, intrinsics=np.stack([k] * n),
+             cam_from_world=np.stack([np.linalg.inv(_pose(i)) for i in range(n)]))
+    (seq / "camera.json").write_text("{}")
+    (seq / "rgb.txt").write_text("# timestamp filename\n")
+    src = open_source(seq)
+    assert src.kind == "synth" and len(src) == 3
+    f = list(src)[2]
+    assert f.stamp_ns == int(stamps[2])
+    np.testing.assert_allclose(f.world_from_cam, _pose(2), atol=1e-9)
+    assert f.mask.sum() == W and f.mask[2].all() and f.depth[0, 0] == 3.0
+    np.testing.assert_array_equal(f.image, _rgb(2))

@@ -86,7 +86,8 @@ def test_datasets_rosbag_reads_images_info_gt(tmp_path: Path, storage: StoragePl
                      _image(stamp, _rgb(i), enc, pad=4 * (i % 2))))
         msgs.append(("/gt/odom", "nav_msgs/msg/Odometry", stamp, _odom(stamp, 0.5 * i)))
     _write_bag(bag, msgs, storage)
-    src = open_source(bag, gt_topic="/gt/odom")
+    src = open_source(bag)            # GT topic found automatically by its name
+    assert open_source(bag, gt_topic=None).has_gt_pose is False
     assert src.kind == "rosbag" and len(src) == 4 and src.has_gt_pose
     frames = list(src)
     for i, f in enumerate(frames):

@@ -32,7 +32,11 @@ Layouts (exact expected paths; ``<seq>`` = sequence folder given as INPUT):
   Stamps: ``header.stamp`` (bag receive time if the header stamp is zero). Intrinsics: from a
   ``sensor_msgs/msg/CameraInfo`` topic when one exists (latest message at or before the frame,
   else the first one). Ground-truth poses: an optional ``nav_msgs/msg/Odometry`` topic given by
-  ``gt_topic=`` (child frame = camera, pose = world_from_cam, matched by nearest stamp).
+  ``gt_topic=`` (child frame = camera, pose = world_from_cam, matched by nearest stamp);
+  by default the unique Odometry topic whose name contains ``ground_truth`` or ``gt``.
+* **synth** (``vggt4d-synth --out DIR``): ``DIR/rgb/000000.png``, ``DIR/masks/000000.png``
+  (255 = dynamic), ``DIR/depth/000000.npz`` (``depth`` metres), ``DIR/gt.npz`` (``stamps_ns``,
+  ``intrinsics``, ``cam_from_world``), ``DIR/camera.json``. All ground truth.
 * **images** (``kind="images"``): ``<dir>/*.{png,jpg,jpeg,bmp,tif,tiff}`` sorted by name with
   natural number order (``2.png`` before ``10.png``); default 30 fps.
 * **video** (``kind="video"``): any file OpenCV can decode (``.mp4 .avi .mov .mkv .webm``);
@@ -103,7 +107,7 @@ SINTEL_TAG = 202021.25
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 DATASET_KINDS = ("davis", "sintel", "tum", "bonn", "vkitti", "pointodyssey", "dycheck")
-SOURCE_KINDS = ("rosbag", "images", "video") + DATASET_KINDS
+SOURCE_KINDS = ("rosbag", "images", "video", "synth") + DATASET_KINDS
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 
 # Published TUM RGB-D calibrations (fx, fy, cx, cy), selected by "freiburgN" in the name.
@@ -444,7 +448,7 @@ class RosbagSource(FrameSource):
 
     kind = "rosbag"
 
-    def __init__(self, path: Path, topic: str | None = None, gt_topic: str | None = None,
+    def __init__(self, path: Path, topic: str | None = None, gt_topic: str | None = "auto",
                  **kw: Any) -> None:
         self.path = Path(path)
         if not self.path.exists():
@@ -454,6 +458,8 @@ class RosbagSource(FrameSource):
             self.topic = self._choose_topic(topics, topic)
             self.info_topic = next((t for t, ty in sorted(topics.items())
                                     if ty == "sensor_msgs/msg/CameraInfo"), None)
+            if gt_topic == "auto":
+                gt_topic = self._auto_gt_topic(topics)
             if gt_topic is not None and topics.get(gt_topic) != "nav_msgs/msg/Odometry":
                 raise InputError(f"ground-truth topic '{gt_topic}' is not a nav_msgs/Odometry "
                                  f"topic of {self.path}")
@@ -478,6 +484,13 @@ class RosbagSource(FrameSource):
             yield reader
         finally:
             reader.close()
+
+    @staticmethod
+    def _auto_gt_topic(topics: dict[str, str]) -> str | None:
+        """The unique Odometry topic whose name says ground truth (``ground_truth``, ``gt``)."""
+        cands = [t for t, ty in topics.items() if ty == "nav_msgs/msg/Odometry"
+                 and re.search(r"(ground_?truth|(^|/)gt(/|_|$))", t)]
+        return cands[0] if len(cands) == 1 else None
 
     def _choose_topic(self, topics: dict[str, str], topic: str | None) -> str:
         images = sorted(t for t, ty in topics.items() if ty in IMAGE_TYPES)
@@ -867,6 +880,47 @@ class DycheckSource(IndexedSource):
         return fr
 
 
+class SynthFolderSource(IndexedSource):
+    """Folder written by ``vggt4d-synth`` (rgb/, masks/, depth/*.npz, gt.npz, camera.json)."""
+
+    kind = "synth"
+    has_gt_pose = has_gt_mask = has_gt_depth = True
+
+    def __init__(self, path: Path, fps: float | None = None, **kw: Any) -> None:
+        path = Path(path)
+        self.files = _list_images(path / "rgb")
+        if not self.files or not (path / "gt.npz").is_file():
+            raise InputError(f"{path} is not a vggt4d-synth folder (rgb/ and gt.npz expected)")
+        try:
+            with np.load(path / "gt.npz", allow_pickle=False) as gt:
+                self.stamps = np.asarray(gt["stamps_ns"], np.int64)
+                self.intr = np.asarray(gt["intrinsics"], np.float64)
+                self.cfw = np.asarray(gt["cam_from_world"], np.float64)
+        except (KeyError, ValueError, OSError) as exc:
+            raise InputError(f"cannot read {path / 'gt.npz'}: {exc}") from exc
+        if not len(self.stamps) == len(self.intr) == len(self.cfw) == len(self.files):
+            raise InputError(f"{path}: gt.npz has {len(self.stamps)} frames, rgb/ has "
+                             f"{len(self.files)}")
+        self.root = path
+        super().__init__(path.name, fps or 30.0, **kw)
+
+    def _count(self) -> int:
+        return len(self.files)
+
+    def _load(self, i: int) -> Frame:
+        f = self.files[i]
+        fr = Frame(0, int(self.stamps[i]), f.stem, read_rgb(f), intrinsic=self.intr[i].copy(),
+                   world_from_cam=_se3_inverse(self.cfw[i]))
+        m = self.root / "masks" / f"{f.stem}.png"
+        if m.is_file():
+            fr.mask = _read_mask(m)
+        d = self.root / "depth" / f"{f.stem}.npz"
+        if d.is_file():
+            with np.load(d, allow_pickle=False) as z:
+                fr.depth = np.asarray(z["depth"], np.float32)
+        return fr
+
+
 # --------------------------------------------------------------------------- entry points
 def detect_kind(path: Path) -> str:
     """Guess the source kind of ``path`` from its layout (see module docstring)."""
@@ -889,6 +943,8 @@ def detect_kind(path: Path) -> str:
         return "davis"
     if path.parent.name in ("final", "clean") and path.parent.parent.name == "training":
         return "sintel"
+    if (path / "gt.npz").is_file() and (path / "camera.json").is_file() and (path / "rgb").is_dir():
+        return "synth"
     if (path / "rgb.txt").is_file():
         return "bonn" if "bonn" in path.name.lower() else "tum"
     if (path / "frames" / "rgb").is_dir():
@@ -904,7 +960,7 @@ def detect_kind(path: Path) -> str:
 
 
 def open_source(path: str | Path, kind: str = "auto", *, topic: str | None = None,
-                gt_topic: str | None = None, stride: int = 1, max_frames: int | None = None,
+                gt_topic: str | None = "auto", stride: int = 1, max_frames: int | None = None,
                 fps: float | None = None, **extra: Any) -> FrameSource:
     """Open ``path`` as a frame source.
 
@@ -912,7 +968,8 @@ def open_source(path: str | Path, kind: str = "auto", *, topic: str | None = Non
         path: bag, video, image folder or dataset sequence folder.
         kind: one of ``SOURCE_KINDS`` or ``"auto"`` (layout detection).
         topic: rosbag image topic (required when a bag has several).
-        gt_topic: rosbag nav_msgs/Odometry topic with ground-truth camera poses.
+        gt_topic: rosbag nav_msgs/Odometry topic with ground-truth camera poses; ``"auto"``
+            picks the unique Odometry topic named like ground truth (``/ground_truth/odom``).
         stride: keep every ``stride``-th frame; ``max_frames``: cap after striding.
         fps: nominal frame rate for sources without stamps.
         extra: per-dataset options (``sequence``, ``pass_name``, ``camera``).
@@ -927,7 +984,7 @@ def open_source(path: str | Path, kind: str = "auto", *, topic: str | None = Non
     classes: dict[str, type] = {
         "images": ImageFolderSource, "video": VideoSource, "davis": DavisSource,
         "sintel": SintelSource, "tum": TumSource, "bonn": BonnSource, "vkitti": VkittiSource,
-        "pointodyssey": PointOdysseySource, "dycheck": DycheckSource}
+        "pointodyssey": PointOdysseySource, "dycheck": DycheckSource, "synth": SynthFolderSource}
     if kind not in classes:
         raise InputError(f"unknown input kind '{kind}' (one of: auto, {', '.join(SOURCE_KINDS)})")
     return classes[kind](path, fps=fps, **common, **extra)
