@@ -1,0 +1,341 @@
+"""Dynamic-mask refinement by cross-view geometric + photometric residuals (VGGT4D spec §6).
+
+Reference behaviour (the released code, per frame t):
+
+1. Back-project every pixel with pixel-centre coordinates ``(u+0.5, v+0.5)``:
+   ``X_world = T_t · (D_t · K_t⁻¹ [u+0.5, v+0.5, 1])`` with ``T_t`` = world-from-camera
+   (pass 2), ``D_t``/``K_t`` = pass-1 depth (metres, model scale) and intrinsics (pixels).
+2. Statistical outlier removal on the frame's points with Open3D semantics
+   (``RemoveStatisticalOutliers(20, 2.5)``): the k nearest neighbours INCLUDE the point itself
+   (distance 0); ``a_i`` = mean of the k distances; mean/std (Bessel) of ``a`` over all points
+   (a point with ``a_i = 0`` adds 0 to the sums but counts in the denominators); inlier iff
+   ``0 < a_i < mean + 2.5·std``. Implemented with scipy's cKDTree (float64), no Open3D.
+3. k-means (k = 30, seed 42) on the 3-D points of inlier pixels inside ``M0[t]``.
+4. Every cluster is projected into every other frame s: a sample counts if
+   ``0 < u < W``, ``0 < v < H``, ``z > 0`` (in bounds), ``z − 0.01 < D_s(u, v)`` (visible;
+   nearest sample) and ``M0_s(u, v) ≤ 0.5`` (lands on static; bilinear), sampling with
+   ``grid_sample(align_corners=True)`` and ``coord/(size−1)·2−1`` normalisation. Fewer counted
+   samples than 5 % of ``(S−1)·|c|`` -> dynamic; else dynamic iff
+   ``mean|z − D_s| + mean Σ_rgb |I_t − I_s| / 3 > 0.1`` (RGB in [0, 1]).
+5. Mask = pixels of dynamic clusters; 6. close (5×5 ellipse), then dilate (3×3 square).
+
+Degenerate cases (undefined in the released code; our definitions):
+
+* ``S == 1``: no other view -> the coarse mask is returned unchanged (warning).
+* empty ``M0[t]`` or no inlier point inside it -> frame t is empty before morphology.
+* fewer dynamic inlier points than clusters -> ``k = number of points``.
+* all-dynamic frames: clusters never land on static pixels -> stay dynamic (by the rule).
+* non-finite depth / points (NaN, inf) -> those pixels are excluded from the clouds (static),
+  and they never count as visible samples in other views; a warning is issued.
+
+Optional ``boundary_sharpening`` (default OFF): a per-pixel projection-gradient energy step,
+see :func:`boundary_energy`.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..geometry.unproject import depth_to_world_points
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Constants of spec §6/§7 (defaults = the released code)."""
+
+    outlier_neighbors: int = 20
+    outlier_std_ratio: float = 2.5
+    num_clusters: int = 30
+    seed: int = 42
+    visibility_margin: float = 0.01        # metres (model scale)
+    min_valid_fraction: float = 0.05
+    residual_threshold: float = 0.1        # depth_loss + rgb_loss / 3
+    close_kernel: int = 5                  # ellipse
+    dilate_kernel: int = 3                 # square
+    pixel_offset: float = 0.5              # pixel centres
+    kmeans_backend: str = "reference"      # "reference" (scikit-learn) | "fast" (torch)
+    boundary_sharpening: bool = False
+    boundary_band: int = 3                 # pixels either side of the mask edge re-decided
+    boundary_threshold: float = 0.1        # per-pixel energy above which a band pixel is dynamic
+
+
+# ------------------------------------------------------------------------- geometry helpers
+def backproject_to_world(depth: Tensor, intrinsic: Tensor, cam_to_world: Tensor,
+                         pixel_offset: float = 0.5) -> Tensor:
+    """Depth ``[S, H, W]`` -> world points ``[S, H, W, 3]`` (geometry.unproject).
+
+    ``intrinsic`` ``[S, 3, 3]`` pixels; ``cam_to_world`` ``[S, 4, 4]`` world-from-camera.
+    Pixel (u, v) is taken at ``(u + pixel_offset, v + pixel_offset)``.
+    """
+    return depth_to_world_points(depth, intrinsic, torch.linalg.inv(cam_to_world),
+                                 pixel_offset=pixel_offset)
+
+
+def statistical_inliers(points: np.ndarray, k: int = 20, std_ratio: float = 2.5) -> np.ndarray:
+    """Open3D ``RemoveStatisticalOutliers`` rule on ``points [M, 3]`` -> bool inliers ``[M]``.
+
+    k nearest neighbours include the point itself; fewer than k points -> all of them.
+    """
+    from scipy.spatial import cKDTree  # lazy: host-only reference path
+
+    pts = np.asarray(points, dtype=np.float64)
+    m = pts.shape[0]
+    if m < 2:
+        return np.zeros(m, dtype=bool)
+    kk = min(k, m)
+    dist, _ = cKDTree(pts).query(pts, k=kk)
+    dist = dist.reshape(m, kk)
+    avg = dist.mean(axis=1)
+    pos = avg > 0
+    mean = avg[pos].sum() / m
+    std = np.sqrt(((avg[pos] - mean) ** 2).sum() / (m - 1))
+    return pos & (avg < mean + std_ratio * std)
+
+
+def _kmeans_points(points: Tensor, k: int, seed: int, backend: str) -> Tensor:
+    """Cluster labels ``[M]`` of 3-D points (k reduced to M when M < k)."""
+    from .cluster import kmeans_reference, kmeans_torch
+
+    k = min(k, points.shape[0])
+    if backend == "reference":
+        lab = kmeans_reference(points.detach().double().cpu().numpy(), k, seed)
+        return torch.from_numpy(lab).to(points.device)
+    if backend == "fast":
+        return kmeans_torch(points.float(), k, seed)[0]
+    raise ValueError(f"kmeans_backend must be 'reference' or 'fast', got {backend!r}")
+
+
+def _sample(img: Tensor, u: Tensor, v: Tensor, mode: str) -> Tensor:
+    """Sample ``img [S', C, H, W]`` at pixel coords ``u, v [S', M]`` (align_corners=True)."""
+    h, w = img.shape[-2:]
+    grid = torch.stack([u / (w - 1) * 2 - 1, v / (h - 1) * 2 - 1], dim=-1)[:, None]  # [S',1,M,2]
+    return F.grid_sample(img, grid, mode=mode, align_corners=True)[:, :, 0]         # [S',C,M]
+
+
+# ------------------------------------------------------------------------- morphology
+def ellipse_kernel(size: int) -> Tensor:
+    """OpenCV ``getStructuringElement(MORPH_ELLIPSE, (size, size))`` as a bool ``[size, size]``."""
+    import cv2
+
+    return torch.from_numpy(cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)) > 0)
+
+
+def _dilate(mask: Tensor, kernel: Tensor) -> Tensor:
+    """Binary dilation of ``mask [S, H, W]`` bool; outside the image counts as background."""
+    kh, kw = kernel.shape
+    x = F.conv2d(mask[:, None].float(), kernel.flip(0, 1)[None, None].float().to(mask.device),
+                 padding=(kh // 2, kw // 2))
+    return x[:, 0] > 0.5
+
+
+def _erode(mask: Tensor, kernel: Tensor) -> Tensor:
+    """Binary erosion; outside the image never erodes (OpenCV default border)."""
+    return ~_dilate(~mask, kernel.flip(0, 1))
+
+
+def morphology_close_dilate(mask: Tensor, close_size: int = 5, dilate_size: int = 3) -> Tensor:
+    """Close with a ``close_size`` ellipse, then dilate once with a ``dilate_size`` square.
+
+    ``mask`` ``[S, H, W]`` bool on any device (torch convolutions; equals OpenCV's
+    ``morphologyEx(MORPH_CLOSE)`` + ``dilate`` with default borders).
+    """
+    ell = ellipse_kernel(close_size)
+    closed = _erode(_dilate(mask, ell), ell)
+    return _dilate(closed, torch.ones(dilate_size, dilate_size, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------- cluster test
+def _dynamic_clusters(points: Tensor, labels: Tensor, colors: Tensor, t: int,
+                      cam_from_world: Tensor, intrinsic: Tensor, depth: Tensor,
+                      coarse: Tensor, images: Tensor, cfg: RefineConfig) -> Tensor:
+    """Per-cluster dynamic decision ``[k]`` bool for frame t's clustered points.
+
+    points ``[M, 3]`` world, labels ``[M]``, colors ``[M, 3]`` in [0, 1] (frame t's pixels);
+    cam_from_world ``[S, 4, 4]``; depth ``[S, H, W]``; coarse ``[S, H, W]`` bool;
+    images ``[S, 3, H, W]`` in [0, 1].
+    """
+    s_all, h, w = depth.shape
+    others = [s for s in range(s_all) if s != t]
+    k = int(labels.max()) + 1
+    dt = points.dtype
+    rot = cam_from_world[others, :3, :3].to(dt)
+    trans = cam_from_world[others, :3, 3].to(dt)
+    cam = torch.einsum("sij,mj->smi", rot, points) + trans[:, None]     # [S', M, 3]
+    pix = torch.einsum("sij,smj->smi", intrinsic[others].to(dt), cam)
+    z = cam[..., 2]
+    u = pix[..., 0] / z
+    v = pix[..., 1] / z
+    inb = (u > 0) & (u < w) & (v > 0) & (v < h) & (z > 0)
+    u = torch.where(inb, u, torch.zeros_like(u))                        # keep grid finite
+    v = torch.where(inb, v, torch.zeros_like(v))
+    d_s = _sample(depth[others][:, None].to(dt), u, v, "nearest")[:, 0]  # [S', M]
+    m_s = _sample(coarse[others][:, None].to(dt), u, v, "bilinear")[:, 0]
+    rgb_s = _sample(images[others].to(dt), u, v, "bilinear")            # [S', 3, M]
+    counted = inb & (z - cfg.visibility_margin < d_s) & ~(m_s > 0.5)
+    cnt = torch.zeros(k, dtype=dt, device=points.device)
+    lab_b = labels[None].expand_as(counted)
+    cnt.index_add_(0, lab_b[counted], torch.ones_like(z[counted]))
+    size = torch.bincount(labels, minlength=k).to(dt)
+    too_few = cnt < cfg.min_valid_fraction * len(others) * size
+    dl = torch.zeros(k, dtype=dt, device=points.device).index_add_(
+        0, lab_b[counted], (z - d_s).abs()[counted])
+    rgb_err = (colors.T[None].to(dt) - rgb_s).abs().sum(1)              # [S', M]
+    rl = torch.zeros(k, dtype=dt, device=points.device).index_add_(
+        0, lab_b[counted], rgb_err[counted])
+    denom = cnt.clamp_min(1)
+    residual = dl / denom + (rl / denom) / 3
+    return too_few | (residual > cfg.residual_threshold)
+
+
+def refine_frame(t: int, world: Tensor, finite: Tensor, cam_from_world: Tensor,
+                 intrinsic: Tensor, depth: Tensor, coarse: Tensor, images: Tensor,
+                 cfg: RefineConfig) -> Tensor:
+    """Refined mask of frame t before morphology, ``[H, W]`` bool (see module docstring)."""
+    h, w = depth.shape[1:]
+    out = torch.zeros(h * w, dtype=torch.bool, device=depth.device)
+    sel = finite[t].reshape(-1)
+    pts_all = world[t].reshape(-1, 3)
+    idx_finite = torch.nonzero(sel).flatten()
+    if idx_finite.numel() == 0 or not bool(coarse[t].any()):
+        return out.reshape(h, w)
+    inl = torch.from_numpy(statistical_inliers(
+        pts_all[idx_finite].detach().cpu().numpy(), cfg.outlier_neighbors,
+        cfg.outlier_std_ratio)).to(depth.device)
+    idx = idx_finite[inl]
+    idx = idx[coarse[t].reshape(-1)[idx]]
+    if idx.numel() == 0:
+        return out.reshape(h, w)
+    pts = pts_all[idx]
+    labels = _kmeans_points(pts, cfg.num_clusters, cfg.seed, cfg.kmeans_backend)
+    colors = images[t].reshape(3, -1)[:, idx].T
+    dyn = _dynamic_clusters(pts, labels, colors, t, cam_from_world, intrinsic, depth, coarse,
+                            images, cfg)
+    out[idx] = dyn[labels]
+    return out.reshape(h, w)
+
+
+def refine_dynamic_mask(depth: Tensor, intrinsic: Tensor, cam_to_world: Tensor,
+                        coarse: Tensor, images: Tensor,
+                        config: Optional[RefineConfig] = None) -> Tensor:
+    """Refined dynamic mask ``[S, H, W]`` bool (spec §6).
+
+    Args:
+        depth: ``[S, H, W]`` pass-1 depth (camera z, model units).
+        intrinsic: ``[S, 3, 3]`` pass-1 intrinsics (pixels).
+        cam_to_world: ``[S, 4, 4]`` (or ``[S, 3, 4]``) pass-2 world-from-camera poses.
+        coarse: ``[S, H, W]`` bool coarse mask M0.
+        images: ``[S, 3, H, W]`` RGB in [0, 1].
+    """
+    cfg = config or RefineConfig()
+    if depth.dim() != 3:
+        raise ValueError(f"depth must be [S, H, W], got {tuple(depth.shape)}")
+    s, h, w = depth.shape
+    if coarse.shape != depth.shape or images.shape != (s, 3, h, w):
+        raise ValueError(f"coarse {tuple(coarse.shape)} / images {tuple(images.shape)} do not "
+                         f"match depth {tuple(depth.shape)} ([S,H,W] / [S,3,H,W])")
+    if intrinsic.shape != (s, 3, 3) or cam_to_world.shape[0] != s:
+        raise ValueError("intrinsic must be [S,3,3] and cam_to_world [S,4,4] or [S,3,4]")
+    coarse = coarse.bool()
+    if s == 1:
+        warnings.warn("mask refinement needs >= 2 frames; returning the coarse mask",
+                      RuntimeWarning, stacklevel=2)
+        return coarse.clone()
+    dt = torch.float64 if depth.device.type == "cpu" else torch.float32
+    depth = depth.to(dt)
+    c2w = cam_to_world.to(dt)
+    if c2w.shape[1:] == (3, 4):
+        c2w = torch.cat([c2w, c2w.new_tensor([0, 0, 0, 1]).expand(s, 1, 4)], dim=1)
+    world = backproject_to_world(depth, intrinsic.to(dt), c2w, cfg.pixel_offset)
+    finite = torch.isfinite(world).all(-1) & torch.isfinite(depth)
+    if not bool(finite.all()):
+        warnings.warn(f"{int((~finite).sum())} pixels with non-finite depth/points are "
+                      "treated as static in mask refinement", RuntimeWarning, stacklevel=2)
+    depth_safe = torch.where(torch.isfinite(depth), depth, torch.full_like(depth, float("nan")))
+    cam_from_world = torch.linalg.inv(c2w)
+    imgs = images.to(dt)
+    raw = torch.stack([refine_frame(t, world, finite, cam_from_world, intrinsic.to(dt),
+                                    depth_safe, coarse, imgs, cfg) for t in range(s)])
+    if cfg.boundary_sharpening:
+        raw = boundary_sharpen(raw, depth, intrinsic.to(dt), c2w, imgs, cfg)
+    return morphology_close_dilate(raw, cfg.close_kernel, cfg.dilate_kernel)
+
+
+def boundary_energy(depth: Tensor, intrinsic: Tensor, cam_to_world: Tensor, images: Tensor,
+                    pixel_offset: float = 0.5) -> Tensor:
+    """Per-pixel projection-gradient + photometric residual energy ``[S, H, W]`` (paper §3).
+
+    For the 3-D point ``X`` of pixel p in frame t and every other frame s, the geometric
+    residual is ``r_d = z_s(X) − D_s(π_s(X))``. Its gradient w.r.t. ``X`` is
+    ``∇r_d = e_zᵀ R_s − ∇D_s(π_s(X)) · J_π(X_s) R_s`` (projection Jacobian ``J_π`` [2×3] and
+    the depth map's spatial gradient ``∇D_s`` [1×2]), which is large where D_s jumps, i.e. at
+    object boundaries. The energy is the mean over s of ``|r_d|·‖∇r_d‖ + |I_t(p) − I_s(π_s X)|₁/3``
+    over views where X projects in bounds with z > 0 (0 where none do).
+    """
+    s_all, h, w = depth.shape
+    dt = depth.dtype
+    world = backproject_to_world(depth, intrinsic, cam_to_world, pixel_offset)  # [S,H,W,3]
+    c2w = cam_to_world
+    w2c = torch.linalg.inv(c2w)
+    # depth gradients (central differences, pixels) of every frame, for ∇D_s
+    gx = torch.zeros_like(depth)
+    gy = torch.zeros_like(depth)
+    gx[:, :, 1:-1] = (depth[:, :, 2:] - depth[:, :, :-2]) / 2
+    gy[:, 1:-1, :] = (depth[:, 2:, :] - depth[:, :-2, :]) / 2
+    energy = torch.zeros_like(depth)
+    for t in range(s_all):
+        x = world[t].reshape(-1, 3)
+        acc = torch.zeros(h * w, dtype=dt, device=depth.device)
+        n = torch.zeros_like(acc)
+        col_t = images[t].reshape(3, -1)
+        for s in range(s_all):
+            if s == t:
+                continue
+            rot, tr = w2c[s, :3, :3], w2c[s, :3, 3]
+            xc = x @ rot.T + tr
+            z = xc[:, 2]
+            k = intrinsic[s]
+            u = k[0, 0] * xc[:, 0] / z + k[0, 2]
+            v = k[1, 1] * xc[:, 1] / z + k[1, 2]
+            ok = (u > 0) & (u < w) & (v > 0) & (v < h) & (z > 0) & torch.isfinite(z)
+            uu = torch.where(ok, u, torch.zeros_like(u))
+            vv = torch.where(ok, v, torch.zeros_like(v))
+            stack = torch.stack([depth[s], gx[s], gy[s]])[None]             # [1,3,H,W]
+            samp = _sample(stack, uu[None], vv[None], "bilinear")[0]          # [3, M]
+            d_s, dgx, dgy = samp
+            r = z - d_s
+            # J_π of (u, v) w.r.t. X_cam: [[fx/z, 0, -fx x/z²], [0, fy/z, -fy y/z²]]
+            zz = z.clamp_min(1e-6)
+            ju = torch.stack([k[0, 0] / zz, torch.zeros_like(zz), -k[0, 0] * xc[:, 0] / zz ** 2], -1)
+            jv = torch.stack([torch.zeros_like(zz), k[1, 1] / zz, -k[1, 1] * xc[:, 1] / zz ** 2], -1)
+            grad_cam = torch.tensor([0.0, 0.0, 1.0], dtype=dt, device=depth.device) \
+                - dgx[:, None] * ju - dgy[:, None] * jv                       # [M, 3]
+            grad = grad_cam @ rot                                               # w.r.t. X_world
+            rgb_s = _sample(images[s][None], uu[None], vv[None], "bilinear")[0]
+            photo = (col_t - rgb_s).abs().sum(0) / 3
+            e = r.abs() * grad.norm(dim=-1) + photo
+            e = torch.where(ok & torch.isfinite(e), e, torch.zeros_like(e))
+            acc += e
+            n += ok.to(dt)
+        energy[t] = (acc / n.clamp_min(1)).reshape(h, w)
+    return energy
+
+
+def boundary_sharpen(mask: Tensor, depth: Tensor, intrinsic: Tensor, cam_to_world: Tensor,
+                     images: Tensor, cfg: RefineConfig) -> Tensor:
+    """Re-decide pixels within ``cfg.boundary_band`` of the mask edge by their energy.
+
+    Pixels of the band become dynamic iff ``boundary_energy > cfg.boundary_threshold``;
+    pixels away from the edge keep the cluster-level decision.
+    """
+    band_k = torch.ones(2 * cfg.boundary_band + 1, 2 * cfg.boundary_band + 1, dtype=torch.bool)
+    band = _dilate(mask, band_k) & ~_erode(mask, band_k)
+    if not bool(band.any()):
+        return mask
+    energy = boundary_energy(depth, intrinsic, cam_to_world, images, cfg.pixel_offset)
+    return torch.where(band, energy > cfg.boundary_threshold, mask)
