@@ -1,0 +1,24 @@
+"""Benchmark accounting: analytic FLOPs match the spec's per-frame figures; timer basics."""
+import pytest
+
+from vggt4d_ros.tools.bench_util import time_fn, tflops, vggt_flops
+
+
+def test_vggt_flops_match_spec_figures():
+    # VGGT_ARCH.md: at 518x294 (782 tokens) aggregator linear layers ~0.95 TFLOP per frame,
+    # DINO ~0.48 TFLOP per frame, global attention ~0.06*S TFLOP per frame.
+    one = vggt_flops(1, 294, 518)
+    sixteen = vggt_flops(16, 294, 518)
+    linear_agg = 48 * 2 * 782 * 12 * 1024 ** 2
+    assert linear_agg / 1e12 == pytest.approx(0.95, abs=0.01)
+    assert (one["aggregator"] - linear_agg) / 1e12 == pytest.approx(0.12, abs=0.01)
+    glob_attn_per_frame = (sixteen["global_blocks"] - 16 * 24 * 2 * 782 * 12 * 1024 ** 2) / 16
+    assert glob_attn_per_frame / 1e12 == pytest.approx(0.06 * 16, rel=0.02)
+    assert 2.4 < sixteen["total"] / 16 / 1e12 < 3.0     # "~2.5-3 TFLOP per frame per pass"
+
+
+def test_time_fn_cpu_and_tflops():
+    calls = []
+    t = time_fn(lambda: calls.append(1), warmup=2, repeats=3, device="cpu")
+    assert len(calls) == 5 and len(t.runs) == 3 and t.min_s <= t.median_s <= t.max_s
+    assert tflops(2e12, 2.0) == pytest.approx(1.0)
