@@ -65,10 +65,17 @@ class Aggregator(nn.Module):
         # Slot 0: first frame of each sequence, slot 1: all other frames.
         self.camera_token = nn.Parameter(torch.randn(1, 2, 1, c) * 1e-6)
         self.register_token = nn.Parameter(torch.randn(1, 2, cfg.num_register_tokens, c) * 1e-6)
-        self.register_buffer("_resnet_mean", torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("_resnet_std", torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1),
-                             persistent=False)
+        self.reset_normalization_buffers()
+
+    def reset_normalization_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)create the non-persistent ImageNet mean/std buffers [1, 1, 3, 1, 1].
+
+        They are not in checkpoints, so a model built on the ``meta`` device and filled with
+        ``load_state_dict(assign=True)`` must call this to get real values.
+        """
+        for name, value in (("_resnet_mean", IMAGENET_MEAN), ("_resnet_std", IMAGENET_STD)):
+            self.register_buffer(name, torch.tensor(value, device=device).view(1, 1, 3, 1, 1),
+                                 persistent=False)
 
     # ------------------------------------------------------------------ patch embedding
     def embed_patches(self, images: torch.Tensor) -> torch.Tensor:

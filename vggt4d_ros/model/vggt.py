@@ -20,17 +20,10 @@ from torch import nn
 from .aggregator import Aggregator
 from .config import VGGTConfig
 from .heads.camera_head import CameraHead
+from .heads.dpt_head import DPTHead
+from .heads.track_head import TrackHead
 from .hooks import AttentionControl
 from .pose_encoding import pose_encoding_to_extri_intri
-
-try:  # DPT / track heads are written in parallel; TODO remove guard once both have landed.
-    from .heads.dpt_head import DPTHead
-except ImportError:  # pragma: no cover - transitional
-    DPTHead = None  # type: ignore[assignment,misc]
-try:
-    from .heads.track_head import TrackHead
-except ImportError:  # pragma: no cover - transitional
-    TrackHead = None  # type: ignore[assignment,misc]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -153,9 +146,7 @@ class VGGT(nn.Module):
         return out
 
 
-def _build_dpt(cfg: VGGTConfig, output_dim: int, activation: str) -> Optional[nn.Module]:
-    if DPTHead is None:
-        return None
+def _build_dpt(cfg: VGGTConfig, output_dim: int, activation: str) -> DPTHead:
     d = cfg.dpt
     return DPTHead(dim_in=2 * cfg.embed_dim, patch_size=d.patch_size, output_dim=output_dim,
                    activation=activation, conf_activation="expp1", features=d.features,
@@ -163,7 +154,5 @@ def _build_dpt(cfg: VGGTConfig, output_dim: int, activation: str) -> Optional[nn
                    intermediate_layer_idx=list(d.intermediate_layer_idx), pos_embed=d.pos_embed)
 
 
-def _build_track(cfg: VGGTConfig) -> Optional[nn.Module]:
-    if TrackHead is None:
-        return None
-    return TrackHead(cfg.track_head)
+def _build_track(cfg: VGGTConfig) -> TrackHead:
+    return TrackHead.from_config(cfg.track_head)

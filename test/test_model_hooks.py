@@ -1,0 +1,98 @@
+"""Attention hooks: key suppression paths agree with an explicit reference; RoPE facts."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vggt4d_ros.model.hooks import AttentionControl
+from vggt4d_ros.model.layers.attention import Attention, KeySelection
+from vggt4d_ros.model.layers.rope import RotaryPositionEmbedding2D, grid_positions
+
+
+def _reference_attention(attn: Attention, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Plain softmax attention with -inf logits for dropped keys. keep [B', T] bool."""
+    b, t, c = x.shape
+    qkv = attn.qkv(x).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)
+    logits = logits.masked_fill(~keep[:, None, None, :], float("-inf"))
+    out = logits.softmax(-1) @ v
+    return attn.proj(out.transpose(1, 2).reshape(b, t, c))
+
+
+@pytest.fixture
+def attn() -> Attention:
+    torch.manual_seed(0)
+    return Attention(32, 4, qk_norm=True).eval()
+
+
+def test_index_and_mask_selection_equal_reference(attn: Attention) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(3, 10, 32, dtype=torch.float64)
+    attn = attn.double()
+    keep = torch.rand(3, 10) > 0.4
+    keep[:, 0] = True
+    with torch.no_grad():
+        ref = _reference_attention(attn, x, keep)
+        masked = attn(x, keys=KeySelection(mask=keep[:, None, None, :]))
+        assert torch.allclose(masked, ref, atol=1e-10)
+        for row in range(3):                     # per-row gather (one row = equal counts)
+            idx = keep[row].nonzero()[:, 0][None]
+            got = attn(x[row:row + 1], keys=KeySelection(index=idx))
+            assert torch.allclose(got, ref[row:row + 1], atol=1e-10)
+        plain = attn(x)
+    assert (plain - ref).abs().max() > 1e-3     # the suppression changes the result
+
+
+def test_key_selections_choose_gather_or_mask() -> None:
+    keep = torch.ones(1, 3, 5 + 4, dtype=torch.bool)
+    keep[0, 0, 6] = False                         # frame 0 drops one patch, others none
+    keep[0, 1, 2] = False                         # special token: must be forced back on
+    ctrl = AttentionControl(key_keep=keep, key_mask_layers={0})
+    frame_sel, global_sel = ctrl.key_selections(5, torch.device("cpu"))
+    assert frame_sel.mask is not None and frame_sel.mask.shape == (3, 1, 1, 9)
+    assert bool(frame_sel.mask[0, 0, 0, 2]) and not bool(frame_sel.mask[0, 0, 0, 6])
+    assert global_sel.index is not None and global_sel.index.shape == (1, 26)
+    assert 6 not in global_sel.index[0].tolist() and 2 in global_sel.index[0].tolist()
+    # Nothing dropped -> plain attention (no selection at all).
+    ctrl = AttentionControl(key_keep=torch.ones(1, 3, 9, dtype=torch.bool), key_mask_layers={0})
+    assert ctrl.key_selections(5, torch.device("cpu")) == (None, None)
+    assert AttentionControl().key_selections(5, torch.device("cpu")) == (None, None)
+
+
+def test_qk_callback_only_for_captured_layers() -> None:
+    seen = []
+    ctrl = AttentionControl(capture={"global": {3}}, on_qk=lambda *a: seen.append(a[:2]))
+    assert ctrl.qk_callback("frame", 3) is None and ctrl.qk_callback("global", 2) is None
+    ctrl.qk_callback("global", 3)(torch.zeros(1), torch.zeros(1))
+    assert seen == [("global", 3)]
+    with pytest.raises(ValueError, match="unknown kind"):
+        AttentionControl(capture={"cross": {0}}, on_qk=print).validate(1, 1, 6, 24)
+
+
+def test_rope_positions_and_rotation() -> None:
+    pos = grid_positions(2, 3, 5)
+    assert pos.shape == (11, 2)
+    assert pos[:5].abs().sum() == 0                       # special tokens at (0, 0)
+    assert pos[5].tolist() == [1, 1] and pos[-1].tolist() == [2, 3]  # row+1, col+1
+    rope = RotaryPositionEmbedding2D(100.0)
+    tab = rope.tables(2, 3, 5, 8, "cpu")
+    x = torch.randn(1, 1, 11, 8)
+    y = rope.apply(x, tab)
+    assert torch.equal(y[:, :, :5], x[:, :, :5])         # no rotation at (0, 0)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-6)  # rotations keep norms
+    # Token (row 1, col 1) -> position (2, 2): first half rotated by angle 2·f, f = 100^0 = 1.
+    t = 5 + 1 * 3 + 1
+    a, b = x[0, 0, t, 0], x[0, 0, t, 2]                   # rotate-half pairs channel 0 with 2
+    assert torch.allclose(y[0, 0, t, 0], a * math.cos(2) - b * math.sin(2), atol=1e-6)
+    # Relative property: q·k depends only on the position difference.
+    q, k = torch.randn(8), torch.randn(8)
+    tab_full = rope.tables(4, 4, 0, 8, "cpu")
+    def dot(i: int, j: int) -> float:
+        qq = rope.apply(q.expand(1, 1, 16, 8), tab_full)[0, 0, i]
+        kk = rope.apply(k.expand(1, 1, 16, 8), tab_full)[0, 0, j]
+        return float(qq @ kk)
+    assert dot(0, 5) == pytest.approx(dot(10, 15), abs=1e-5)   # both (+1, +1) apart
