@@ -203,6 +203,8 @@ def test_dpt_bad_input():
         head(toks, torch.rand(1, 3, 28, 28), 5)
     with pytest.raises(ValueError, match="layer 23"):
         head(toks[:10], torch.rand(1, 1, 3, 28, 28), 5)
+    with pytest.raises(ValueError, match="not kept"):
+        head([None if i == 11 else t for i, t in enumerate(toks)], torch.rand(1, 1, 3, 28, 28), 5)
     with pytest.raises(ValueError, match="tokens of layer"):
         head(toks, torch.rand(1, 1, 3, 42, 28), 5)
     with pytest.raises(ValueError):
@@ -340,6 +342,20 @@ def test_track_head_full_size_parameter_count():
         th = TrackHead(dim_in=2048)
     n = sum(p.numel() for p in th.parameters())
     assert 65_000_000 < n < 67_000_000  # spec: 66 M
+
+
+def test_full_vggt_1b_key_set_and_parameter_count():
+    """Spec: 1,797 state-dict keys, 1,256,537,516 parameters (built on meta, no weights)."""
+    from vggt4d_ros.model.config import VGGTConfig
+    from vggt4d_ros.model.vggt import VGGT
+
+    with torch.device("meta"):
+        model = VGGT(VGGTConfig.vggt_1b())
+    assert len(model.state_dict()) == 1797
+    assert sum(p.numel() for p in model.parameters()) == 1_256_537_516
+    count = {n: sum(p.numel() for p in getattr(model, n).parameters())
+             for n in ("depth_head", "point_head", "track_head")}
+    assert count == {"depth_head": 32_654_562, "point_head": 32_654_628, "track_head": 65_941_396}
 
 
 # ----------------------------------------------------------------------------- unprojection

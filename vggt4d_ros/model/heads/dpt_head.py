@@ -225,6 +225,8 @@ class DPTHead(nn.Module):
         n_patch = (H // self.patch_size) * (W // self.patch_size)
         for i in self.intermediate_layer_idx:
             t = tokens[i]
+            if t is None:
+                raise ValueError(f"DPTHead reads aggregator layer {i}, which was not kept")
             if t.ndim != 4 or t.shape[0] != B or t.shape[1] != S or t.shape[2] != patch_start_idx + n_patch:
                 raise ValueError(f"tokens of layer {i} must be [B={B}, S={S}, {patch_start_idx}+{n_patch}, C], "
                                  f"got {tuple(t.shape)}")

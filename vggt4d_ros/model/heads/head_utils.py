@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
+
+from .head_act import base_act
 
 _POINT_ACTIVATIONS = ("exp", "inv_log", "linear", "relu", "sigmoid", "norm_exp", "expm1")
 _CONF_ACTIVATIONS = ("expp1", "expp0", "sigmoid")
@@ -32,14 +33,8 @@ def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
         x: [..., C] raw head output.
         activation: one of "exp", "inv_log", "linear", "relu", "sigmoid", "norm_exp", "expm1".
     """
-    if activation == "exp":
-        return torch.exp(x)
-    if activation == "inv_log":
-        return inverse_log_transform(x)
-    if activation == "linear":
-        return x
-    if activation == "relu":
-        return F.relu(x)
+    if activation in ("exp", "inv_log", "linear", "relu"):
+        return base_act(x, activation)  # shared with the camera head's pose activations
     if activation == "sigmoid":
         return torch.sigmoid(x)
     if activation == "expm1":
