@@ -1,0 +1,450 @@
+"""``StreamEngine``: sliding windows over a frame stream, stitched into one odometry frame.
+
+Scheduling
+    The first window of a sequence waits for ``window_size`` frames. Every later window is
+    ``[keyframes…, overlap…, new…]``: up to ``max_keyframes`` older keyframes (selected by
+    parallax / rotation, bounded), the last ``overlap = window_size − stride`` emitted frames,
+    and ``stride`` new frames. ``flush()`` runs a final, shorter window on what is left.
+
+Which estimate a frame gets
+    Every accepted frame is emitted EXACTLY ONCE, by the first window in which it is new
+    (lowest latency). Later windows use it as an anchor (its emitted depth & pose) but never
+    re-publish it, so the published trajectory is never rewritten.
+
+Odometry frame
+    The first window of a sequence defines it: frame 0 of the sequence at identity, scale of
+    that window (odometry units = "metres up to the model's scale"). Later windows are mapped
+    with ``odom_from_window`` (Sim(3), ``stitcher.align_window``); depths are rescaled into
+    odometry units.
+
+States
+    WAITING (no window yet since start), RESET (after a reset, until the next window),
+    TRACKING (last window aligned), LOST (last window failed to align or predicted garbage;
+    it was re-anchored from the last good pose, see ``stitcher.reanchor``, covariance at its
+    maximum; the next window that aligns brings TRACKING back, counted as a recovery).
+    Frames whose prediction is not finite HOLD the previous pose. Static points of LOST
+    windows are published but never fused into the map; dynamic points are never fused.
+
+Threads
+    ``submit`` (camera callback) and ``poll`` (one worker) may run concurrently; ``push`` =
+    ``submit`` + ``poll`` for single-threaded use. ``reset`` waits for a running window.
+
+Memory (bounded; a long run keeps flat retained memory)
+    overlap + keyframe records, at most ``window_size`` pending frames, the input queue
+    (``max_queue`` under ``drop_oldest``), the voxel map (``max_voxels``) and the trajectory:
+    a preallocated ring of ``trajectory_capacity`` poses (stamp + x y z qx qy qz qw, 64 B each),
+    the oldest overwritten when full.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import cv2
+import numpy as np
+
+from vggt4d_ros.geometry.sim3 import Sim3
+from vggt4d_ros.geometry.transforms import (invert_se3, pose_to_tqxyzw, rotation_angle,
+                                            to_homogeneous, tqxyzw_to_pose)
+from vggt4d_ros.geometry.voxel import VoxelMap
+from vggt4d_ros.stream.buffer import DROP_POLICIES, FrameInput, InputQueue, QueuedFrame, ResetMarker
+from vggt4d_ros.stream.predictor import WindowPrediction, WindowPredictor
+from vggt4d_ros.stream.stitcher import (AlignParams, AlignResult, FrameRecord, align_window,
+                                        overlap_disagreement, pose_covariance,
+                                        prediction_frame_valid, reanchor, sim3_mapping_pose,
+                                        unproject_pixels, valid_depth)
+
+__all__ = ["StreamEngine", "StreamConfig", "FrameInput", "FrameOutput", "WindowOutput", "StreamCounters",
+           "STATES"]
+
+STATES = ("WAITING", "TRACKING", "LOST", "RESET")
+
+
+@dataclass
+class StreamConfig:
+    """Engine parameters. Lengths are odometry units (the first window's scale)."""
+
+    window_size: int = 16               # frames per predictor call (without keyframes)
+    stride: int = 8                     # new frames per window; overlap = window_size - stride >= 1
+    max_keyframes: int = 0              # older keyframes prepended to each window (0 = off)
+    keyframe_min_parallax: float = 0.15  # camera displacement / median depth to add a keyframe
+    keyframe_min_rotation_deg: float = 15.0
+    drop_policy: str = "keep_all"       # "keep_all" (replay) | "drop_oldest" (live)
+    max_queue: int = 64                 # frames waiting for the worker under drop_oldest
+    backwards_reset_s: float = 1.0      # stamp jumps further back than this start a new sequence
+    align: AlignParams = field(default_factory=AlignParams)
+    points_conf_quantile: float = 0.25  # per window, drop the least confident fraction of static pixels
+    max_points_per_window: int = 20_000
+    mask_dilation_px: int = 1           # dynamic mask grown before taking static points
+    voxel_size: float = 0.02
+    max_voxels: int = 500_000
+    trajectory_capacity: int = 100_000
+    seed: int = 0                       # subsampling RNG (deterministic per window)
+
+    def __post_init__(self) -> None:
+        if self.window_size < 2:
+            raise ValueError(f"window_size must be >= 2, got {self.window_size}")
+        if not 1 <= self.stride < self.window_size:
+            raise ValueError(f"stride must be in [1, window_size) so that windows overlap, got "
+                             f"stride={self.stride}, window_size={self.window_size}")
+        if self.max_keyframes < 0:
+            raise ValueError(f"max_keyframes must be >= 0, got {self.max_keyframes}")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
+        if not 0.0 <= self.points_conf_quantile < 1.0:
+            raise ValueError(f"points_conf_quantile must be in [0, 1), got {self.points_conf_quantile}")
+        if self.trajectory_capacity < 1 or self.max_points_per_window < 0 or self.mask_dilation_px < 0:
+            raise ValueError("trajectory_capacity >= 1, max_points_per_window >= 0, mask_dilation_px >= 0 required")
+        if self.backwards_reset_s < 0:
+            raise ValueError(f"backwards_reset_s must be >= 0, got {self.backwards_reset_s}")
+
+    @property
+    def overlap(self) -> int:
+        return self.window_size - self.stride
+
+
+@dataclass
+class FrameOutput:
+    """Per-frame result (odometry frame; depth in odometry units; arrays at the predictor resolution).
+
+    cam_from_world / world_from_cam [4,4]; covariance [6,6] (x y z, rot x y z; see
+    ``stitcher.pose_covariance``); depth [H,W] float32; confidence [H,W]; mask [H,W] bool
+    (True = dynamic); image [H,W,3] uint8; intrinsic [3,3]; state; window_index.
+    """
+
+    stamp_ns: int
+    frame_id: str
+    cam_from_world: np.ndarray
+    world_from_cam: np.ndarray
+    covariance: np.ndarray
+    depth: np.ndarray
+    confidence: np.ndarray
+    mask: np.ndarray
+    image: np.ndarray
+    intrinsic: np.ndarray
+    state: str
+    window_index: int
+
+
+@dataclass
+class WindowOutput:
+    """Per-window result. static_points [M,3] float32 (odometry frame), colors [M,3] uint8,
+    confidence [M] float32, source_stamp_ns [M] int64 and source_uv [M,2] int32 (pixel of the
+    point in its source frame, predictor resolution), residual (relative, see stitcher),
+    scale_drift (log ratio, see ``stitcher.align_window``), odom_from_window, reason ("" or why LOST)."""
+
+    window_index: int
+    state: str
+    frame_stamps: np.ndarray
+    static_points: np.ndarray
+    colors: np.ndarray
+    confidence: np.ndarray
+    source_stamp_ns: np.ndarray
+    source_uv: np.ndarray
+    residual: float
+    scale_drift: float
+    inlier_fraction: float
+    num_align_points: int
+    odom_from_window: Sim3
+    reason: str
+    timings: dict[str, float]
+
+
+@dataclass
+class StreamCounters:
+    """Snapshot of the engine's counters (cumulative over the engine's life, across resets)."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    windows: int = 0
+    lost_windows: int = 0
+    lost_events: int = 0                 # transitions into LOST
+    recoveries: int = 0                  # transitions LOST -> TRACKING
+    resets: dict[str, int] = field(default_factory=dict)
+    queue_depth: int = 0
+
+
+class StreamEngine:
+    """Sliding-window VGGT4D odometry + static map; see the module docstring."""
+
+    def __init__(self, predictor: WindowPredictor, config: Optional[StreamConfig] = None):
+        if not hasattr(predictor, "predict"):
+            raise ValueError("predictor must have a predict(images, frame_keys) method")
+        self.predictor = predictor
+        self.config = config or StreamConfig()
+        cfg = self.config
+        self._queue = InputQueue(cfg.drop_policy, cfg.max_queue, int(round(cfg.backwards_reset_s * 1e9)))
+        self._lock = threading.RLock()
+        self.static_map = VoxelMap(cfg.voxel_size, cfg.max_voxels)
+        self._traj_stamp = np.zeros(cfg.trajectory_capacity, np.int64)
+        self._traj_tq = np.zeros((cfg.trajectory_capacity, 7), np.float64)
+        self._frames_out = 0
+        self._windows = 0
+        self._lost_windows = 0
+        self._lost_events = 0
+        self._recoveries = 0
+        self._resets: Counter[str] = Counter()
+        self._dropped_local: Counter[str] = Counter()
+        self.last_reset_reason = ""
+        self._clear_sequence()
+        self._state = "WAITING"
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def counters(self) -> StreamCounters:
+        dropped = Counter(self._queue.dropped) + self._dropped_local
+        return StreamCounters(self._queue.frames_in, self._frames_out, dict(dropped), self._windows,
+                              self._lost_windows, self._lost_events, self._recoveries, dict(self._resets),
+                              len(self._queue))
+
+    def submit(self, frame: FrameInput) -> Optional[str]:
+        """Validate and queue a frame (thread-safe, cheap). Returns the drop reason or None."""
+        return self._queue.submit(frame)
+
+    def poll(self) -> list[FrameOutput]:
+        """Run every window that the queued frames complete; returns the frames they emit."""
+        with self._lock:
+            out: list[FrameOutput] = []
+            for item in self._queue.pop_all():
+                if isinstance(item, ResetMarker):
+                    out += self._run_pending()          # the old sequence's last frames
+                    self._reset_sequence(item.reason)
+                    continue
+                self._pending.append(item)
+                need = self.config.window_size if self._seq_windows == 0 else self.config.stride
+                if len(self._pending) >= need:
+                    batch, self._pending = self._pending[:need], self._pending[need:]
+                    out += self._process(batch)
+            return out
+
+    def push(self, frame: FrameInput) -> list[FrameOutput]:
+        """``submit`` + ``poll``: the frames emitted because of this one (often none)."""
+        self.submit(frame)
+        return self.poll()
+
+    def flush(self) -> list[FrameOutput]:
+        """End of stream: process queued frames and run a last (shorter) window on the rest."""
+        with self._lock:
+            return self.poll() + self._run_pending()
+
+    def reset(self, reason: str = "requested") -> None:
+        """Forget the sequence: queued/pending frames (counted as dropped ``reset``), trajectory,
+        map, anchors. State becomes RESET; the next window starts a new odometry frame."""
+        with self._lock:
+            self._dropped_local["reset"] += self._queue.clear() + len(self._pending)
+            self._pending = []
+            self._reset_sequence(reason)
+
+    def trajectory(self) -> list[tuple[int, np.ndarray]]:
+        """(stamp_ns, world_from_cam [4,4]) of the emitted frames of the current sequence, oldest
+        first (at most ``trajectory_capacity``, the oldest overwritten beyond)."""
+        stamps, poses = self.trajectory_arrays()
+        return [(int(s), p) for s, p in zip(stamps, poses)]
+
+    def trajectory_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Compact form of ``trajectory()``: stamps [N] int64, world_from_cam [N,4,4]."""
+        cap = self.config.trajectory_capacity
+        n = min(self._traj_count, cap)
+        order = (np.arange(n) + (self._traj_count - n)) % cap
+        return self._traj_stamp[order].copy(), tqxyzw_to_pose(self._traj_tq[order]) if n else np.zeros((0, 4, 4))
+
+    # ------------------------------------------------------------------ sequence state
+    def _clear_sequence(self) -> None:
+        cfg = self.config
+        self._pending: list[QueuedFrame] = []
+        self._history: deque[FrameRecord] = deque(maxlen=cfg.overlap)
+        self._keyframes: deque[FrameRecord] = deque(maxlen=max(cfg.max_keyframes, 1))
+        self._seq_windows = 0
+        self._last_good_pose = np.eye(4)
+        self._last_good_depth = float("nan")
+        self._last_pose = np.eye(4)
+        self._traj_count = 0
+        self.last_window: Optional[WindowOutput] = None
+        self.static_map.clear()
+
+    def _reset_sequence(self, reason: str) -> None:
+        self._resets[reason] += 1
+        self.last_reset_reason = reason
+        self._clear_sequence()
+        self._state = "RESET"
+
+    def _run_pending(self) -> list[FrameOutput]:
+        if not self._pending:
+            return []
+        batch, self._pending = self._pending, []
+        return self._process(batch)
+
+    # ------------------------------------------------------------------ one window
+    def _process(self, new_frames: list[QueuedFrame]) -> list[FrameOutput]:
+        cfg = self.config
+        t0 = time.perf_counter()
+        hist_keys = {r.key for r in self._history}
+        kfs = [k for k in self._keyframes if k.key not in hist_keys] if cfg.max_keyframes else []
+        anchor_recs = kfs + list(self._history)
+        n_anchor = len(anchor_recs)
+        images = np.stack([r.image for r in anchor_recs] + [f.image for f in new_frames])
+        keys = [r.key for r in anchor_recs] + [f.key for f in new_frames]
+        pred = self.predictor.predict(images, keys)
+        t_pred = time.perf_counter()
+        pred = pred.validate(len(keys))
+        hw = pred.resolution_hw
+        if anchor_recs and anchor_recs[0].depth.shape != hw:
+            raise ValueError(f"predictor resolution changed within a sequence: {anchor_recs[0].depth.shape} -> {hw}")
+        frame_valid = [prediction_frame_valid(pred.extrinsic[i], pred.depth[i]) for i in range(len(keys))]
+        window_index = self._windows
+        rng = np.random.default_rng([cfg.seed, window_index])
+        anchors = [(i, r) for i, r in enumerate(anchor_recs) if r.valid and frame_valid[i]]
+
+        # --- odom_from_window: first window defines the frame, later ones are aligned
+        if self._seq_windows == 0:
+            if frame_valid[0]:
+                wfc0 = invert_se3(to_homogeneous(pred.extrinsic[0]))
+                sim = sim3_mapping_pose(wfc0, np.eye(4), 1.0)
+                res = AlignResult(True, sim, 0.0, 1.0, 0, "", 0.0)
+            else:
+                sim = Sim3.identity()
+                res = AlignResult(False, sim, reason="first frame of the sequence has no valid prediction")
+        elif anchors:
+            res = align_window(pred, anchors, cfg.align, rng)
+            sim = res.odom_from_window
+        else:
+            res = AlignResult(False, None, reason="no valid anchor frame in the window")
+            sim = None
+        lost = not res.ok
+        if lost:
+            sim, how = reanchor(pred, anchors, frame_valid, self._last_good_pose, self._last_good_depth)
+            res.reason = f"{res.reason}; re-anchored: {how}"
+        state = "LOST" if lost else "TRACKING"
+        t_align = time.perf_counter()
+
+        # --- new frames in the odometry frame
+        world_from_cam_win = invert_se3(to_homogeneous(pred.extrinsic))
+        world_from_cam_odom = sim.transform_world_from_cam(world_from_cam_win)
+        depth_odom = pred.depth * np.float32(sim.scale)
+        new_idx = list(range(n_anchor, len(keys)))
+        images_small = [self._resize(f.image, hw) for f in new_frames]
+        poses = []
+        for i in new_idx:
+            if frame_valid[i]:
+                self._last_pose = world_from_cam_odom[i]
+            poses.append(self._last_pose.copy())      # invalid prediction -> hold the pose
+        t_disagree, r_disagree = overlap_disagreement(sim, pred, anchors) if not lost else (0.0, 0.0)
+        med_depths = [float(np.median(depth_odom[i][valid_depth(depth_odom[i])])) if frame_valid[i]
+                      else float("nan") for i in new_idx]
+        finite_med = [d for d in med_depths if np.isfinite(d)]
+        scene_depth = float(np.median(finite_med)) if finite_med else float("nan")
+        cov = pose_covariance(res.residual, t_disagree, r_disagree, scene_depth, lost)
+
+        # --- static points (new frames only, so each pixel is fused once)
+        wout = self._static_points(pred, new_idx, new_frames, depth_odom, poses, images_small, rng)
+        if not lost and len(wout[0]):
+            self.static_map.insert(wout[0], wout[1], wout[2], camera_position=poses[-1][:3, 3])
+
+        # --- bookkeeping: records, keyframes, trajectory, outputs
+        outputs = []
+        for j, (i, f) in enumerate(zip(new_idx, new_frames)):
+            rec = FrameRecord(f.key, f.stamp_ns, f.frame_id, f.image, images_small[j], depth_odom[i].copy(),
+                              pred.depth_conf[i].copy(), pred.mask[i].copy(), pred.intrinsic[i].copy(),
+                              poses[j], frame_valid[i], frame_valid[i] and not lost, med_depths[j])
+            self._history.append(rec)
+            if rec.trusted:
+                self._last_good_pose, self._last_good_depth = rec.world_from_cam, rec.median_depth
+                self._maybe_keyframe(rec)
+            self._append_trajectory(f.stamp_ns, poses[j])
+            outputs.append(FrameOutput(f.stamp_ns, f.frame_id, invert_se3(poses[j]), poses[j], cov.copy(),
+                                       rec.depth, rec.conf, rec.mask, rec.image_small, rec.intrinsic,
+                                       state, window_index))
+        timings = dict(pred.timings)
+        timings.update(predict_s=t_pred - t0, align_s=t_align - t_pred, total_s=time.perf_counter() - t0)
+        self.last_window = WindowOutput(window_index, state, np.array([f.stamp_ns for f in new_frames], np.int64),
+                                        *wout, res.residual, res.scale_drift, res.inlier_fraction,
+                                        res.num_points, sim, res.reason, timings)
+        self._update_state(state)
+        self._windows += 1
+        self._seq_windows += 1
+        self._frames_out += len(outputs)
+        return outputs
+
+    def _update_state(self, state: str) -> None:
+        if state == "LOST":
+            self._lost_windows += 1
+            if self._state != "LOST":
+                self._lost_events += 1
+        elif self._state == "LOST":
+            self._recoveries += 1
+        self._state = state
+
+    @staticmethod
+    def _resize(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+        """Input image -> predictor resolution (area interpolation; no-op if equal)."""
+        if image.shape[:2] == hw:
+            return image
+        return cv2.resize(image, (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
+
+    def _static_points(self, pred: WindowPrediction, new_idx: Sequence[int], new_frames: Sequence[QueuedFrame],
+                       depth_odom: np.ndarray, poses: Sequence[np.ndarray], images_small: Sequence[np.ndarray],
+                       rng: np.random.Generator):
+        """Confident static pixels of the new frames -> (points, colors, conf, stamps, uv)."""
+        cfg = self.config
+        kernel = (np.ones((2 * cfg.mask_dilation_px + 1,) * 2, np.uint8) if cfg.mask_dilation_px else None)
+        sel = []
+        for j, i in enumerate(new_idx):
+            dyn = pred.mask[i]
+            if kernel is not None:
+                dyn = cv2.dilate(dyn.astype(np.uint8), kernel).astype(bool)
+            conf = pred.depth_conf[i]
+            ok = (valid_depth(depth_odom[i]) & ~dyn & np.isfinite(conf) & (conf >= cfg.align.min_confidence)
+                  & np.isfinite(pred.extrinsic[i]).all())
+            sel.append(np.flatnonzero(ok.ravel()))
+        owner = np.concatenate([np.full(len(s), j) for j, s in enumerate(sel)]) if sel else np.zeros(0, int)
+        flat = np.concatenate(sel) if sel else np.zeros(0, int)
+        if len(flat) and cfg.points_conf_quantile > 0:
+            conf_all = np.concatenate([pred.depth_conf[i].ravel()[s] for i, s in zip(new_idx, sel)])
+            keep = conf_all >= np.quantile(conf_all, cfg.points_conf_quantile)
+            owner, flat = owner[keep], flat[keep]
+        if len(flat) > cfg.max_points_per_window:
+            pick = np.sort(rng.choice(len(flat), cfg.max_points_per_window, replace=False))
+            owner, flat = owner[pick], flat[pick]
+        w = pred.depth.shape[2]
+        v, u = np.divmod(flat, w)
+        pts = np.zeros((len(flat), 3), np.float32)
+        cols = np.zeros((len(flat), 3), np.uint8)
+        conf = np.zeros(len(flat), np.float32)
+        for j, i in enumerate(new_idx):
+            m = owner == j
+            if not m.any():
+                continue
+            pts[m] = unproject_pixels(depth_odom[i].ravel()[flat[m]].astype(np.float64), u[m], v[m],
+                                      pred.intrinsic[i], poses[j])
+            cols[m] = images_small[j].reshape(-1, 3)[flat[m]]
+            conf[m] = pred.depth_conf[i].ravel()[flat[m]]
+        stamps = np.array([f.stamp_ns for f in new_frames], np.int64)[owner] if len(owner) else np.zeros(0, np.int64)
+        return pts, cols, conf, stamps, np.stack([u, v], 1).astype(np.int32)
+
+    def _maybe_keyframe(self, rec: FrameRecord) -> None:
+        """Keep ``rec`` as a keyframe if it moved enough from the newest keyframe (bounded deque)."""
+        cfg = self.config
+        if cfg.max_keyframes == 0:
+            return
+        if self._keyframes:
+            last = self._keyframes[-1]
+            depth = last.median_depth if np.isfinite(last.median_depth) and last.median_depth > 0 else 1.0
+            parallax = np.linalg.norm(rec.world_from_cam[:3, 3] - last.world_from_cam[:3, 3]) / depth
+            angle = np.degrees(rotation_angle(last.world_from_cam[:3, :3].T @ rec.world_from_cam[:3, :3]))
+            if parallax < cfg.keyframe_min_parallax and angle < cfg.keyframe_min_rotation_deg:
+                return
+        self._keyframes.append(rec)
+
+    def _append_trajectory(self, stamp_ns: int, world_from_cam: np.ndarray) -> None:
+        slot = self._traj_count % self.config.trajectory_capacity
+        self._traj_stamp[slot] = stamp_ns
+        self._traj_tq[slot] = pose_to_tqxyzw(world_from_cam)
+        self._traj_count += 1
