@@ -319,6 +319,10 @@ def test_tracker_outputs_and_pinned_query_frame():
     assert not torch.allclose(preds[0][:, 1:], preds[-1][:, 1:])  # iterations refine
     with pytest.raises(ValueError):
         tr(q[0], fmaps)
+    with pytest.raises(ValueError, match="no point"):
+        tr(q[:, :0], fmaps)
+    one, _, _ = tr(q, fmaps[:, :1], iters=1)  # a single frame is just the queries
+    torch.testing.assert_close(one[0][:, 0], q)
 
 
 def test_track_head_end_to_end_shapes_and_key_names():

@@ -80,6 +80,10 @@ class TrackerPredictor(nn.Module):
             raise ValueError(f"fmaps must be [B, S, {self.latent_dim}, H, W], got {tuple(fmaps.shape)}")
         B, N, _ = query_points.shape
         _, S, C, HH, WW = fmaps.shape
+        if N == 0:
+            raise ValueError("query_points holds no point; pass at least one (x, y)")
+        if iters < 1:
+            raise ValueError(f"iters must be >= 1, got {iters}")
         if fmaps.shape[0] != B:
             raise ValueError(f"batch of query_points ({B}) and fmaps ({fmaps.shape[0]}) differ")
 
