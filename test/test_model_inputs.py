@@ -111,6 +111,15 @@ def test_model_rejects_bad_images(small_model: VGGT, images, match) -> None:
         small_model(images)
 
 
+def test_model_rejects_frames_of_different_sizes(small_model: VGGT) -> None:
+    with pytest.raises(ValueError, match="different sizes"):
+        small_model([torch.rand(3, 28, 28), torch.rand(3, 28, 42)])
+    with pytest.raises(ValueError, match="at least one"):
+        small_model([])
+    same = small_model.validate_images([torch.rand(3, 28, 28), torch.rand(3, 28, 28)])
+    assert same.shape == (1, 2, 3, 28, 28)
+
+
 def test_model_output_shapes_and_bad_controls(small_model: VGGT) -> None:
     from vggt4d_ros.model.hooks import AttentionControl
     images = torch.rand(2, 3, 28, 42)
@@ -129,3 +138,21 @@ def test_model_output_shapes_and_bad_controls(small_model: VGGT) -> None:
                                                      on_qk=lambda *a: None))
     with pytest.raises(ValueError, match="on_qk is None"):
         small_model(images, control=AttentionControl(capture={"frame": {0}}))
+
+
+def test_bf16_autocast_recipe_keeps_heads_float32(small_model: VGGT) -> None:
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 28, 42)
+    seen = []
+    from vggt4d_ros.model.hooks import AttentionControl
+    ctrl = AttentionControl(capture={"global": {0}}, on_qk=lambda kind, i, q, k: seen.append(q.dtype))
+    with torch.no_grad():
+        ref = small_model(images)
+        out = small_model(images, control=ctrl, autocast_dtype=torch.bfloat16)
+    # q reaches the hook in the autocast dtype of this device (CUDA LayerNorm -> float32,
+    # CPU -> bfloat16); the hook must accept both.
+    assert len(seen) == 1 and seen[0] in (torch.float32, torch.bfloat16)
+    for key in ("pose_enc", "depth", "world_points", "extrinsic"):
+        assert out[key].dtype == torch.float32, key
+        assert not torch.equal(out[key], ref[key]), key    # bf16 really was used
+        assert torch.allclose(out[key], ref[key], atol=0.1, rtol=0.1), key

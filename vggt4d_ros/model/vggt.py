@@ -58,7 +58,18 @@ class VGGT(nn.Module):
 
     @staticmethod
     def validate_images(images: Any, patch_size: int = 14) -> torch.Tensor:
-        """Check images and return them as [B, S, 3, H, W]; ValueError naming the problem."""
+        """Check images and return them as [B, S, 3, H, W]; ValueError naming the problem.
+
+        A list/tuple of [3, H, W] frames is stacked if all frames have the same size.
+        """
+        if isinstance(images, (list, tuple)):
+            if not images or not all(isinstance(f, torch.Tensor) for f in images):
+                raise ValueError("a list of images must hold at least one [3, H, W] tensor")
+            sizes = sorted({tuple(f.shape) for f in images})
+            if len(sizes) > 1:
+                raise ValueError(f"frames of different sizes {sizes}: bring them to one size "
+                                 "first (preprocess_images pads them like the official loader)")
+            images = torch.stack(list(images))
         if not isinstance(images, torch.Tensor):
             raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if images.dtype not in _FLOAT_DTYPES:
