@@ -1,0 +1,630 @@
+"""``vggt4d-replay``: offline replay of a bag / folder / video / dataset through the stream engine.
+
+    vggt4d-replay INPUT --out DIR [--checkpoint PATH|HF_ID|random_tiny] [--window 16 --stride 8]
+
+Every frame is processed (``keep_all`` drop policy, no drops) by the same
+:class:`~vggt4d_ros.stream.engine.StreamEngine` the ROS node runs, built by the same
+``stream.factory.build_predictor``. Nothing is written at ``DIR`` until the run completes:
+outputs go to a temporary sibling folder that is renamed to ``DIR`` at the end.
+
+Outputs (``DIR/``)::
+
+    bag/                   rosbag2 (sqlite3, or mcap with --storage mcap) with the node's topics,
+                           message types, frames and stamps (header stamp = source stamp, log
+                           time = header stamp):
+                             /vggt4d/odom                      nav_msgs/Odometry  odom -> base_link
+                             /tf                               tf2_msgs/TFMessage odom -> base_link
+                             /vggt4d/path                      nav_msgs/Path      (after each window)
+                             /vggt4d/dynamic_mask              sensor_msgs/Image  mono8, 255 = dynamic
+                             /vggt4d/dynamic_mask/camera_info  sensor_msgs/CameraInfo (model resolution)
+                             /vggt4d/depth, /vggt4d/depth_static  sensor_msgs/Image 32FC1 (NaN = dynamic)
+                             /vggt4d/confidence                sensor_msgs/Image  32FC1
+                             /vggt4d/static_points             sensor_msgs/PointCloud2 per window, odom
+                             /vggt4d/static_map                sensor_msgs/PointCloud2 once, at the end
+                             /vggt4d/status                    vggt4d_ros/msg/Status (when msg/ is found)
+    trajectory.txt         TUM ``t tx ty tz qx qy qz qw``: camera (optical frame) pose in odom
+    static_map.ply         voxel map in odom (binary PLY: x y z red green blue count)
+    masks/000000.png       mono8 dynamic masks (255 = dynamic) at the model resolution
+    depth/000000.npz       ``depth`` [H,W] float32 (odom scale), ``confidence`` [H,W] float32,
+                           ``intrinsic`` [3,3] pixels (model resolution)
+    frames.txt             ``index stamp_ns window state source_name`` per processed frame
+    gt/                    ground truth of the input in the same naming (when the input has
+                           any): groundtruth.txt (TUM, world_from_cam), masks/, depth/*.npz,
+                           gt.npz (stamps_ns, intrinsics, cam_from_world) — for ``vggt4d-eval``
+    viz/                   pictures (see tools/visualize.py), unless --no-viz
+    summary.json           settings, input, frames, windows, states, timings per stage, weights
+
+Frames: the node's convention. ``odom_from_base = odom_from_world · world_from_cam ·
+cam_from_base`` with ``odom_from_world`` fixed at the first tracked frame (and after every
+reset) so that base_link starts at the identity; ``base_from_cam`` = camera optical frame at
+the base origin (REP-103 body axes), as the node's default.
+
+Exit codes: 0 success; 2 bad input or arguments (one-line message on stderr, nothing
+written at DIR); 1 internal failure (one line, nothing written at DIR).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+
+from vggt4d_ros.tools.datasets import Frame, FrameSource, InputError, open_source, SOURCE_KINDS
+
+RANDOM_WEIGHTS_NOTE = "random weights: geometry is meaningless"
+NODE_NS = "/vggt4d"
+TOPICS = {
+    "odom": f"{NODE_NS}/odom", "tf": "/tf", "path": f"{NODE_NS}/path",
+    "mask": f"{NODE_NS}/dynamic_mask", "mask_info": f"{NODE_NS}/dynamic_mask/camera_info",
+    "depth": f"{NODE_NS}/depth", "depth_static": f"{NODE_NS}/depth_static",
+    "confidence": f"{NODE_NS}/confidence", "static_points": f"{NODE_NS}/static_points",
+    "static_map": f"{NODE_NS}/static_map", "status": f"{NODE_NS}/status",
+}
+STATUS_CODES = {"WAITING": 0, "TRACKING": 1, "LOST": 2, "RESET": 3}
+# camera_link_from_camera_optical: optical (x right, y down, z fwd) → body (x fwd, y left, z up)
+LINK_FROM_OPTICAL = np.array([[0.0, 0.0, 1.0, 0.0], [-1.0, 0.0, 0.0, 0.0],
+                              [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+class ReplayError(Exception):
+    """Internal failure of a replay (not the input's fault)."""
+
+
+@dataclass
+class ReplaySettings:
+    """Everything that determines a replay's outputs (recorded in summary.json)."""
+
+    checkpoint: str = "facebook/VGGT-1B"
+    window: int = 16
+    stride: int = 8
+    resolution: int = 518            # model input width, pixels (VGGT: 518)
+    device: str = "cpu"
+    dynamic: bool = True             # False = plain VGGT (no VGGT4D masks / key suppression)
+    seed: int = 0
+    storage: str = "sqlite3"
+    bag: bool = True
+    viz: bool = True
+    depth_format: str = "npz"        # "npz" (float32) or "png16" (uint16 millimetres)
+    odom_frame: str = "odom"
+    base_frame: str = "base_link"
+    camera_frame: str = "camera_optical_frame"
+    input_kind: str = "auto"
+    topic: str | None = None
+    input_stride: int = 1
+    max_frames: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- helpers
+def _se3_inv(t: np.ndarray) -> np.ndarray:
+    """Inverse of a rigid 4x4 transform."""
+    out = np.eye(4)
+    out[:3, :3] = t[:3, :3].T
+    out[:3, 3] = -t[:3, :3].T @ t[:3, 3]
+    return out
+
+
+class OdomAnchor:
+    """Engine world → odom, anchored so base_link is at the identity at the first tracked frame
+    (same rule as the node). ``base_from_cam``: camera optical frame in base_link (4x4)."""
+
+    def __init__(self, base_from_cam: np.ndarray = LINK_FROM_OPTICAL) -> None:
+        self.base_from_cam = np.asarray(base_from_cam, np.float64)
+        self.cam_from_base = _se3_inv(self.base_from_cam)
+        self.odom_from_world: np.ndarray | None = None
+
+    def reset(self) -> None:
+        """The next pose becomes the new origin."""
+        self.odom_from_world = None
+
+    def odom_from_cam(self, world_from_cam: np.ndarray) -> np.ndarray:
+        """Camera optical frame in odom (anchors on the first call after a reset)."""
+        if self.odom_from_world is None:
+            self.odom_from_world = self.base_from_cam @ _se3_inv(world_from_cam)
+        return self.odom_from_world @ world_from_cam
+
+    def odom_from_base(self, world_from_cam: np.ndarray) -> np.ndarray:
+        """base_link in odom."""
+        return self.odom_from_cam(world_from_cam) @ self.cam_from_base
+
+    def points(self, pts_world: np.ndarray) -> np.ndarray:
+        """[M,3] engine-world points → odom float32 (identity before the first anchor)."""
+        p = np.asarray(pts_world, np.float64).reshape(-1, 3)
+        m = np.eye(4) if self.odom_from_world is None else self.odom_from_world
+        return (p @ m[:3, :3].T + m[:3, 3]).astype(np.float32)
+
+
+def save_npz_deterministic(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez_compressed`` with fixed zip timestamps, so equal arrays give equal bytes."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, arr in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asanyarray(arr), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, buf.getvalue())
+
+
+def _save_mono8(path: Path, img: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), np.ascontiguousarray(img, np.uint8)):
+        raise ReplayError(f"cannot write {path}")
+
+
+def _find_msg_dir() -> Path | None:
+    """The package's ``msg/`` folder (source checkout or ament share), if present."""
+    here = Path(__file__).resolve()
+    for cand in (here.parents[2] / "msg", here.parents[3] / "share" / "vggt4d_ros" / "msg"):
+        if (cand / "Status.msg").is_file():
+            return cand
+    return None
+
+
+class Timer:
+    """Accumulates wall-clock seconds per stage name."""
+
+    def __init__(self) -> None:
+        self.totals: Counter[str] = Counter()
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.totals[stage] += seconds
+
+    def run(self, stage: str, fn: Callable[..., Any], *a: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            self.totals[stage] += time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- bag output
+class BagOutput:
+    """Writes the node's topics for each frame / window into a rosbag2 (via tools.rosbag_io)."""
+
+    def __init__(self, path: Path, settings: ReplaySettings) -> None:
+        from vggt4d_ros.tools import rosbag_io as bio
+        self.bio = bio
+        msg_dir = _find_msg_dir()
+        self.ts = bio.get_ros2_typestore([msg_dir]) if msg_dir else bio.get_ros2_typestore()
+        self.has_status = msg_dir is not None
+        self.s = settings
+        self.writer = bio.BagWriter(path, settings.storage, typestore=self.ts)
+        self.path_poses: list[tuple[int, np.ndarray]] = []
+
+    def frame(self, stamp: int, odom_from_base: np.ndarray | None, cov: np.ndarray | None,
+              mask: np.ndarray, depth: np.ndarray, conf: np.ndarray, intrinsic: np.ndarray,
+              camera_frame: str) -> None:
+        """Per-frame messages (odom/TF only when the pose is valid)."""
+        b, s, ts = self.bio, self.s, self.ts
+        if odom_from_base is not None:
+            self.writer.write(TOPICS["odom"], stamp, b.odometry_msg(
+                odom_from_base, stamp, s.odom_frame, s.base_frame, pose_covariance=cov,
+                typestore=ts))
+            self.writer.write(TOPICS["tf"], stamp, b.tf_message([b.transform_stamped_msg(
+                odom_from_base, stamp, s.odom_frame, s.base_frame, typestore=ts)], typestore=ts))
+            self.path_poses.append((stamp, odom_from_base))
+        h, w = mask.shape
+        self.writer.write(TOPICS["mask"], stamp, b.image_msg(
+            mask.astype(np.uint8) * 255, stamp, camera_frame, "mono8", typestore=ts))
+        self.writer.write(TOPICS["mask_info"], stamp, b.camera_info_msg(
+            intrinsic, w, h, stamp, camera_frame, typestore=ts))
+        d = depth.astype(np.float32)
+        self.writer.write(TOPICS["depth"], stamp, b.image_msg(d, stamp, camera_frame, "32FC1",
+                                                              typestore=ts))
+        self.writer.write(TOPICS["depth_static"], stamp, b.image_msg(
+            np.where(mask, np.float32(np.nan), d), stamp, camera_frame, "32FC1", typestore=ts))
+        self.writer.write(TOPICS["confidence"], stamp, b.image_msg(
+            conf.astype(np.float32), stamp, camera_frame, "32FC1", typestore=ts))
+
+    def window(self, stamp: int, points: np.ndarray, colors: np.ndarray,
+               confidence: np.ndarray) -> None:
+        """Per-window messages: Path so far and the window's static points (odom)."""
+        b, s, ts = self.bio, self.s, self.ts
+        self.writer.write(TOPICS["path"], stamp, b.path_msg(self.path_poses, stamp, s.odom_frame,
+                                                            typestore=ts))
+        self.writer.write(TOPICS["static_points"], stamp, b.pointcloud2_msg(
+            points, stamp, s.odom_frame, colors=colors,
+            fields={"confidence": np.asarray(confidence, np.float32)}, typestore=ts))
+
+    def status(self, stamp: int, state: str, counters: dict[str, int], residual: float,
+               scale_drift: float, message: str) -> None:
+        """vggt4d_ros/msg/Status after every processed frame (if the type is known)."""
+        if not self.has_status:
+            return
+        cls = self.ts.types["vggt4d_ros/msg/Status"]
+        msg = cls(header=self.bio.header_msg(stamp, self.s.odom_frame, self.ts),
+                  state=STATUS_CODES.get(state, 0), state_name=state,
+                  frames_received=counters["received"], frames_processed=counters["processed"],
+                  frames_dropped=0, windows=counters["windows"],
+                  last_alignment_residual=float(residual), scale_drift=float(scale_drift),
+                  latency=0.0, queue_depth=0, message=message)
+        self.writer.write(TOPICS["status"], stamp, msg)
+
+    def finish(self, stamp: int, points: np.ndarray, colors: np.ndarray) -> None:
+        """Static map once at the end, then close (moves the bag into place)."""
+        self.writer.write(TOPICS["static_map"], stamp, self.bio.pointcloud2_msg(
+            points, stamp, self.s.odom_frame, colors=colors, typestore=self.ts))
+        self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+# --------------------------------------------------------------------------- ground truth
+class GroundTruthOutput:
+    """Writes ``gt/`` (TUM trajectory, masks, depth, gt.npz) for frames that have GT."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.stamps: list[int] = []
+        self.poses: list[np.ndarray] = []
+        self.intr: list[np.ndarray] = []
+        self.any = False
+
+    def add(self, name: str, frame: Frame) -> None:
+        if frame.mask is not None:
+            (self.root / "masks").mkdir(parents=True, exist_ok=True)
+            _save_mono8(self.root / "masks" / f"{name}.png", frame.mask.astype(np.uint8) * 255)
+            self.any = True
+        if frame.depth is not None:
+            (self.root / "depth").mkdir(parents=True, exist_ok=True)
+            save_npz_deterministic(self.root / "depth" / f"{name}.npz",
+                                   depth=frame.depth.astype(np.float32))
+            self.any = True
+        if frame.world_from_cam is not None:
+            self.stamps.append(frame.stamp_ns)
+            self.poses.append(frame.world_from_cam)
+            self.intr.append(frame.intrinsic if frame.intrinsic is not None
+                             else np.full((3, 3), np.nan))
+
+    def finish(self) -> bool:
+        """Write the trajectory files; returns whether any GT was written."""
+        from vggt4d_ros.tools.metrics import write_tum
+        if self.poses:
+            self.root.mkdir(parents=True, exist_ok=True)
+            wfc = np.stack(self.poses)
+            write_tum(self.root / "groundtruth.txt", self.stamps, wfc)
+            save_npz_deterministic(self.root / "gt.npz",
+                                   stamps_ns=np.asarray(self.stamps, np.int64),
+                                   intrinsics=np.stack(self.intr),
+                                   cam_from_world=np.stack([_se3_inv(t) for t in wfc]))
+            self.any = True
+        return self.any
+
+
+# --------------------------------------------------------------------------- predictor
+def is_random_weights(checkpoint: str) -> bool:
+    """True for the tiny random-weight configurations (``random_tiny`` and friends)."""
+    return str(checkpoint).startswith("random")
+
+
+def make_predictor(settings: ReplaySettings) -> Any:
+    """Build the window predictor exactly as the node does (``stream.factory``)."""
+    from vggt4d_ros.stream.factory import build_predictor
+    cfg = {"checkpoint": settings.checkpoint, "device": settings.device,
+           "resolution": settings.resolution, "dynamic": settings.dynamic, "seed": settings.seed}
+    return build_predictor(cfg)
+
+
+def make_engine(predictor: Any, settings: ReplaySettings) -> Any:
+    """StreamEngine with the keep_all drop policy (offline: every frame is processed)."""
+    from vggt4d_ros.stream.engine import StreamConfig, StreamEngine
+    return StreamEngine(predictor, StreamConfig(window_size=settings.window, stride=settings.stride,
+                                                drop_policy="keep_all"))
+
+
+# --------------------------------------------------------------------------- the replay
+@dataclass
+class ReplayResult:
+    """What a replay wrote: the final output folder and its summary."""
+
+    out_dir: Path
+    summary: dict[str, Any]
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise InputError(f"output {out} exists and is not an empty folder (use --overwrite)")
+
+
+def run_replay(source: FrameSource, out_dir: str | Path, settings: ReplaySettings,
+               predictor: Any | None = None, weights_note: str | None = None,
+               overwrite: bool = False, progress: bool = True) -> ReplayResult:
+    """Replay ``source`` through a StreamEngine and write all outputs at ``out_dir`` atomically.
+
+    Args:
+        source: frames (see tools.datasets).
+        settings: replay settings; ``predictor``: a WindowPredictor to use instead of
+            ``make_predictor(settings)`` (tests: the ground-truth predictor).
+        weights_note: text recorded as ``summary["weights"]`` and drawn on every picture;
+            defaults to RANDOM_WEIGHTS_NOTE for random checkpoints.
+    Raises:
+        InputError for bad input (nothing is left at ``out_dir``); ReplayError otherwise.
+    """
+    out = Path(out_dir)
+    _check_out_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        summary = _replay_into(source, tmp, settings, predictor, weights_note, progress)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ReplayResult(out, summary)
+
+
+def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, predictor: Any | None,
+                 weights_note: str | None, progress: bool) -> dict[str, Any]:
+    """Body of :func:`run_replay`: writes everything under ``root``; returns the summary."""
+    from tqdm import tqdm
+    from vggt4d_ros.geometry.voxel import write_ply
+    from vggt4d_ros.stream.engine import FrameInput
+    from vggt4d_ros.tools.metrics import write_tum
+    import torch
+
+    torch.manual_seed(settings.seed)
+    np.random.seed(settings.seed)
+    timer = Timer()
+    if weights_note is None and is_random_weights(settings.checkpoint):
+        weights_note = RANDOM_WEIGHTS_NOTE
+    if predictor is None:
+        predictor = timer.run("load_model", make_predictor, settings)
+    engine = make_engine(predictor, settings)
+    anchor = OdomAnchor()
+    (root / "masks").mkdir()
+    (root / "depth").mkdir()
+    bag = BagOutput(root / "bag", settings) if settings.bag else None
+    gt = GroundTruthOutput(root / "gt")
+    viz = None
+    if settings.viz:
+        from vggt4d_ros.tools.visualize import VizWriter
+        viz = VizWriter(root / "viz", label=weights_note)
+    frames_by_stamp: dict[int, tuple[int, Frame]] = {}
+    traj: list[tuple[int, np.ndarray]] = []
+    lines: list[str] = []
+    states: Counter[str] = Counter()
+    transitions: list[dict[str, Any]] = []
+    counters = {"received": 0, "processed": 0, "windows": 0}
+    last_state, last_window, last_stamp = "WAITING", None, 0
+    bar = tqdm(total=len(source), unit="frame", desc="replay", disable=not progress,
+               dynamic_ncols=True, file=sys.stderr)
+
+    def handle(outs: Sequence[Any]) -> None:
+        nonlocal last_state, last_window, last_stamp
+        for fo in outs:
+            idx, frame = frames_by_stamp.pop(fo.stamp_ns)
+            name = f"{idx:06d}"
+            if fo.state != last_state:
+                transitions.append({"index": idx, "stamp_ns": fo.stamp_ns, "from": last_state,
+                                    "to": fo.state})
+                if fo.state in ("RESET", "WAITING"):
+                    anchor.reset()
+                last_state = fo.state
+            states[fo.state] += 1
+            t0 = time.perf_counter()
+            wfc = np.asarray(fo.world_from_cam, np.float64)
+            pose_ok = bool(np.all(np.isfinite(wfc))) and fo.state == "TRACKING"
+            odom_cam = anchor.odom_from_cam(wfc) if pose_ok else None
+            if odom_cam is not None:
+                traj.append((fo.stamp_ns, odom_cam))
+            mask = np.asarray(fo.mask, bool)
+            depth = np.asarray(fo.depth, np.float32)
+            conf = np.asarray(fo.confidence, np.float32)
+            _save_mono8(root / "masks" / f"{name}.png", mask.astype(np.uint8) * 255)
+            if settings.depth_format == "png16":
+                mm = np.clip(np.nan_to_num(depth * 1000.0, nan=0.0), 0, 65535).astype(np.uint16)
+                if not cv2.imwrite(str(root / "depth" / f"{name}.png"), mm):
+                    raise ReplayError(f"cannot write depth PNG for frame {name}")
+            else:
+                save_npz_deterministic(root / "depth" / f"{name}.npz", depth=depth,
+                                       confidence=conf,
+                                       intrinsic=np.asarray(fo.intrinsic, np.float64))
+            gt.add(name, frame)
+            counters["processed"] += 1
+            if bag is not None:
+                base = None if odom_cam is None else odom_cam @ anchor.cam_from_base
+                cov = np.asarray(fo.covariance, np.float64) if pose_ok else None
+                bag.frame(fo.stamp_ns, base, cov, mask, depth, conf,
+                          np.asarray(fo.intrinsic, np.float64), fo.frame_id)
+            lines.append(f"{idx} {fo.stamp_ns} {fo.window_index} {fo.state} {frame.name}")
+            timer.add("write", time.perf_counter() - t0)
+            if viz is not None:
+                timer.run("viz", viz.add_frame, name, np.asarray(fo.image, np.uint8), mask,
+                          depth, conf)
+            win = engine.last_window
+            if win is not None and fo.window_index != last_window:
+                last_window = fo.window_index
+                counters["windows"] += 1
+                if bag is not None:
+                    pts = anchor.points(win.static_points)
+                    timer.run("write", bag.window, fo.stamp_ns, pts,
+                              np.asarray(win.colors, np.uint8).reshape(-1, 3),
+                              np.asarray(win.confidence, np.float32).reshape(-1))
+            if bag is not None:
+                res = getattr(win, "residual", float("nan")) if win is not None else float("nan")
+                drift = getattr(win, "scale_drift", float("nan")) if win is not None \
+                    else float("nan")
+                timer.run("write", bag.status, fo.stamp_ns, fo.state, counters, res, drift, "")
+            last_stamp = fo.stamp_ns
+            bar.update(1)
+
+    t_start = time.perf_counter()
+    try:
+        it = iter(source)
+        while True:
+            t0 = time.perf_counter()
+            frame = next(it, None)
+            timer.add("read", time.perf_counter() - t0)
+            if frame is None:
+                break
+            if frame.stamp_ns in frames_by_stamp:
+                raise InputError(f"duplicate stamp {frame.stamp_ns} at frame {frame.index} "
+                                 f"({frame.name}); every frame needs its own stamp")
+            frames_by_stamp[frame.stamp_ns] = (frame.index, frame)
+            counters["received"] += 1
+            outs = timer.run("engine", engine.push, FrameInput(
+                stamp_ns=int(frame.stamp_ns), image=frame.image, frame_id=settings.camera_frame))
+            handle(outs)
+        handle(timer.run("engine", engine.flush))
+    except BaseException:
+        bar.close()
+        if bag is not None:
+            bag.abort()
+        raise
+    bar.close()
+    if frames_by_stamp:
+        raise ReplayError(f"{len(frames_by_stamp)} frames were never output by the engine "
+                          "(keep_all must process every frame)")
+    if counters["received"] == 0:
+        raise InputError("input has no frames")
+
+    # --- end of stream: map, trajectory, pictures, summary
+    t0 = time.perf_counter()
+    arr = engine.static_map.to_arrays()
+    map_pts = anchor.points(arr["points"])
+    map_cols = np.asarray(arr["colors"], np.uint8).reshape(-1, 3)
+    write_ply(root / "static_map.ply", map_pts, map_cols, arr.get("counts"))
+    if traj:
+        write_tum(root / "trajectory.txt", [s for s, _ in traj], np.stack([t for _, t in traj]))
+    else:
+        (root / "trajectory.txt").write_text("# timestamp tx ty tz qx qy qz qw (world_from_cam)\n")
+    (root / "frames.txt").write_text("# index stamp_ns window state source_name\n"
+                                     + "".join(f"{ln}\n" for ln in lines))
+    if bag is not None:
+        bag.finish(last_stamp, map_pts, map_cols)
+    has_gt = gt.finish()
+    timer.add("write", time.perf_counter() - t0)
+    viz_files: dict[str, str] = {}
+    if viz is not None:
+        poses = np.stack([t for _, t in traj]) if traj else np.zeros((0, 4, 4))
+        viz_files = timer.run("viz", viz.finish, map_pts, map_cols, poses)
+    wall = time.perf_counter() - t_start
+    summary = _summary(source, settings, weights_note, counters, states, transitions, traj,
+                       len(map_pts), has_gt, viz_files, timer, wall, predictor)
+    (root / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def _summary(source: FrameSource, settings: ReplaySettings, weights_note: str | None,
+             counters: dict[str, int], states: Counter[str], transitions: list[dict[str, Any]],
+             traj: list[tuple[int, np.ndarray]], map_points: int, has_gt: bool,
+             viz_files: dict[str, str], timer: Timer, wall: float, predictor: Any) -> dict[str, Any]:
+    """summary.json content. Everything except ``timings`` is deterministic."""
+    frames = counters["processed"]
+    return {
+        "tool": "vggt4d-replay",
+        "input": source.describe(),
+        "settings": asdict(settings),
+        "weights": weights_note or f"checkpoint {settings.checkpoint}",
+        "predictor": type(predictor).__name__,
+        "frames": {"received": counters["received"], "processed": frames, "dropped": 0},
+        "windows": counters["windows"],
+        "states": dict(sorted(states.items())),
+        "state_transitions": transitions,
+        "trajectory_poses": len(traj),
+        "static_map_points": map_points,
+        "ground_truth": "gt/" if has_gt else None,
+        "viz": {k: f"viz/{v}" for k, v in viz_files.items()},
+        "topics": TOPICS if settings.bag else {},
+        "timings": {
+            "wall_s": round(wall, 4),
+            "frames_per_s": round(frames / wall, 4) if wall > 0 else None,
+            "stages_s": {k: round(v, 4) for k, v in sorted(timer.totals.items())},
+        },
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``vggt4d-replay``."""
+    p = argparse.ArgumentParser(
+        prog="vggt4d-replay",
+        description="Replay a rosbag2 / image folder / video / dataset sequence through the "
+                    "VGGT4D stream engine (no ROS runtime needed) and write a bag of the node's "
+                    "topics, a TUM trajectory, a PLY map, masks, depth, pictures and a summary.")
+    p.add_argument("input", type=Path, help="bag folder or .mcap/.db3, image folder, video file, "
+                                            "or dataset sequence folder")
+    p.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--kind", default="auto", choices=("auto",) + SOURCE_KINDS,
+                   help="input kind (default: detect from the layout)")
+    p.add_argument("--topic", default=None, help="bag image topic (needed if several)")
+    p.add_argument("--checkpoint", default=os.environ.get("VGGT4D_CHECKPOINT",
+                                                          "facebook/VGGT-1B"),
+                   help="local checkpoint path, Hugging Face id, or random_tiny "
+                        "(default: $VGGT4D_CHECKPOINT or facebook/VGGT-1B)")
+    p.add_argument("--window", type=int, default=16, help="frames per window")
+    p.add_argument("--stride", type=int, default=8, help="new frames per window")
+    p.add_argument("--resolution", type=int, default=518, help="model input width, pixels")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    p.add_argument("--no-dynamic", action="store_true", help="plain VGGT (no VGGT4D masks)")
+    p.add_argument("--input-stride", type=int, default=1, help="use every N-th input frame")
+    p.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
+    p.add_argument("--storage", choices=("sqlite3", "mcap"), default="sqlite3",
+                   help="output bag storage")
+    p.add_argument("--no-bag", action="store_true", help="do not write the output bag")
+    p.add_argument("--no-viz", action="store_true", help="do not write pictures")
+    p.add_argument("--depth-format", choices=("npz", "png16"), default="npz",
+                   help="depth files: float32 npz or 16-bit PNG in millimetres")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def settings_from_args(a: argparse.Namespace) -> ReplaySettings:
+    """ReplaySettings from parsed CLI arguments (validated)."""
+    if a.window < 2 or a.stride < 1 or a.stride >= a.window:
+        raise InputError(f"need --window >= 2 and 1 <= --stride < --window, got "
+                         f"{a.window}/{a.stride}")
+    if a.resolution < 14 or a.resolution % 14:
+        raise InputError(f"--resolution must be a positive multiple of 14, got {a.resolution}")
+    return ReplaySettings(
+        checkpoint=str(a.checkpoint), window=a.window, stride=a.stride, resolution=a.resolution,
+        device=a.device, dynamic=not a.no_dynamic, seed=a.seed, storage=a.storage,
+        bag=not a.no_bag, viz=not a.no_viz, depth_format=a.depth_format, input_kind=a.kind,
+        topic=a.topic, input_stride=a.input_stride, max_frames=a.max_frames)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``vggt4d-replay``. Returns the exit code (0 ok, 2 bad input, 1 failure)."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(a)
+        _check_out_dir(a.out, a.overwrite)
+        source = open_source(a.input, a.kind, topic=a.topic, stride=a.input_stride,
+                             max_frames=a.max_frames)
+        next(iter(source))          # fail fast on an unreadable first frame, before the model
+        res = run_replay(source, a.out, settings, overwrite=a.overwrite, progress=not a.quiet)
+    except InputError as exc:
+        print(f"vggt4d-replay: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vggt4d-replay: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for users; the traceback is not for them
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"vggt4d-replay: failed: {type(exc).__name__}: {msg}", file=sys.stderr)
+        return 1
+    s = res.summary
+    print(f"wrote {s['frames']['processed']} frames, {s['windows']} windows to {res.out_dir}"
+          + (f"  [{s['weights']}]" if is_random_weights(settings.checkpoint) else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
