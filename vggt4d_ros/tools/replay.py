@@ -54,7 +54,7 @@ import tempfile
 import time
 import zipfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -90,8 +90,14 @@ class ReplaySettings:
     window: int = 16
     stride: int = 8
     resolution: int = 518            # model input width, pixels (VGGT: 518)
-    device: str = "cpu"
+    keyframes: int = 0               # older keyframes per window (node: window.keyframes)
+    device: str = "auto"             # auto = cuda if available, else cpu
+    dtype: str = "auto"              # auto = bf16/fp16 on cuda, fp32 on cpu (node: model.dtype)
     dynamic: bool = True             # False = plain VGGT (no VGGT4D masks / key suppression)
+    refine: bool = True              # VGGT4D mask refinement
+    voxel_size: float = 0.05         # static map voxel, odom units (node: map.voxel_size)
+    max_voxels: int = 500_000        # node: map.max_voxels
+    backwards_reset_s: float = 0.5   # node: stamps.backwards_reset
     seed: int = 0
     storage: str = "sqlite3"
     bag: bool = True
@@ -309,19 +315,39 @@ def is_random_weights(checkpoint: str) -> bool:
     return str(checkpoint).startswith("random")
 
 
+def _known_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that are fields of dataclass ``cls``."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when available, else ``cpu``; other values unchanged."""
+    if device != "auto":
+        return device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def make_predictor(settings: ReplaySettings) -> Any:
     """Build the window predictor exactly as the node does (``stream.factory``)."""
-    from vggt4d_ros.stream.factory import build_predictor
-    cfg = {"checkpoint": settings.checkpoint, "device": settings.device,
-           "resolution": settings.resolution, "dynamic": settings.dynamic, "seed": settings.seed}
-    return build_predictor(cfg)
+    from vggt4d_ros.stream import factory
+    cfg = factory.PredictorConfig(**_known_fields(factory.PredictorConfig, {
+        "checkpoint": settings.checkpoint, "device": resolve_device(settings.device),
+        "dtype": settings.dtype, "image_width": settings.resolution, "seed": settings.seed,
+        "dynamic": settings.dynamic, "refine": settings.refine}))
+    return factory.build_predictor(cfg)
 
 
 def make_engine(predictor: Any, settings: ReplaySettings) -> Any:
-    """StreamEngine with the keep_all drop policy (offline: every frame is processed)."""
+    """StreamEngine as the node configures it, but with the keep_all drop policy (offline:
+    every frame is processed)."""
     from vggt4d_ros.stream.engine import StreamConfig, StreamEngine
-    return StreamEngine(predictor, StreamConfig(window_size=settings.window, stride=settings.stride,
-                                                drop_policy="keep_all"))
+    return StreamEngine(predictor, StreamConfig(**_known_fields(StreamConfig, {
+        "window_size": settings.window, "stride": settings.stride,
+        "max_keyframes": settings.keyframes, "drop_policy": "keep_all",
+        "backwards_reset_s": settings.backwards_reset_s, "voxel_size": settings.voxel_size,
+        "max_voxels": settings.max_voxels, "seed": settings.seed})))
 
 
 # --------------------------------------------------------------------------- the replay
@@ -570,8 +596,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=16, help="frames per window")
     p.add_argument("--stride", type=int, default=8, help="new frames per window")
     p.add_argument("--resolution", type=int, default=518, help="model input width, pixels")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    p.add_argument("--keyframes", type=int, default=0, help="older keyframes per window")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                   help="inference dtype (auto: bf16/fp16 on cuda, fp32 on cpu)")
     p.add_argument("--no-dynamic", action="store_true", help="plain VGGT (no VGGT4D masks)")
+    p.add_argument("--no-refine", action="store_true", help="skip VGGT4D mask refinement")
+    p.add_argument("--voxel-size", type=float, default=0.05, help="static map voxel, odom units")
     p.add_argument("--input-stride", type=int, default=1, help="use every N-th input frame")
     p.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
     p.add_argument("--storage", choices=("sqlite3", "mcap"), default="sqlite3",
@@ -594,7 +625,8 @@ def settings_from_args(a: argparse.Namespace) -> ReplaySettings:
         raise InputError(f"--resolution must be a positive multiple of 14, got {a.resolution}")
     return ReplaySettings(
         checkpoint=str(a.checkpoint), window=a.window, stride=a.stride, resolution=a.resolution,
-        device=a.device, dynamic=not a.no_dynamic, seed=a.seed, storage=a.storage,
+        keyframes=a.keyframes, device=a.device, dtype=a.dtype, dynamic=not a.no_dynamic,
+        refine=not a.no_refine, voxel_size=a.voxel_size, seed=a.seed, storage=a.storage,
         bag=not a.no_bag, viz=not a.no_viz, depth_format=a.depth_format, input_kind=a.kind,
         topic=a.topic, input_stride=a.input_stride, max_frames=a.max_frames)
 
