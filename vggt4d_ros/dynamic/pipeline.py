@@ -1,0 +1,315 @@
+"""VGGT4D two-pass pipeline (VGGT4D spec §0): one window of frames -> poses, depth, masks.
+
+Data flow for images ``[S, 3, H, W]`` in [0, 1]:
+
+1. Pass 1: plain VGGT forward; the global-attention Q/K of the 11 saliency layers are reduced
+   on the fly by :class:`~.saliency.GramSaliencyReducer` (nothing else is captured) and the DINO
+   patch tokens are kept ("encoder features").
+2. Saliency ``[S, h, w]`` -> feature clustering -> bilinear upsample -> adaptive multi-Otsu
+   threshold -> coarse mask ``M0 [S, H, W]``.
+3. Pass 2: VGGT again with dynamic tokens removed from keys/values in layers 0-4. Only the
+   camera pose is used, so by default only the aggregator + camera head run
+   (``pass2_camera_only``), reusing pass 1's patch tokens (``reuse_patch_tokens``: the DINO
+   patch embedding is identical in both passes).
+4. Refinement (pass-1 depth + intrinsics, pass-2 poses, M0) -> final mask.
+5. Outputs: poses from pass 2; depth, depth confidence, intrinsics from pass 1; world points =
+   pass-1 depth unprojected (official VGGT convention, ``pixel_offset`` 0) with pass-1
+   intrinsics and pass-2 poses; their confidence = pass-1 depth confidence.
+
+Numerics: on CUDA the aggregator runs under bf16 autocast with fp32 heads (the official
+recipe); on CPU everything is fp32 (``autocast="auto"``).
+
+Defined fallbacks (each with a ``warnings.warn``; never a crash or NaN pose):
+
+* ``S < min_frames`` (default 2: no source frame exists for the saliency) -> plain VGGT
+  output, empty masks, ``saliency`` None.
+* coarse mask without a dynamic token (all static, or constant saliency) -> pass 2 would be
+  bit-identical to pass 1 (the model takes its plain path), so it is skipped.
+* all-dynamic masks -> only special tokens remain keys in layers 0-4 (defined by the model).
+* non-finite pass-2 pose -> pass-1 pose for those frames. Non-finite depth -> see refine.py.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..geometry.unproject import depth_to_world_points
+from .cluster import cluster_features, cluster_mean_map
+from .intervention import build_intervention_control
+from .refine import RefineConfig, refine_dynamic_mask
+from .saliency import GramSaliencyReducer, SaliencyMapSpec
+from .threshold import adaptive_threshold, upsample_map
+
+
+@dataclass
+class Vggt4dConfig:
+    """Every constant of VGGT4D (spec §7) with the paper/released defaults."""
+
+    dynamic: bool = True                    # False -> plain VGGT (one pass, empty masks)
+    # saliency (spec §2)
+    window_offsets: Tuple[int, ...] = (2, 4, 6)
+    mean1_layers: Tuple[int, ...] = (3, 4, 5, 6, 7)
+    var1_layers: Tuple[int, ...] = (18, 19)
+    mean2_layers: Tuple[int, ...] = (17, 18, 19, 20, 21)
+    mean3_layers: Tuple[int, ...] = (0,)
+    var3_layers: Tuple[int, ...] = (0,)
+    # clustering + threshold (spec §3-4)
+    feature_clusters: int = 64
+    kmeans_seed: int = 42
+    cluster_backend: str = "reference"      # "reference" (scikit-learn/-image) | "fast" (torch)
+    otsu_classes: Tuple[int, ...] = (2, 3, 4)
+    otsu_bins: int = 256
+    # intervention (spec §5)
+    intervention_layers: Tuple[int, ...] = (0, 1, 2, 3, 4)
+    patch_size: int = 14
+    # refinement (spec §6)
+    refine: bool = True
+    refine_outlier_neighbors: int = 20
+    refine_outlier_std_ratio: float = 2.5
+    refine_clusters: int = 30
+    refine_visibility_margin: float = 0.01
+    refine_min_valid_fraction: float = 0.05
+    refine_residual_threshold: float = 0.1
+    refine_close_kernel: int = 5
+    refine_dilate_kernel: int = 3
+    refine_pixel_offset: float = 0.5
+    refine_boundary_sharpening: bool = False
+    # execution
+    reuse_patch_tokens: bool = True         # pass 2 reuses pass-1 DINO patch tokens
+    pass2_camera_only: bool = True          # pass 2 runs aggregator + camera head only
+    autocast: str = "auto"                  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "off"
+    min_frames: int = 2
+    points_pixel_offset: float = 0.0        # world points: official VGGT unprojection
+
+    def __post_init__(self) -> None:
+        if self.cluster_backend not in ("reference", "fast"):
+            raise ValueError(f"cluster_backend must be 'reference' or 'fast', "
+                             f"got {self.cluster_backend!r}")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise ValueError(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
+        if self.min_frames < 2:
+            raise ValueError("min_frames must be >= 2 (saliency needs a source frame)")
+
+    def saliency_specs(self) -> Tuple[SaliencyMapSpec, ...]:
+        """The five statistics of spec §2 with this config's layer sets."""
+        return (SaliencyMapSpec("mean1", "q", "q", tuple(self.mean1_layers), "mean"),
+                SaliencyMapSpec("var1", "q", "q", tuple(self.var1_layers), "std"),
+                SaliencyMapSpec("mean2", "q", "q", tuple(self.mean2_layers), "mean"),
+                SaliencyMapSpec("mean3", "k", "k", tuple(self.mean3_layers), "mean"),
+                SaliencyMapSpec("var3", "q", "k", tuple(self.var3_layers), "std"))
+
+    def refine_config(self) -> RefineConfig:
+        """Refinement constants as a :class:`RefineConfig`."""
+        return RefineConfig(
+            outlier_neighbors=self.refine_outlier_neighbors,
+            outlier_std_ratio=self.refine_outlier_std_ratio, num_clusters=self.refine_clusters,
+            seed=self.kmeans_seed, visibility_margin=self.refine_visibility_margin,
+            min_valid_fraction=self.refine_min_valid_fraction,
+            residual_threshold=self.refine_residual_threshold,
+            close_kernel=self.refine_close_kernel, dilate_kernel=self.refine_dilate_kernel,
+            pixel_offset=self.refine_pixel_offset, kmeans_backend=self.cluster_backend,
+            boundary_sharpening=self.refine_boundary_sharpening)
+
+
+@dataclass
+class Vggt4dResult:
+    """One window's outputs (all on the input device, float32 unless stated).
+
+    extrinsic ``[S, 3, 4]`` camera-from-world (pass 2); intrinsic ``[S, 3, 3]`` pixels
+    (pass 1); depth / depth_conf ``[S, H, W]`` (pass 1, model units); world_points
+    ``[S, H, W, 3]`` (pass-1 depth, pass-2 poses; frame of camera 0); world_points_conf
+    ``[S, H, W]``; saliency ``[S, h, w]`` in [0, 1] or None; coarse_mask / mask ``[S, H, W]``
+    bool (dynamic = True); timings: seconds per stage.
+    Extra (additive): token_mask ``[S, N]`` bool or None (pass-2 dynamic tokens); threshold
+    (float, NaN when not computed); pass1_extrinsic ``[S, 3, 4]``; fallback: reason or "".
+    """
+
+    extrinsic: Tensor
+    intrinsic: Tensor
+    depth: Tensor
+    depth_conf: Tensor
+    world_points: Tensor
+    world_points_conf: Tensor
+    saliency: Optional[Tensor]
+    coarse_mask: Tensor
+    mask: Tensor
+    timings: Dict[str, float] = field(default_factory=dict)
+    token_mask: Optional[Tensor] = None
+    threshold: float = float("nan")
+    pass1_extrinsic: Optional[Tensor] = None
+    fallback: str = ""
+
+
+class _Timer:
+    """Per-stage wall-clock timings, CUDA-synchronised when the device is a GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.timings: Dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+class Vggt4dPipeline:
+    """VGGT4D on one window: ``Vggt4dPipeline(model, Vggt4dConfig())(images) -> Vggt4dResult``."""
+
+    def __init__(self, model: torch.nn.Module, config: Optional[Vggt4dConfig] = None) -> None:
+        self.model = model
+        self.config = config or Vggt4dConfig()
+
+    # ------------------------------------------------------------------ helpers
+    def _autocast_dtype(self, device: torch.device) -> Optional[torch.dtype]:
+        mode = self.config.autocast
+        if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    @staticmethod
+    def _check_images(images: Tensor) -> Tensor:
+        """``[S, 3, H, W]`` or ``[1, S, 3, H, W]`` -> ``[S, 3, H, W]``."""
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.dim() == 5:
+            if images.shape[0] != 1:
+                raise ValueError(f"Vggt4dPipeline processes one window (B=1), got "
+                                 f"{tuple(images.shape)}")
+            images = images[0]
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [S, 3, H, W], got {tuple(images.shape)}")
+        if images.shape[0] < 1:
+            raise ValueError("images must hold at least one frame")
+        return images
+
+    def _camera_pass(self, images: Tensor, control, patch_tokens: Optional[Tensor],
+                     amp: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+        """Aggregator + camera head only -> (extrinsic [S,3,4], intrinsic [S,3,3])."""
+        from ..model.pose_encoding import pose_encoding_to_extri_intri
+
+        model = self.model
+        x = images[None]
+        ctx = torch.autocast(images.device.type, dtype=amp) if amp is not None else _null()
+        with ctx:
+            agg = model.aggregator.run(x, control=control, patch_tokens=patch_tokens,
+                                       keep_layers={len(model.aggregator.frame_blocks) - 1})
+        tokens = [t.float() if (t is not None and amp is not None) else t for t in agg.layers]
+        off = torch.autocast(images.device.type, enabled=False) if amp is not None else _null()
+        with off:
+            pose = model.camera_head(tokens)[-1]
+        ext, intr = pose_encoding_to_extri_intri(pose, tuple(images.shape[-2:]))
+        return ext[0], intr[0]
+
+    # ------------------------------------------------------------------ main entry
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Vggt4dResult:
+        """Run VGGT4D on a window ``images [S, 3, H, W]`` float in [0, 1] (any device)."""
+        cfg = self.config
+        images = self._check_images(images)
+        s, _, h, w = images.shape
+        timer = _Timer(images.device)
+        amp = self._autocast_dtype(images.device)
+        run_dynamic = cfg.dynamic
+        fallback = ""
+        if run_dynamic and s < cfg.min_frames:
+            warnings.warn(f"VGGT4D needs >= {cfg.min_frames} frames, got {s}: plain VGGT output "
+                          "with empty dynamic masks", RuntimeWarning, stacklevel=2)
+            run_dynamic, fallback = False, f"too few frames ({s} < {cfg.min_frames})"
+
+        from ..model.hooks import AttentionControl
+
+        reducer = None
+        control = None
+        if run_dynamic:
+            reducer = GramSaliencyReducer(s, offsets=cfg.window_offsets,
+                                          specs=cfg.saliency_specs())
+            control = AttentionControl(capture=reducer.capture, on_qk=reducer.on_qk,
+                                       encoder_features=True)
+        with timer("pass1"):
+            out1 = self.model(images, control=control, autocast_dtype=amp)
+        ext1 = out1["extrinsic"][0].float()
+        intr1 = out1["intrinsic"][0].float()
+        depth1 = out1["depth"][0, ..., 0].float()
+        conf1 = out1["depth_conf"][0].float()
+
+        empty = torch.zeros(s, h, w, dtype=torch.bool, device=images.device)
+        saliency = token_mask = None
+        coarse = mask = empty
+        thr = float("nan")
+        ext = ext1
+        if run_dynamic:
+            gh, gw = h // cfg.patch_size, w // cfg.patch_size
+            with timer("saliency"):
+                saliency = reducer.maps()["dyn_map"][0].reshape(s, gh, gw)
+            with timer("cluster"):
+                feats = out1["encoder_features"].reshape(s, gh * gw, -1)
+                labels = cluster_features(feats, cfg.feature_clusters, cfg.kmeans_seed,
+                                          cfg.cluster_backend).reshape(s, gh, gw)
+                cmap = cluster_mean_map(saliency, labels)
+            with timer("threshold"):
+                up = upsample_map(cmap, (h, w))
+                thr = adaptive_threshold(up, cfg.otsu_classes, cfg.otsu_bins,
+                                         backend=cfg.cluster_backend)
+                coarse = up > thr
+            with timer("pass2"):
+                control2, token_mask = build_intervention_control(
+                    coarse, cfg.intervention_layers, patch_size=cfg.patch_size)
+                if bool(token_mask.any()):
+                    ext = self._pass2(images, control2, out1, amp)
+                else:
+                    fallback = "coarse mask has no dynamic token: pass 2 skipped (= pass 1)"
+            bad = ~torch.isfinite(ext).all(dim=(-2, -1))
+            if bool(bad.any()):
+                warnings.warn(f"non-finite pass-2 pose in frames {bad.nonzero().flatten().tolist()}"
+                              ": using pass-1 poses there", RuntimeWarning, stacklevel=2)
+                ext = torch.where(bad[:, None, None], ext1, ext)
+            mask = coarse
+            if cfg.refine:
+                with timer("refine"):
+                    c2w = _cam_to_world(ext)
+                    mask = refine_dynamic_mask(depth1, intr1, c2w, coarse, images.float(),
+                                               cfg.refine_config())
+        with timer("points"):
+            points = depth_to_world_points(depth1, intr1, ext, pixel_offset=cfg.points_pixel_offset)
+        timer.timings["total"] = sum(timer.timings.values())
+        return Vggt4dResult(extrinsic=ext, intrinsic=intr1, depth=depth1, depth_conf=conf1,
+                            world_points=points, world_points_conf=conf1, saliency=saliency,
+                            coarse_mask=coarse, mask=mask, timings=timer.timings,
+                            token_mask=token_mask, threshold=thr, pass1_extrinsic=ext1,
+                            fallback=fallback)
+
+    def _pass2(self, images: Tensor, control, out1: dict, amp: Optional[torch.dtype]) -> Tensor:
+        """Second pass with key suppression -> extrinsic ``[S, 3, 4]`` float32."""
+        tokens = out1["encoder_features"] if self.config.reuse_patch_tokens else None
+        if self.config.pass2_camera_only:
+            return self._camera_pass(images, control, tokens, amp)[0].float()
+        out2 = self.model(images, control=control, patch_tokens=tokens, autocast_dtype=amp)
+        return out2["extrinsic"][0].float()
+
+
+def _cam_to_world(extrinsic: Tensor) -> Tensor:
+    """camera-from-world ``[S, 3, 4]`` -> world-from-camera ``[S, 4, 4]``."""
+    s = extrinsic.shape[0]
+    bottom = extrinsic.new_tensor([0.0, 0.0, 0.0, 1.0]).expand(s, 1, 4)
+    return torch.linalg.inv(torch.cat([extrinsic, bottom], dim=1))
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
