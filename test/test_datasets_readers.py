@@ -71,6 +71,8 @@ def test_datasets_stride_and_max_frames_keep_true_stamps(tmp_path: Path) -> None
     assert len(src) == 3 and [f.index for f in frames] == [0, 1, 2]
     assert [f.name for f in frames] == ["000", "002", "004"]
     assert [f.stamp_ns for f in frames] == [0, 200_000_000, 400_000_000]
+    late = list(open_source(tmp_path, stride=3, start=2, fps=10.0))
+    assert [f.name for f in late] == ["002", "005"] and late[1].stamp_ns == 500_000_000
 
 
 def test_datasets_empty_folder_is_an_input_error(tmp_path: Path) -> None:

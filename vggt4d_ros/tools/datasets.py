@@ -264,6 +264,7 @@ class FrameSource(ABC):
     Args:
         stride: keep every ``stride``-th frame (benchmark protocols sub-sample).
         max_frames: keep at most this many frames after striding (None = all).
+        start: first raw frame to use (benchmark protocols skip a prefix).
     """
 
     kind: str = "base"
@@ -271,14 +272,18 @@ class FrameSource(ABC):
     has_gt_mask: bool = False
     has_gt_depth: bool = False
 
-    def __init__(self, name: str, stride: int = 1, max_frames: int | None = None) -> None:
+    def __init__(self, name: str, stride: int = 1, max_frames: int | None = None,
+                 start: int = 0) -> None:
         if stride < 1:
             raise InputError(f"stride must be >= 1, got {stride}")
         if max_frames is not None and max_frames < 1:
             raise InputError(f"max_frames must be >= 1, got {max_frames}")
+        if start < 0:
+            raise InputError(f"start must be >= 0, got {start}")
         self.name = name
         self.stride = stride
         self.max_frames = max_frames
+        self.start = start
 
     @abstractmethod
     def _count(self) -> int:
@@ -289,7 +294,7 @@ class FrameSource(ABC):
         """Yield frames for the given raw indices (ascending); ``Frame.index`` is set later."""
 
     def _indices(self) -> list[int]:
-        idx = list(range(0, self._count(), self.stride))
+        idx = list(range(self.start, self._count(), self.stride))
         return idx[: self.max_frames] if self.max_frames is not None else idx
 
     def __len__(self) -> int:
@@ -303,7 +308,7 @@ class FrameSource(ABC):
     def describe(self) -> dict[str, Any]:
         """JSON-friendly description for summaries."""
         return {"kind": self.kind, "name": self.name, "frames": len(self), "stride": self.stride,
-                "max_frames": self.max_frames, "gt_pose": self.has_gt_pose,
+                "max_frames": self.max_frames, "start": self.start, "gt_pose": self.has_gt_pose,
                 "gt_mask": self.has_gt_mask, "gt_depth": self.has_gt_depth}
 
 
@@ -311,8 +316,8 @@ class IndexedSource(FrameSource):
     """Random-access source: subclasses implement ``_count`` and ``_load(raw_index)``."""
 
     def __init__(self, name: str, fps: float, stride: int = 1,
-                 max_frames: int | None = None) -> None:
-        super().__init__(name, stride, max_frames)
+                 max_frames: int | None = None, start: int = 0) -> None:
+        super().__init__(name, stride, max_frames, start)
         if not fps > 0:
             raise InputError(f"fps must be > 0, got {fps}")
         self.fps = float(fps)
@@ -961,7 +966,7 @@ def detect_kind(path: Path) -> str:
 
 def open_source(path: str | Path, kind: str = "auto", *, topic: str | None = None,
                 gt_topic: str | None = "auto", stride: int = 1, max_frames: int | None = None,
-                fps: float | None = None, **extra: Any) -> FrameSource:
+                start: int = 0, fps: float | None = None, **extra: Any) -> FrameSource:
     """Open ``path`` as a frame source.
 
     Args:
@@ -970,7 +975,8 @@ def open_source(path: str | Path, kind: str = "auto", *, topic: str | None = Non
         topic: rosbag image topic (required when a bag has several).
         gt_topic: rosbag nav_msgs/Odometry topic with ground-truth camera poses; ``"auto"``
             picks the unique Odometry topic named like ground truth (``/ground_truth/odom``).
-        stride: keep every ``stride``-th frame; ``max_frames``: cap after striding.
+        stride: keep every ``stride``-th frame; ``max_frames``: cap after striding;
+            ``start``: first raw frame used.
         fps: nominal frame rate for sources without stamps.
         extra: per-dataset options (``sequence``, ``pass_name``, ``camera``).
     """
@@ -978,7 +984,7 @@ def open_source(path: str | Path, kind: str = "auto", *, topic: str | None = Non
     if not path.exists():
         raise InputError(f"input not found: {path}")
     kind = detect_kind(path) if kind == "auto" else kind
-    common: dict[str, Any] = {"stride": stride, "max_frames": max_frames}
+    common: dict[str, Any] = {"stride": stride, "max_frames": max_frames, "start": start}
     if kind == "rosbag":
         return RosbagSource(path, topic=topic, gt_topic=gt_topic, **common)
     classes: dict[str, type] = {
