@@ -96,3 +96,37 @@ def test_rope_positions_and_rotation() -> None:
         kk = rope.apply(k.expand(1, 1, 16, 8), tab_full)[0, 0, j]
         return float(qq @ kk)
     assert dot(0, 5) == pytest.approx(dot(10, 15), abs=1e-5)   # both (+1, +1) apart
+
+
+def test_batched_key_suppression_equals_per_sequence_runs() -> None:
+    """B=2 with different masks (mask path for global attention) == two B=1 runs (gather path)."""
+    from vggt4d_ros.model.config import VGGTConfig
+    from vggt4d_ros.model.vggt import VGGT
+    torch.manual_seed(0)
+    cfg = VGGTConfig.from_dict({
+        "embed_dim": 32, "depth": 3, "num_heads": 2,
+        "patch_embed": {"embed_dim": 32, "depth": 1, "num_heads": 2},
+        "camera_head": {"dim_in": 64, "trunk_depth": 1, "num_heads": 2},
+    })
+    model = VGGT(cfg, enable_depth=False, enable_point=False, enable_track=False).double().eval()
+    with torch.no_grad():   # make the blocks matter (LayerScale init 0.01 is nearly identity)
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+    images = torch.rand(2, 3, 3, 28, 42, dtype=torch.float64)
+    keep = torch.rand(2, 3, 5 + 6) > 0.3
+    keep[1, 2, 7] = False
+    keep[0, :, 5:] = True
+    keep[0, 0, 9] = False                        # sequence 0 drops 1 token, sequence 1 more
+    seen = {}
+    ctrl = AttentionControl(key_keep=keep, key_mask_layers={0, 1},
+                            capture={"global": {1}},
+                            on_qk=lambda kind, i, q, k: seen.setdefault("shape", q.shape))
+    with torch.no_grad():
+        both = model(images, control=ctrl)["pose_enc"]
+        singles = [model(images[b:b + 1], control=AttentionControl(
+            key_keep=keep[b:b + 1], key_mask_layers={0, 1}))["pose_enc"] for b in range(2)]
+        plain = model(images)["pose_enc"]
+    assert seen["shape"] == (2, 2, 3 * 11, 16)
+    assert torch.allclose(both, torch.cat(singles), atol=1e-10)
+    assert (both - plain).abs().max() > 1e-4
