@@ -30,7 +30,7 @@ import numpy as np
 __all__ = [
     "RANDOM_WEIGHTS_LABEL", "draw_label", "overlay_mask", "colorize_depth",
     "colorize_confidence", "render_topdown", "render_perspective", "write_gif", "write_mp4",
-    "VizWriter",
+    "VizWriter", "pictures_markdown",
 ]
 
 RANDOM_WEIGHTS_LABEL = "random weights: geometry is meaningless"
@@ -356,3 +356,27 @@ class VizWriter:
             if write_mp4(self._video, self.out_dir / "overlays.mp4", fps) is not None:
                 out["mp4"] = "overlays.mp4"
         return out
+
+
+def pictures_markdown(viz_dir: Path, relative_to: Path) -> str:
+    """Markdown section linking the replay pictures in ``viz_dir`` (paths relative to
+    ``relative_to``, e.g. the folder of an eval report.md); "" when there are none."""
+    import os
+    viz_dir = Path(viz_dir)
+    items = [("Static map, top-down", "map_topdown.png"),
+             ("Static map, perspective", "map_perspective.png"),
+             ("Mask overlays (animation)", "overlays.gif")]
+    present = [(t, f) for t, f in items if (viz_dir / f).is_file()]
+    if not present:
+        return ""
+    lines = ["## Pictures", ""]
+    for title, f in present:
+        rel = os.path.relpath(viz_dir / f, relative_to)
+        lines.append(f"![{title}]({rel})")
+    for sub, title in (("overlay", "mask overlays"), ("depth", "depth"),
+                       ("confidence", "confidence")):
+        if (viz_dir / sub).is_dir():
+            lines.append(f"- per-frame {title}: [{sub}/]({os.path.relpath(viz_dir / sub, relative_to)}/)")
+    if (viz_dir / "overlays.mp4").is_file():
+        lines.append(f"- video: [overlays.mp4]({os.path.relpath(viz_dir / 'overlays.mp4', relative_to)})")
+    return "\n".join(lines) + "\n"
