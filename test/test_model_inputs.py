@@ -145,7 +145,8 @@ def test_bf16_autocast_recipe_keeps_heads_float32(small_model: VGGT) -> None:
     images = torch.rand(2, 3, 28, 42)
     seen = []
     from vggt4d_ros.model.hooks import AttentionControl
-    ctrl = AttentionControl(capture={"global": {0}}, on_qk=lambda kind, i, q, k: seen.append(q.dtype))
+    ctrl = AttentionControl(capture={"global": {0}},
+                            on_qk=lambda kind, i, q, k: seen.append(q.dtype))
     with torch.no_grad():
         ref = small_model(images)
         out = small_model(images, control=ctrl, autocast_dtype=torch.bfloat16)

@@ -117,7 +117,8 @@ class Aggregator(nn.Module):
             keep_layers: Optional[Iterable[int]] = None) -> AggregatorOutput:
         """Like ``forward`` but also returns the DINO patch tokens (see AggregatorOutput)."""
         if images.dim() != 5:
-            raise ValueError(f"aggregator expects images [B, S, 3, H, W], got {tuple(images.shape)}")
+            raise ValueError("aggregator expects images [B, S, 3, H, W], got "
+                             f"{tuple(images.shape)}")
         b, s, _, h, w = images.shape
         gh, gw = h // self.patch_size, w // self.patch_size
         n, p = gh * gw, self.patch_start_idx

@@ -115,7 +115,8 @@ class VGGTConfig:
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} not divisible by num_heads {self.num_heads}")
+            raise ValueError(f"embed_dim {self.embed_dim} not divisible by num_heads "
+                             f"{self.num_heads}")
         if (self.embed_dim // self.num_heads) % 4:
             raise ValueError("2-D RoPE needs a head dim divisible by 4 "
                              f"(got {self.embed_dim // self.num_heads})")

@@ -99,7 +99,8 @@ def extri_intri_to_pose_encoding(extrinsic: torch.Tensor, intrinsic: torch.Tenso
     """extrinsic [..., 3, 4] (camera-from-world), intrinsic [..., 3, 3] (pixels of an H x W
     image) -> pose encoding [..., 9] (t, quaternion xyzw, fov_h, fov_w in radians)."""
     if extrinsic.shape[-2:] not in ((3, 4), (4, 4)):
-        raise ValueError(f"extrinsic must be [..., 3, 4] or [..., 4, 4], got {tuple(extrinsic.shape)}")
+        raise ValueError("extrinsic must be [..., 3, 4] or [..., 4, 4], got "
+                         f"{tuple(extrinsic.shape)}")
     if intrinsic.shape[-2:] != (3, 3):
         raise ValueError(f"intrinsic must be [..., 3, 3], got {tuple(intrinsic.shape)}")
     h, w = _check_hw(image_size_hw)

@@ -41,7 +41,8 @@ class VGGT(nn.Module):
         cfg = config or VGGTConfig.vggt_1b()
         self.config = cfg
         self.aggregator = Aggregator(cfg)
-        self.camera_head = CameraHead(cfg.camera_head, cfg.layer_norm_eps) if enable_camera else None
+        self.camera_head = (CameraHead(cfg.camera_head, cfg.layer_norm_eps) if enable_camera
+                            else None)
         self.depth_head = _build_dpt(cfg, 2, "exp") if enable_depth else None
         self.point_head = _build_dpt(cfg, 4, "inv_log") if enable_point else None
         self.track_head = _build_track(cfg) if enable_track else None

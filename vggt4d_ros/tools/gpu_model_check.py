@@ -119,8 +119,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                          args.warmup, args.repeats, device=dev)
             row["bf16_keymask_layers0to4"] = p2.as_dict()
             out_bf16 = model(images, autocast_dtype=torch.bfloat16)
-            line = (f"S={s:3d} bf16 {bf16.median_s * 1e3:8.1f} ms  peak {bf16.peak_bytes / 1e9:6.2f} GB"
-                    f" | aggregator {agg.median_s * 1e3:8.1f} ms  peak {agg.peak_bytes / 1e9:6.2f} GB"
+            line = (f"S={s:3d} bf16 {bf16.median_s * 1e3:8.1f} ms  "
+                    f"peak {bf16.peak_bytes / 1e9:6.2f} GB"
+                    f" | aggregator {agg.median_s * 1e3:8.1f} ms  "
+                    f"peak {agg.peak_bytes / 1e9:6.2f} GB"
                     f" | key-masked {p2.median_s * 1e3:8.1f} ms")
             if not args.no_fp32:
                 fp32 = time_fn(lambda: model(images), args.warmup, max(1, args.repeats // 2),
@@ -130,14 +132,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 row["bf16_vs_fp32"] = {k: _diff(out_bf16[k], out_fp32[k]) for k in COMPARED}
                 row["bf16_vs_fp32"]["rotation_deg_max"] = _pose_angle_deg(
                     out_bf16["pose_enc"], out_fp32["pose_enc"])
-                line += (f" | fp32 {fp32.median_s * 1e3:8.1f} ms  peak {fp32.peak_bytes / 1e9:6.2f} GB")
+                line += (f" | fp32 {fp32.median_s * 1e3:8.1f} ms  "
+                         f"peak {fp32.peak_bytes / 1e9:6.2f} GB")
                 del out_fp32
         print(line, flush=True)
         if "bf16_vs_fp32" in row:
             for k, v in row["bf16_vs_fp32"].items():
                 print(f"      bf16 vs fp32 {k:14s} {v}")
         report["results"].append(row)
-        del out_bf16, images
+        del out_bf16
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     report["total_s"] = time.perf_counter() - t0

@@ -6,7 +6,7 @@ from torch import nn
 
 
 class LayerScale(nn.Module):
-    """x [..., dim] -> x * gamma. ``init_values`` is the initial gain (0.01 aggregator, 1.0 DINO)."""
+    """x [..., dim] -> x * gamma; ``init_values`` = initial gain (0.01 aggregator, 1.0 DINO)."""
 
     def __init__(self, dim: int, init_values: float = 1e-5) -> None:
         super().__init__()
