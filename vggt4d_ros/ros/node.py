@@ -180,19 +180,15 @@ class Vggt4dNode(Node):
     def __init__(self, engine_factory: Optional[Callable] = None,
                  cuda_available: Optional[bool] = None, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
+        self._worker: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
         # --- 1. parameters, device, engine: all before any topic is advertised
         try:
-            P.declare_all(self)
-            self.settings = P.read_settings(self)
-        except P.ConfigError as exc:
-            raise StartupError(str(exc)) from exc
-        self.device, warning = resolve_device(self.settings["model.device"], cuda_available)
-        if warning:
-            self.get_logger().warning(warning)
-        if self.settings["model.checkpoint"] == "random_tiny":
-            self.get_logger().warning("model.checkpoint 'random_tiny': tiny RANDOM weights, "
-                                      "outputs are meaningless (demos and tests only)")
-        self.engine = (engine_factory or default_engine_factory)(self.settings, self.device)
+            self._start_engine(engine_factory or default_engine_factory, cuda_available)
+        except BaseException:
+            super().destroy_node()
+            raise
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
         s = self.settings
@@ -207,8 +203,6 @@ class Vggt4dNode(Node):
         # --- 2. state shared between callbacks and the worker
         self._lock = threading.Lock()          # counters, stamps, pending
         self._engine_lock = threading.Lock()   # engine.poll / reset / map snapshots
-        self._wake = threading.Event()
-        self._stop = threading.Event()
         self.frames_received = 0
         self.frames_processed = 0
         self.bad_input: Counter[str] = Counter({k: 0 for k in BAD_INPUT_CLASSES})
@@ -216,6 +210,7 @@ class Vggt4dNode(Node):
         self.latencies: deque[float] = deque(maxlen=500)
         self._pending: dict[int, _Pending] = {}
         self._last_stamp: Optional[int] = None
+        self._awaiting_info: Optional[int] = None
         self._last_shape: Optional[tuple[int, int]] = None
         self._last_output_stamp = 0
         self._last_window_index = -1
@@ -245,6 +240,21 @@ class Vggt4dNode(Node):
         self.get_logger().info(
             f"vggt4d ready: device {self.device}, window {s['window.size']}/"
             f"{s['window.stride']}, image topic '{self.resolve_topic_name('image')}'")
+
+    def _start_engine(self, engine_factory: Callable, cuda_available: Optional[bool]) -> None:
+        """Parameters → settings → device → engine. Raises StartupError (one clear reason)."""
+        try:
+            P.declare_all(self)
+            self.settings = P.read_settings(self)
+        except P.ConfigError as exc:
+            raise StartupError(str(exc)) from exc
+        self.device, warning = resolve_device(self.settings["model.device"], cuda_available)
+        if warning:
+            self.get_logger().warning(warning)
+        if self.settings["model.checkpoint"] == "random_tiny":
+            self.get_logger().warning("model.checkpoint 'random_tiny': tiny RANDOM weights, "
+                                      "outputs are meaningless (demos and tests only)")
+        self.engine = engine_factory(self.settings, self.device)
 
     # ------------------------------------------------------------------ interface set-up
     def _qos(self, prefix: str) -> QoSProfile:
@@ -312,6 +322,17 @@ class Vggt4dNode(Node):
             return
         self._infos.add(stamp_to_ns(msg.header.stamp), msg)
 
+    def _check_camera_info(self, stamp: int) -> None:
+        """Count images without a camera_info of the same stamp. The check of an image is
+        made when the NEXT image arrives (its info, published just before it on another
+        topic, may be delivered after it), so a missing info is reported one frame late."""
+        with self._lock:
+            waiting, self._awaiting_info = self._awaiting_info, stamp
+        if waiting is not None and self._infos.match(waiting) is None:
+            self._count_bad("missing_camera_info", f"no camera_info with the stamp of image "
+                            f"{waiting} ns (tolerance {self.settings['camera_info.tolerance']}"
+                            " s); the image was processed without it")
+
     def _count_bad(self, key: str, message: str) -> None:
         with self._lock:
             self.bad_input[key] += 1
@@ -335,10 +356,8 @@ class Vggt4dNode(Node):
                 f"images arrive in frame '{frame_id}' but frames.camera_frame is "
                 f"'{self.camera_frame}' (the frame /tf_static publishes); outputs keep "
                 f"'{frame_id}'")
-        if self.settings["camera_info.enabled"] and self._infos.match(stamp) is None:
-            self._count_bad("missing_camera_info", "no camera_info with the stamp of image "
-                            f"{stamp} ns (tolerance {self.settings['camera_info.tolerance']} s);"
-                            " processing the image without it")
+        if self.settings["camera_info.enabled"]:
+            self._check_camera_info(stamp)
         with self._lock:
             last, shape = self._last_stamp, self._last_shape
         backwards = int(round(self.settings["stamps.backwards_reset"] * 1e9))
@@ -620,7 +639,7 @@ class Vggt4dNode(Node):
     def destroy_node(self) -> None:
         self._stop.set()
         self._wake.set()
-        if getattr(self, "_worker", None) is not None and self._worker.is_alive():
+        if self._worker is not None and self._worker.is_alive():
             self._worker.join(timeout=30.0)
         super().destroy_node()
 

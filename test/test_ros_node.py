@@ -1,0 +1,416 @@
+"""The vggt4d node in-process with real rclpy (publishers, subscriptions, services, parameters,
+MultiThreadedExecutor): outputs, stamps, frames, TF tree, services, parameters, bad input.
+
+The engine is the real StreamEngine; the predictor is tools.gt_predictor (answers from the
+synthetic world) so these tests are about the ROS edge, fast and deterministic. The real
+VGGT4D model (tiny random weights) runs in test_ros_integration.py.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from nav_msgs.msg import Odometry, Path as PathMsg  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
+from std_srvs.srv import Trigger  # noqa: E402
+from tf2_msgs.msg import TFMessage  # noqa: E402
+
+from vggt4d_ros.msg import Status  # noqa: E402
+from vggt4d_ros.ros import node as node_mod  # noqa: E402
+from vggt4d_ros.ros.image_conv import array_to_image, bytes_to_uint8_array, image_to_array  # noqa: E402,E501
+from vggt4d_ros.ros.pointcloud import cloud_to_arrays  # noqa: E402
+from vggt4d_ros.ros.probe import TopicProbe, qos_for  # noqa: E402
+from vggt4d_ros.ros.stamp_match import stamp_to_ns  # noqa: E402
+from vggt4d_ros.stream.engine import StreamEngine  # noqa: E402
+from vggt4d_ros.tools.gt_predictor import GroundTruthPredictor  # noqa: E402
+from vggt4d_ros.tools.synth import SynthConfig, SynthWorld  # noqa: E402
+
+pytestmark = pytest.mark.ros
+ROOT = Path(__file__).resolve().parents[1]
+W, H = 98, 56
+NS = "/vggt4d"
+TOPICS = {
+    f"{NS}/odom": (Odometry, qos_for()),
+    f"{NS}/path": (PathMsg, qos_for()),
+    f"{NS}/dynamic_mask": (Image, qos_for()),
+    f"{NS}/dynamic_mask/camera_info": (CameraInfo, qos_for()),
+    f"{NS}/depth": (Image, qos_for()),
+    f"{NS}/depth_static": (Image, qos_for()),
+    f"{NS}/confidence": (Image, qos_for()),
+    f"{NS}/static_points": (PointCloud2, qos_for()),
+    f"{NS}/static_map": (PointCloud2, qos_for(transient_local=True, depth=1)),
+    f"{NS}/status": (Status, qos_for(transient_local=True, depth=1)),
+    "/diagnostics": (DiagnosticArray, qos_for()),
+    "/tf": (TFMessage, qos_for(depth=200)),
+    "/tf_static": (TFMessage, qos_for(transient_local=True, depth=1)),
+}
+
+
+class Harness:
+    """A node + probe on one executor spinning in a thread; frames from a synthetic world."""
+
+    def __init__(self, overrides: dict, cli_args: list[str] | None = None,
+                 num_frames: int = 200) -> None:
+        self.ctx = rclpy.Context()
+        rclpy.init(context=self.ctx)
+        self.world = SynthWorld(SynthConfig(width=W, height=H, num_frames=num_frames,
+                                            num_objects=1, seed=3))
+        self.gt = GroundTruthPredictor(self.world, seed=1)
+        params = {"window.size": 4, "window.stride": 2, "model.checkpoint": "random_tiny",
+                  "map.publish_period": 0.2, "log_throttle": 0.0, "queue_size": 64}
+        params.update(overrides)
+
+        def factory(settings, device):
+            return StreamEngine(self.gt, node_mod.stream_config(settings))
+        self.node = node_mod.Vggt4dNode(
+            engine_factory=factory, context=self.ctx, cli_args=cli_args,
+            parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+        self.probe = TopicProbe("probe", context=self.ctx)
+        for topic, (typ, qos) in TOPICS.items():
+            self.probe.watch(topic, typ, qos)
+        self.pub_image = self.probe.create_publisher(Image, "image", qos_for(depth=100))
+        self.pub_info = self.probe.create_publisher(CameraInfo, "camera_info", qos_for(depth=100))
+        self.ex = MultiThreadedExecutor(num_threads=4, context=self.ctx)
+        self.ex.add_node(self.node)
+        self.ex.add_node(self.probe)
+        self.thread = threading.Thread(target=self.ex.spin, daemon=True)
+        self.thread.start()
+        self.next_index = 0
+        self.wait_for_subscribers()
+
+    def wait_for_subscribers(self) -> None:
+        assert self.wait(lambda: self.pub_image.get_subscription_count() >= 1 and
+                         self.pub_info.get_subscription_count() >= 1 and
+                         self.node.pub_odom.get_subscription_count() >= 1), "no discovery"
+
+    @staticmethod
+    def wait(pred, timeout: float = 60.0) -> bool:
+        """Poll until ``pred()``; the timeout is a safety net against hangs, not a measurement."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():
+                return True
+            time.sleep(0.02)
+        return pred()
+
+    def frame_msgs(self, i: int, stamp_ns: int | None = None):
+        f = self.gt.render(i)
+        stamp = rclpy.time.Time(nanoseconds=stamp_ns if stamp_ns is not None
+                                else f.stamp_ns).to_msg()
+        img = array_to_image(f.image, "rgb8", stamp=stamp, frame_id="camera_optical_frame")
+        info = CameraInfo()
+        info.header = img.header
+        info.width, info.height = W, H
+        info.k = [float(v) for v in f.intrinsic.ravel()]
+        return img, info
+
+    def send(self, n: int, with_info: bool = True) -> list[int]:
+        """Publish the next n frames (camera_info first, as drivers do); returns their stamps."""
+        stamps = []
+        for _ in range(n):
+            img, info = self.frame_msgs(self.next_index)
+            self.next_index += 1
+            if with_info:
+                self.pub_info.publish(info)
+            self.pub_image.publish(img)
+            stamps.append(stamp_to_ns(img.header.stamp))
+            # pace like a camera so that best-effort history never overflows
+            self.wait(lambda: False, 0.03)
+        return stamps
+
+    def diagnostics(self) -> dict[str, str]:
+        arrays = self.probe.get("/diagnostics")
+        return {kv.key: kv.value for kv in arrays[-1].status[0].values} if arrays else {}
+
+    def fresh_diagnostics(self) -> dict[str, str]:
+        n = len(self.probe.get("/diagnostics"))
+        assert self.wait(lambda: len(self.probe.get("/diagnostics")) > n)
+        return self.diagnostics()
+
+    def close(self) -> None:
+        self.ex.shutdown()
+        self.node.destroy_node()
+        self.probe.destroy_node()
+        rclpy.try_shutdown(context=self.ctx)
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def h(tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    harness = Harness({"output_dir": str(out)})
+    harness.out = out
+    yield harness
+    harness.close()
+
+
+@pytest.fixture(scope="module")
+def stamps(h):
+    """12 frames → every frame emitted (first window 4, then 4 windows of stride 2)."""
+    s = h.send(12)
+    assert h.wait(lambda: len(h.probe.get(f"{NS}/odom")) >= 12), h.probe.counts()
+    assert h.wait(lambda: len(h.probe.get(f"{NS}/static_map")) >= 1)
+    assert h.wait(lambda: len(h.probe.get("/diagnostics")) >= 1)
+    return s
+
+
+def test_every_topic_carries_source_stamps_and_frames(h, stamps):
+    got = {t: h.probe.get(t) for t in TOPICS}
+    assert all(got.values()), [t for t, m in got.items() if not m]
+    src = set(stamps)
+    per_frame = [f"{NS}/odom", f"{NS}/dynamic_mask", f"{NS}/dynamic_mask/camera_info",
+                 f"{NS}/depth", f"{NS}/depth_static", f"{NS}/confidence"]
+    for topic in per_frame:
+        assert [stamp_to_ns(m.header.stamp) for m in got[topic]] == stamps, topic
+    for topic in (f"{NS}/static_points", f"{NS}/static_map", f"{NS}/path"):
+        for m in got[topic]:
+            assert stamp_to_ns(m.header.stamp) in src, topic
+            assert m.header.frame_id == "odom", topic
+    for m in got[f"{NS}/odom"]:
+        assert (m.header.frame_id, m.child_frame_id) == ("odom", "base_link")
+    for topic in per_frame[1:]:
+        assert {m.header.frame_id for m in got[topic]} == {"camera_optical_frame"}, topic
+
+
+def test_image_encodings_sizes_and_values(h, stamps):
+    mask = h.probe.get(f"{NS}/dynamic_mask")[-1]
+    depth = h.probe.get(f"{NS}/depth")[-1]
+    static = h.probe.get(f"{NS}/depth_static")[-1]
+    conf = h.probe.get(f"{NS}/confidence")[-1]
+    info = h.probe.get(f"{NS}/dynamic_mask/camera_info")[-1]
+    assert (mask.encoding, depth.encoding, static.encoding, conf.encoding) == \
+        ("mono8", "32FC1", "32FC1", "32FC1")
+    for m in (mask, depth, static, conf):
+        assert (m.height, m.width) == (mask.height, mask.width) and m.height > 0
+        assert len(m.data) == m.step * m.height
+    assert (info.height, info.width) == (mask.height, mask.width)
+    assert info.k[0] > 0 and info.k[4] > 0 and info.k[8] == 1.0
+    mk = image_to_array(mask)
+    assert set(np.unique(mk)) <= {0, 255}
+    d, ds = image_to_array(depth), image_to_array(static)
+    dyn = mk == 255
+    assert np.all(np.isnan(ds[dyn])) and np.array_equal(ds[~dyn], d[~dyn])
+    # the synthetic world has a moving object: some frame has dynamic pixels
+    assert any(np.any(image_to_array(m) == 255) for m in h.probe.get(f"{NS}/dynamic_mask"))
+
+
+def test_odometry_covariance_and_path(h, stamps):
+    odoms = h.probe.get(f"{NS}/odom")
+    first = odoms[0].pose.pose
+    assert (first.position.x, first.position.y, first.position.z) == pytest.approx((0, 0, 0),
+                                                                                   abs=1e-6)
+    for m in odoms:
+        cov = np.array(m.pose.covariance).reshape(6, 6)
+        assert np.all(np.isfinite(cov)) and np.all(np.diag(cov) > 0) and cov.max() < 1e300
+        assert np.all(np.diag(np.array(m.twist.covariance).reshape(6, 6)) > 0)
+        q = m.pose.pose.orientation
+        assert math.isclose(q.x ** 2 + q.y ** 2 + q.z ** 2 + q.w ** 2, 1.0, rel_tol=1e-6)
+    path = h.probe.get(f"{NS}/path")[-1]
+    assert [stamp_to_ns(p.header.stamp) for p in path.poses] == stamps
+    cloud = cloud_to_arrays(h.probe.get(f"{NS}/static_map")[-1])
+    assert cloud["points"].shape[0] > 0 and np.all(np.isfinite(cloud["points"]))
+    assert [f.name for f in h.probe.get(f"{NS}/static_points")[-1].fields] == \
+        ["x", "y", "z", "rgb", "confidence"]
+
+
+def test_tf_tree_has_one_parent_per_frame(h, stamps):
+    parents: dict[str, set[str]] = {}
+    for topic in ("/tf", "/tf_static"):
+        for msg in h.probe.get(topic):
+            for t in msg.transforms:
+                parents.setdefault(t.child_frame_id, set()).add(t.header.frame_id)
+    assert parents == {"base_link": {"odom"}, "camera_optical_frame": {"base_link"}}
+    tf_stamps = [stamp_to_ns(t.header.stamp) for m in h.probe.get("/tf") for t in m.transforms]
+    assert tf_stamps == stamps
+    static = h.probe.get("/tf_static")[-1].transforms[0]
+    # default mount: optical frame rotated from base_link (z forward = base x)
+    q = static.transform.rotation
+    assert (q.x, q.y, q.z, q.w) == pytest.approx((-0.5, 0.5, -0.5, 0.5), abs=1e-9)
+
+
+def test_status_and_diagnostics(h, stamps):
+    st = h.probe.get(f"{NS}/status")[-1]
+    assert st.state == Status.TRACKING and st.state_name == "TRACKING"
+    assert st.frames_processed >= 12 and st.windows >= 5 and st.header.frame_id == "odom"
+    assert stamp_to_ns(st.header.stamp) == stamps[-1]
+    d = h.fresh_diagnostics()
+    assert d["state"] == "TRACKING" and int(d["frames_processed"]) >= 12
+    for key in node_mod.BAD_INPUT_CLASSES:
+        assert f"bad_input.{key}" in d
+    assert float(d["latency_p50_s"]) > 0 and d["gpu_memory_allocated_mb"].startswith("n/a")
+
+
+def _call(h, name: str) -> Trigger.Response:
+    cli = h.probe.create_client(Trigger, f"{NS}/{name}")
+    try:
+        assert cli.wait_for_service(timeout_sec=30)
+        fut = cli.call_async(Trigger.Request())
+        assert h.wait(fut.done)
+        return fut.result()
+    finally:
+        h.probe.destroy_client(cli)
+
+
+def test_save_map_writes_inside_output_dir(h, stamps):
+    res = _call(h, "save_map")
+    assert res.success, res.message
+    ply, tum = h.out / "static_map.ply", h.out / "trajectory.tum"
+    assert ply.read_bytes().startswith(b"ply\nformat binary_little_endian")
+    rows = [ln.split() for ln in tum.read_text().splitlines()]
+    assert len(rows) >= 12 and all(len(r) == 8 for r in rows)
+    assert sorted(p.name for p in h.out.iterdir()) == ["static_map.ply", "trajectory.tum"]
+
+
+def test_save_map_refuses_symlink_escape(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.ply"
+    (out / "static_map.ply").symlink_to(victim)
+    harness = Harness({"output_dir": str(out)})
+    try:
+        res = _call(harness, "save_map")
+        assert not res.success and "outside output_dir" in res.message
+        assert not victim.exists()
+    finally:
+        harness.close()
+
+
+def test_parameters_rejected_at_runtime_with_reason(h):
+    cases = {
+        "window.size": (8, "read-only"),
+        "map.publish_period": (-1.0, ""),
+        "drop_policy": ("drop_everything", "drop_oldest"),
+        "log_throttle": ("fast", ""),
+    }
+    for name, (value, reason) in cases.items():
+        res = h.node.set_parameters([Parameter(name, value=value)])[0]
+        assert not res.successful, name
+        assert reason in res.reason, (name, res.reason)
+    assert h.node.get_parameter("window.size").value == 4
+    ok = h.node.set_parameters([Parameter("map.publish_period", value=0.5)])[0]
+    assert ok.successful and h.node.settings["map.publish_period"] == 0.5
+
+
+def test_invalid_parameters_refused_at_startup():
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    try:
+        for bad in ({"window.stride": 4}, {"drop_policy": "nope"}, {"model.image_width": 500},
+                    {"frames.camera_xyz": [0.0, 1.0]}, {"frames.base_frame": "odom"}):
+            overrides = {"window.size": 4, "window.stride": 2, **bad}
+            with pytest.raises(node_mod.StartupError) as e:
+                node_mod.Vggt4dNode(engine_factory=lambda s, d: None, context=ctx,
+                                    parameter_overrides=[Parameter(k, value=v)
+                                                         for k, v in overrides.items()])
+            assert str(e.value)
+    finally:
+        rclpy.try_shutdown(context=ctx)
+
+
+def test_cuda_unavailable_is_a_startup_error_before_advertising():
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    built = []
+    try:
+        with pytest.raises(node_mod.StartupError, match="cuda"):
+            node_mod.Vggt4dNode(engine_factory=lambda s, d: built.append(d), context=ctx,
+                                cuda_available=False,
+                                parameter_overrides=[Parameter("model.device", value="cuda")])
+        assert not built
+        assert node_mod.resolve_device("auto", cuda_available=False)[0] == "cpu"
+        assert node_mod.resolve_device("auto", cuda_available=True) == ("cuda", "")
+    finally:
+        rclpy.try_shutdown(context=ctx)
+
+
+def test_params_file_is_honoured(tmp_path):
+    yaml_text = (ROOT / "config" / "vggt4d.yaml").read_text()
+    yaml_text = yaml_text.replace("odom_frame: odom", "odom_frame: world_odom")
+    yaml_text = yaml_text.replace("voxel_size: 0.05", "voxel_size: 0.07")
+    params_file = tmp_path / "p.yaml"
+    params_file.write_text(yaml_text)
+    harness = Harness({}, cli_args=["--ros-args", "--params-file", str(params_file)])
+    try:
+        s = harness.node.settings
+        assert s["frames.odom_frame"] == "world_odom" and s["map.voxel_size"] == 0.07
+        assert s["model.checkpoint"] == "random_tiny"      # overrides beat the file
+        assert harness.node.engine.config.voxel_size == 0.07
+        harness.send(4)
+        assert harness.wait(lambda: harness.probe.get(f"{NS}/odom"))
+        assert harness.probe.get(f"{NS}/odom")[0].header.frame_id == "world_odom"
+    finally:
+        harness.close()
+
+
+def _bad_image(h, kind: str):
+    img, _ = h.frame_msgs(h.next_index)
+    if kind == "unsupported_encoding":
+        img.encoding = "bayer_rggb8"
+    elif kind == "zero_size":
+        img.height = 0
+    elif kind == "truncated":
+        img.data = bytes_to_uint8_array(bytes(img.data)[: len(img.data) // 2])
+    return img
+
+
+def _processed(h) -> int:
+    return h.node.frames_processed
+
+
+@pytest.mark.parametrize("kind", ["unsupported_encoding", "zero_size", "truncated",
+                                  "missing_camera_info", "invalid_camera_info",
+                                  "stamp_backwards", "image_size_changed",
+                                  "stamp_not_increasing"])
+def test_bad_input_is_logged_counted_and_survived(h, stamps, kind):
+    before = h.node.bad_input[kind]
+    if kind in ("unsupported_encoding", "zero_size", "truncated"):
+        h.pub_image.publish(_bad_image(h, kind))
+    elif kind == "missing_camera_info":
+        h.send(1, with_info=False)
+        h.send(1)                         # reported when the next image arrives
+    elif kind == "invalid_camera_info":
+        _, info = h.frame_msgs(h.next_index)
+        info.k = [float("nan")] * 9
+        h.pub_info.publish(info)
+    elif kind == "stamp_backwards":
+        img, info = h.frame_msgs(0)       # the bag starts again
+        h.pub_info.publish(info)
+        h.pub_image.publish(img)
+    elif kind == "stamp_not_increasing":
+        last = h.node._last_stamp
+        img, info = h.frame_msgs(h.next_index, stamp_ns=last)
+        h.pub_info.publish(info)
+        h.pub_image.publish(img)
+    elif kind == "image_size_changed":
+        img, info = h.frame_msgs(h.next_index)
+        small = image_to_array(img)[: H // 2, : W // 2].copy()
+        h.next_index += 1
+        h.pub_image.publish(array_to_image(small, "rgb8", stamp=img.header.stamp,
+                                           frame_id="camera_optical_frame"))
+    assert h.wait(lambda: h.node.bad_input[kind] > before), kind
+    assert int(h.fresh_diagnostics()[f"bad_input.{kind}"]) > before
+    # the node keeps running: new good frames are processed
+    n = _processed(h)
+    h.send(6)
+    assert h.wait(lambda: _processed(h) > n), f"no output after {kind}"
+
+
+def test_reset_service_starts_a_new_sequence(h, stamps):
+    res = _call(h, "reset")
+    assert res.success
+    assert h.wait(lambda: h.probe.get(f"{NS}/status")[-1].state == Status.RESET)
+    n = len(h.probe.get(f"{NS}/odom"))
+    h.send(4)
+    assert h.wait(lambda: len(h.probe.get(f"{NS}/odom")) >= n + 4)
+    first = h.probe.get(f"{NS}/odom")[n].pose.pose.position
+    assert (first.x, first.y, first.z) == pytest.approx((0, 0, 0), abs=1e-6)
+    assert len(h.probe.get(f"{NS}/path")[-1].poses) == 4
