@@ -124,3 +124,26 @@ def test_eval_bad_input_exit_2(tmp_path: Path, gt_dir: Path) -> None:
         errs = [ln for ln in r.stderr.splitlines() if "error:" in ln]
         assert len(errs) == 1 and msg in errs[0], r.stderr
     assert not (empty / "eval").exists()
+
+
+def test_eval_uses_replay_frames_index_for_strided_output(tmp_path: Path, gt_dir: Path) -> None:
+    """Replay names its outputs 000000.. by processed index; frames.txt maps them to stamps.
+    With stride 2, pred 000001 is GT frame 2, not GT frame 000001."""
+    pred = tmp_path / "pred"
+    (pred / "masks").mkdir(parents=True)
+    stamps = np.load(gt_dir / "gt.npz")["stamps_ns"]
+    lines = ["# index stamp_ns window state source_name"]
+    for k, i in enumerate(range(0, 8, 2)):
+        g = Image.open(gt_dir / "masks" / f"{i:06d}.png")
+        g.save(pred / "masks" / f"{k:06d}.png")
+        lines.append(f"{k} {stamps[i]} 0 TRACKING {i:06d}")
+    (pred / "frames.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "r"
+    assert main([str(pred), "--gt", str(gt_dir), "--out", str(out), "--no-plots"]) == 0
+    res = json.loads((out / "metrics.json").read_text())
+    assert res["masks"]["matched_by"] == "frames.txt stamp" and res["masks"]["frames"] == 4
+    assert res["masks"]["J_mean"] == 1.0
+    # without frames.txt the names would pair 000001 with GT frame 1: a different mask
+    (pred / "frames.txt").unlink()
+    assert main([str(pred), "--gt", str(gt_dir), "--out", str(out), "--no-plots"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["masks"]["J_mean"] < 1.0

@@ -10,8 +10,10 @@ PRED_DIR (written by ``vggt4d-replay``; every part optional, at least one needed
 GT: anything ``vggt4d_ros.tools.datasets.open_source`` reads with ground truth (the
 ``vggt4d-synth`` folder, TUM, Bonn, Sintel, DAVIS, ...), or a TUM trajectory file.
 
-Per-frame files are matched to GT frames by name (``000000`` = GT frame ``000000``), else by a
-stem that is the frame stamp in nanoseconds, else by order when the counts agree. Predicted
+Per-frame files are matched to GT frames through the replay's ``frames.txt`` (``index stamp_ns
+window state source_name``: stem -> stamp -> GT frame with that stamp) when present, else by
+name (``000000`` = GT frame ``000000``), else by a stem that is the frame stamp in
+nanoseconds, else by order when the counts agree. Predicted
 masks/depth at another resolution are resized to the GT size (nearest neighbour).
 
 Writes REPORT_DIR (default PRED_DIR/eval): ``metrics.json``, ``report.md``,
@@ -128,20 +130,51 @@ def _files(folder: Path, exts: Sequence[str]) -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in exts}
 
 
-def match_frames(stems: Sequence[str], gt: GroundTruth, max_dt_ns: int) -> tuple[list[tuple[str, int]], str]:
-    """Pair predicted per-frame files with GT frame indices; returns (pairs, method)."""
+def read_frames_index(pred_dir: Path) -> dict[str, tuple[int, str]]:
+    """``frames.txt`` of a replay folder (``index stamp_ns window state source_name``) as
+    stem (``000000``) -> (stamp_ns, source_name); empty when absent."""
+    path = pred_dir / "frames.txt"
+    if not path.is_file():
+        return {}
+    out: dict[str, tuple[int, str]] = {}
+    for ln, line in enumerate(path.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts or line.lstrip().startswith("#"):
+            continue
+        try:
+            out[f"{int(parts[0]):06d}"] = (int(parts[1]), parts[4] if len(parts) > 4 else "")
+        except (ValueError, IndexError) as exc:
+            raise EvalError(f"{path}:{ln}: expected 'index stamp_ns window state source_name'") from exc
+    return out
+
+
+def match_frames(stems: Sequence[str], gt: GroundTruth, max_dt_ns: int,
+                 frames_index: dict[str, tuple[int, str]] | None = None,
+                 ) -> tuple[list[tuple[str, int]], str]:
+    """Pair predicted per-frame files with GT frame indices; returns (pairs, method).
+
+    Order of preference: the replay's ``frames.txt`` (stem -> stamp, matched to the GT stamp
+    within ``max_dt_ns``), the GT frame name, a stem that is a stamp in ns, the file order
+    when the counts agree.
+    """
     stems = sorted(stems)
+    gs = np.array(gt.stamps_ns, dtype=np.int64)
+
+    def by_stamp(stamp: int) -> int | None:
+        j = int(np.argmin(np.abs(gs - stamp)))
+        return j if abs(int(gs[j]) - stamp) <= max_dt_ns else None
+
+    if frames_index and any(s in frames_index for s in stems):
+        pairs = [(s, j) for s in stems if s in frames_index
+                 for j in [by_stamp(frames_index[s][0])] if j is not None]
+        if pairs:
+            return pairs, "frames.txt stamp"
     by_name = {n: i for i, n in enumerate(gt.names)}
     pairs = [(s, by_name[s]) for s in stems if s in by_name]
     if pairs:
         return pairs, "name"
-    if all(s.isdigit() for s in stems) and stems:
-        gs = np.array(gt.stamps_ns, dtype=np.int64)
-        pairs = []
-        for s in stems:
-            j = int(np.argmin(np.abs(gs - int(s))))
-            if abs(int(gs[j]) - int(s)) <= max_dt_ns:
-                pairs.append((s, j))
+    if stems and all(s.isdigit() for s in stems):
+        pairs = [(s, j) for s in stems for j in [by_stamp(int(s))] if j is not None]
         if pairs:
             return pairs, "stamp"
     if len(stems) == len(gt.names):
@@ -254,6 +287,7 @@ def _json_default(o: Any) -> Any:
 def _evaluate_into(pred_dir: Path, gt: GroundTruth, tmp: Path, opt: EvalOptions,
                    result: dict) -> None:
     traj_path = pred_dir / "trajectory.txt"
+    frames_index = read_frames_index(pred_dir)
     mask_files = _files(pred_dir / "masks", (".png",))
     depth_files = _files(pred_dir / "depth", (".npz", ".png"))
     if not traj_path.is_file() and not mask_files and not depth_files:
@@ -277,7 +311,7 @@ def _evaluate_into(pred_dir: Path, gt: GroundTruth, tmp: Path, opt: EvalOptions,
 
     gt_has_masks = any(m is not None for m in gt.masks)
     if mask_files and gt_has_masks:
-        pairs, how = match_frames(list(mask_files), gt, opt.max_dt_ns)
+        pairs, how = match_frames(list(mask_files), gt, opt.max_dt_ns, frames_index)
         pairs = [(s, j) for s, j in pairs if gt.masks[j] is not None]
         if not pairs:
             raise EvalError(f"no predicted mask in {pred_dir / 'masks'} matches a ground-truth frame")
@@ -292,7 +326,7 @@ def _evaluate_into(pred_dir: Path, gt: GroundTruth, tmp: Path, opt: EvalOptions,
 
     gt_has_depth = any(d is not None for d in gt.depths)
     if depth_files and gt_has_depth:
-        pairs, how = match_frames(list(depth_files), gt, opt.max_dt_ns)
+        pairs, how = match_frames(list(depth_files), gt, opt.max_dt_ns, frames_index)
         pairs = [(s, j) for s, j in pairs if gt.depths[j] is not None]
         if not pairs:
             raise EvalError(f"no predicted depth in {pred_dir / 'depth'} matches a ground-truth frame")
