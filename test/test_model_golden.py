@@ -40,7 +40,6 @@ def golden_model(golden_dir: Path) -> VGGT:
 def case_results(golden_dir: Path, golden_model: VGGT) -> Dict[str, tuple]:
     """Run every case once: (golden tensors, our output dict, our aggregator layers)."""
     results = {}
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     for name in CASES:
         ref = load_file(str(golden_dir / "vggt" / f"{name}.safetensors"))
         images = ref["in.images"].float() / 255.0
