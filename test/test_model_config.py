@@ -91,3 +91,12 @@ def test_bad_configs(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         VGGTConfig.from_json(tmp_path / "bad.json")
+
+
+def test_config_json_round_trip(tmp_path: Path) -> None:
+    import json
+    cfg = VGGTConfig.vggt_1b()
+    cfg.track_head.hidden_size = 96
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert VGGTConfig.from_json(path) == cfg
