@@ -49,6 +49,7 @@ import numpy as np
 
 from vggt4d_ros.tools import replay as rp
 from vggt4d_ros.tools.datasets import FrameSource, InputError, list_sequences, open_source
+from vggt4d_ros.tools.visualize import link_pictures
 
 SINTEL_MONST3R_SEQUENCES = (
     "alley_2", "ambush_4", "ambush_5", "ambush_6", "cave_2", "cave_4", "market_2", "market_5",
@@ -230,21 +231,12 @@ def _run_sequence(name: str, path: Path, proto: Protocol, settings: rp.ReplaySet
         opt = ev.EvalOptions(alignment=proto.alignment, depth_alignment=proto.depth_alignment,
                              max_depth=proto.max_depth)
         result = ev.evaluate(res.out_dir, gt, seq_out / "eval", opt)
-        _link_pictures(seq_out / "eval" / "report.md", res.out_dir)
+        link_pictures(seq_out / "eval" / "report.md", res.out_dir)
         return SequenceResult(name, res.summary["frames"]["processed"], "ok",
                               _metrics_of(result), str(res.out_dir), str(seq_out / "eval"))
     except (InputError, rp.ReplayError, ev.EvalError, ValueError, RuntimeError, OSError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return SequenceResult(name, 0, f"failed: {msg}", {})
-
-
-def _link_pictures(report_md: Path, replay_dir: Path) -> None:
-    """Append links to the replay's pictures (viz/) to an eval report, if both exist."""
-    from vggt4d_ros.tools.visualize import pictures_markdown
-    if report_md.is_file():
-        md = pictures_markdown(replay_dir / "viz", report_md.parent)
-        if md:
-            report_md.write_text(report_md.read_text().rstrip("\n") + "\n\n" + md)
 
 
 def _mean_row(rows: Sequence[SequenceResult]) -> dict[str, float]:

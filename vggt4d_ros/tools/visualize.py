@@ -30,7 +30,7 @@ import numpy as np
 __all__ = [
     "RANDOM_WEIGHTS_LABEL", "draw_label", "overlay_mask", "colorize_depth",
     "colorize_confidence", "render_topdown", "render_perspective", "write_gif", "write_mp4",
-    "VizWriter", "pictures_markdown",
+    "VizWriter", "pictures_markdown", "link_pictures",
 ]
 
 RANDOM_WEIGHTS_LABEL = "random weights: geometry is meaningless"
@@ -40,20 +40,36 @@ MASK_COLOR = (255, 40, 40)
 def draw_label(img: np.ndarray, text: str | None) -> np.ndarray:
     """Return a copy of ``img`` [H,W,3] uint8 RGB with ``text`` on a dark banner at the top.
 
-    The font scales with the image width so the whole text fits; no-op for empty text.
+    The text is split over two lines (at the space nearest its middle) when that lets it be
+    drawn larger on a narrow image; the font scales with the width so the text fits. No-op
+    for empty text.
     """
     out = np.ascontiguousarray(img, dtype=np.uint8).copy()
     if not text:
         return out
     h, w = out.shape[:2]
     font = cv2.FONT_HERSHEY_SIMPLEX
-    (tw, th), _ = cv2.getTextSize(text, font, 1.0, 1)
-    scale = max(0.25, min(0.8, 0.95 * w / max(tw, 1)))
+    lines = [text]
+    if " " in text:
+        spaces = [i for i, c in enumerate(text) if c == " "]
+        cut = min(spaces, key=lambda i: abs(i - len(text) / 2))
+        two = [text[:cut], text[cut + 1:]]
+        width1 = cv2.getTextSize(text, font, 1.0, 1)[0][0]
+        width2 = max(cv2.getTextSize(t, font, 1.0, 1)[0][0] for t in two)
+        if 0.95 * w / width1 < 0.45:              # one line would be tiny: use two
+            lines = two
+            width1 = width2
+    else:
+        width1 = cv2.getTextSize(text, font, 1.0, 1)[0][0]
+    scale = max(0.25, min(0.8, 0.95 * w / max(width1, 1)))
     thick = 1 if scale < 0.6 else 2
-    (tw, th), base = cv2.getTextSize(text, font, scale, thick)
-    band = min(h, th + base + 6)
+    (_, th), base = cv2.getTextSize(lines[0], font, scale, thick)
+    step = th + base + 2
+    band = min(h, step * len(lines) + 4)
     out[:band] = (out[:band].astype(np.float32) * 0.25).astype(np.uint8)
-    cv2.putText(out, text, (3, th + 3), font, scale, (255, 255, 0), thick, cv2.LINE_AA)
+    for k, line in enumerate(lines):
+        cv2.putText(out, line, (3, th + 3 + k * step), font, scale, (255, 255, 0), thick,
+                    cv2.LINE_AA)
     return out
 
 
@@ -380,3 +396,16 @@ def pictures_markdown(viz_dir: Path, relative_to: Path) -> str:
     if (viz_dir / "overlays.mp4").is_file():
         lines.append(f"- video: [overlays.mp4]({os.path.relpath(viz_dir / 'overlays.mp4', relative_to)})")
     return "\n".join(lines) + "\n"
+
+
+def link_pictures(report_md: Path, replay_dir: Path) -> bool:
+    """Append a "Pictures" section linking ``replay_dir/viz`` to an eval ``report.md``.
+
+    Returns True if something was appended (both the report and pictures exist)."""
+    report_md = Path(report_md)
+    if not report_md.is_file():
+        return False
+    md = pictures_markdown(Path(replay_dir) / "viz", report_md.parent)
+    if md:
+        report_md.write_text(report_md.read_text().rstrip("\n") + "\n\n" + md)
+    return bool(md)
