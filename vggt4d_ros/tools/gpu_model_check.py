@@ -47,6 +47,9 @@ def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke test only)")
     p.add_argument("--config", default=None,
                    help="config.json of another size (default: VGGT-1B), e.g. for a CPU smoke test")
+    p.add_argument("--golden", default=None,
+                   help="golden folder (../shared/golden): also compare the tiny model on this "
+                        "device in fp32 with the official outputs (tolerance 1e-4)")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/gpu_model_check.json)")
     args = p.parse_args(argv)
     args.frames = [int(v) for v in args.frames.split(",") if v.strip()]
@@ -82,6 +85,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False      # fp32 runs are a float32 reference
     torch.backends.cudnn.allow_tf32 = False
     cfg = VGGTConfig.from_json(args.config) if args.config else VGGTConfig.vggt_1b()
+    golden = _golden_check(Path(args.golden), dev) if args.golden else None
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     with torch.device(dev):
@@ -97,6 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                             + (argv if argv is not None else sys.argv[1:])),
         "params": n_params, "build_s": build_s, "height": args.height, "width": args.width,
         "warmup": args.warmup, "repeats": args.repeats, "tf32": False, "results": [],
+        "golden": golden,
     }
     print(f"{report['device']}  torch {torch.__version__}  {report['config']} random weights "
           f"({n_params:,} params, track head off), {args.width}x{args.height}")
@@ -152,6 +157,62 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"wrote {out}")
     print(f"total {report['total_s']:.1f} s")
     return 0
+
+
+def _golden_check(folder: Path, dev: torch.device) -> Dict[str, object]:
+    """Tiny golden model on ``dev`` in fp32 vs the official outputs: max abs diff per tensor."""
+    from safetensors.torch import load_file
+
+    from vggt4d_ros.model.checkpoint import load_vggt
+    from vggt4d_ros.model.hooks import AttentionControl as Ctrl
+
+    if not (folder / "vggt" / "weights.safetensors").is_file():
+        print(f"golden check skipped: {folder}/vggt/weights.safetensors not found")
+        return {"skipped": f"not found: {folder}"}
+    cfg = VGGTConfig.from_json(folder / "vggt" / "config.json")
+    model = load_vggt(folder / "vggt" / "weights.safetensors", cfg, device=dev)
+    result: Dict[str, object] = {}
+    worst = 0.0
+    with torch.inference_mode():
+        for case in ("case_a", "case_b", "case_c", "case_d"):
+            ref = load_file(str(folder / "vggt" / f"{case}.safetensors"))
+            images = ref["in.images"].to(dev).float() / 255.0
+            q = ref.get("in.query_points")
+            out = model(images, query_points=q.to(dev) if q is not None else None)
+            layers, _ = model.aggregator(images[None], keep_layers={4, 23})
+            ours = {"out.pose_enc": out["pose_enc"][0], "out.extrinsic": out["extrinsic"][0],
+                    "out.intrinsic": out["intrinsic"][0], "out.depth": out["depth"][0],
+                    "out.world_points": out["world_points"][0],
+                    "agg.layer04": layers[4][0], "agg.layer23": layers[23][0]}
+            if q is not None:
+                ours["out.track"] = out["track"][0]
+            for k, v in ours.items():
+                if k in ref:
+                    err = float((v.cpu() - ref[k]).abs().max())
+                    ok = torch.allclose(v.cpu(), ref[k], rtol=1e-4, atol=1e-2 if "track" in k
+                                        else 1e-4)
+                    result[f"{case}.{k}"] = {"max_abs": err, "ok": bool(ok)}
+                    worst = max(worst, 0.0 if ok else 1.0)
+        seq = folder / "vggt4d" / "case_seq10.safetensors"
+        if seq.is_file():
+            ref = load_file(str(seq))
+            images = ref["in.images"].to(dev).float() / 255.0
+            dyn = torch.nn.functional.max_pool2d(ref["in.gt_square_mask"].float()[:, None],
+                                                 14, 14)[:, 0].flatten(1) > 0.5
+            keep = torch.cat([torch.ones(dyn.shape[0], 5, dtype=torch.bool), ~dyn], 1)[None]
+            out = model(images, control=Ctrl(key_keep=keep.to(dev),
+                                             key_mask_layers={0, 1, 2, 3, 4}))
+            v, g = out["pose_enc"][0].cpu(), ref["pass2_gtmask.pose_enc"]
+            ok = torch.allclose(v, g, rtol=1e-4, atol=1e-4)
+            result["seq10.pass2_gtmask.pose_enc"] = {"max_abs": float((v - g).abs().max()),
+                                                     "ok": bool(ok)}
+            worst = max(worst, 0.0 if ok else 1.0)
+    result["all_ok"] = worst == 0.0
+    print(f"golden check on {dev}: {'all within tolerance' if worst == 0.0 else 'MISMATCH'}")
+    for k, v in result.items():
+        if isinstance(v, dict) and not v["ok"]:
+            print(f"   {k}: {v}")
+    return result
 
 
 def _aggregator_bf16(model: VGGT, images: torch.Tensor) -> object:
