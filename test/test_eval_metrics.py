@@ -208,3 +208,16 @@ def test_depth_invalid_pixels_are_ignored_and_per_frame_scale() -> None:
     assert np.allclose(sc.scale, [2.0, 0.5])
     with pytest.raises(ValueError):
         M.depth_scores(pred, gt, alignment="mean")
+
+
+def test_degenerate_and_nonfinite_predictions_do_not_crash() -> None:
+    gt = _gt_trajectory()
+    still = M.Trajectory(gt.stamps_ns, np.tile(np.eye(4), (len(gt), 1, 1)))
+    sc = M.trajectory_scores(still, gt, alignment="sim3")
+    spread = np.sqrt(np.mean(np.sum((gt.positions - gt.positions.mean(0)) ** 2, axis=1)))
+    assert sc.ate_rmse == pytest.approx(spread, rel=1e-9)     # best a point can do
+    assert "centroids" in sc.note
+    bad = M.Trajectory(gt.stamps_ns, gt.poses.copy())
+    bad.poses[3, 0, 3] = np.nan
+    sc = M.trajectory_scores(bad, gt, alignment="sim3")
+    assert sc.dropped_nonfinite == 1 and sc.matched == len(gt) - 1 and sc.ate_rmse < 1e-9

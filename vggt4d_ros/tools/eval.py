@@ -361,7 +361,10 @@ def _report_markdown(r: dict) -> str:
         t = r["trajectory"]
         lines += ["", "## Trajectory", "",
                   f"{t['matched']} matched poses, {t['alignment']} alignment "
-                  f"(scale {t['scale']:.4f}), RPE over {t['rpe_delta']} frame(s).", "",
+                  f"(scale {t['scale']:.4f}), RPE over {t['rpe_delta']} frame(s)."
+                  + (f" Note: {t['note']}." if t.get("note") else "")
+                  + (f" {t['dropped_nonfinite']} non-finite predicted poses left out."
+                     if t.get("dropped_nonfinite") else ""), "",
                   "| metric | value |", "|---|---|",
                   f"| ATE RMSE [m] | {_fmt(t['ate_rmse'])} |",
                   f"| ATE mean / median / max [m] | {_fmt(t['ate_mean'])} / {_fmt(t['ate_median'])} / {_fmt(t['ate_max'])} |",

@@ -157,6 +157,8 @@ class TrajectoryScores:
     aligned_poses: np.ndarray          # [M,4,4] prediction after alignment (world_from_cam)
     gt_poses: np.ndarray               # [M,4,4] matched ground truth
     stamps_ns: np.ndarray              # [M] stamps of the matched predictions
+    dropped_nonfinite: int = 0         # predicted poses with NaN/inf, left out
+    note: str = ""                     # e.g. why the alignment fell back to centroids
 
     def summary(self) -> dict:
         """JSON-ready scalars."""
@@ -185,6 +187,10 @@ def trajectory_scores(pred: Trajectory, gt: Trajectory, alignment: str = "sim3",
     from evo.core.units import Unit
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+    finite = np.isfinite(pred.poses).all(axis=(1, 2))
+    dropped = int((~finite).sum())
+    if dropped:
+        pred = Trajectory(pred.stamps_ns[finite], pred.poses[finite])
     ip, ig = associate(pred, gt, max_dt_ns)
     need = 3 if alignment in ("sim3", "se3") else 1
     if len(ip) < need:
@@ -195,9 +201,20 @@ def trajectory_scores(pred: Trajectory, gt: Trajectory, alignment: str = "sim3",
     ref = _evo_traj(gt.poses[ig], stamps)
     aligned = copy.deepcopy(est)
     s, R, t = 1.0, np.eye(3), np.zeros(3)
+    note = ""
     if alignment != "none":
-        R, t, s = aligned.align(ref, correct_scale=alignment == "sim3",
-                                correct_only_scale=alignment == "scale")
+        from evo.core.geometry import GeometryException
+        try:
+            R, t, s = aligned.align(ref, correct_scale=alignment == "sim3",
+                                    correct_only_scale=alignment == "scale")
+        except GeometryException as exc:
+            # degenerate prediction (e.g. the camera never moves): no rotation/scale is
+            # determined, the best alignment left is moving the centroids together
+            t = ref.positions_xyz.mean(axis=0) - aligned.positions_xyz.mean(axis=0)
+            shift = np.eye(4)
+            shift[:3, 3] = t
+            aligned.transform(shift)          # left-multiplied: world change X' = X + t
+            note = f"{alignment} alignment impossible ({exc}); aligned centroids only"
     ape = em.APE(em.PoseRelation.translation_part)
     ape.process_data((ref, aligned))
     err = np.asarray(ape.error, dtype=np.float64)
@@ -223,7 +240,8 @@ def trajectory_scores(pred: Trajectory, gt: Trajectory, alignment: str = "sim3",
         rpe_trans_rmse=rms(rpe_t), rpe_trans_mean=mean(rpe_t), rpe_rot_rmse_deg=rms(rpe_r),
         rpe_rot_mean_deg=mean(rpe_r), rpe_delta=int(rpe_delta), scale=float(s),
         rotation=np.asarray(R), translation=np.asarray(t),
-        aligned_poses=np.stack(aligned.poses_se3), gt_poses=gt.poses[ig], stamps_ns=stamps)
+        aligned_poses=np.stack(aligned.poses_se3), gt_poses=gt.poses[ig], stamps_ns=stamps,
+        dropped_nonfinite=dropped, note=note)
 
 
 # --------------------------------------------------------------------------- masks (DAVIS J & F)
