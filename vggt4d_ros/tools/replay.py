@@ -425,6 +425,7 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
     states: Counter[str] = Counter()
     transitions: list[dict[str, Any]] = []
     counters = {"received": 0, "processed": 0, "windows": 0}
+    window_stages: Counter[str] = Counter()       # engine/predictor stage seconds, summed
     last_state, last_window, last_stamp = "WAITING", None, 0
     bar = tqdm(total=len(source), unit="frame", desc="replay", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
@@ -475,6 +476,9 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
             if win is not None and fo.window_index != last_window:
                 last_window = fo.window_index
                 counters["windows"] += 1
+                for stage, sec in (getattr(win, "timings", None) or {}).items():
+                    if isinstance(sec, (int, float)):
+                        window_stages[stage] += float(sec)
                 if bag is not None:
                     pts = anchor.points(win.static_points)
                     timer.run("write", bag.window, fo.stamp_ns, pts,
@@ -541,6 +545,7 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
     wall = time.perf_counter() - t_start
     summary = _summary(source, settings, weights_note, counters, states, transitions, traj,
                        len(map_pts), has_gt, viz_files, timer, wall, predictor)
+    summary["timings"]["window_stages_s"] = {k: round(v, 4) for k, v in sorted(window_stages.items())}
     (root / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
