@@ -128,10 +128,10 @@ class VoxelMap:
 
         keys, inverse = np.unique(pack_voxel_keys(ijk), return_inverse=True)
         m = len(keys)
-        add_xyz = np.zeros((m, 3))
-        add_rgb = np.zeros((m, 3))
-        np.add.at(add_xyz, inverse, pts)   # vectorised scatter-add (no Python loop)
-        np.add.at(add_rgb, inverse, rgb)
+        inverse = inverse.reshape(-1)
+        # vectorised scatter-add per column (bincount is much faster than np.add.at)
+        add_xyz = np.stack([np.bincount(inverse, weights=pts[:, c], minlength=m) for c in range(3)], 1)
+        add_rgb = np.stack([np.bincount(inverse, weights=rgb[:, c], minlength=m) for c in range(3)], 1)
         add_conf = np.bincount(inverse, weights=conf, minlength=m)
         add_cnt = np.bincount(inverse, minlength=m).astype(np.int64)
 
