@@ -40,6 +40,9 @@ def test_bag_round_trip_identical_arrays_and_stamps(tmp_path: Path, frames, stor
         assert bio.stamp_to_ns(od.header.stamp) == f.stamp_ns
         assert od.header.frame_id == "world" and od.child_frame_id == "camera_optical_frame"
         assert np.allclose(bio.pose_to_matrix(od.pose.pose), f.world_from_cam, atol=1e-12)
+        tw = od.twist.twist
+        assert np.allclose([tw.linear.x, tw.linear.y, tw.linear.z, tw.angular.x, tw.angular.y,
+                            tw.angular.z], world.camera_twist_at(world.time_s(f.index)))
 
 
 def test_read_bag_topic_filter_and_missing_topic(tmp_path: Path, frames) -> None:

@@ -136,3 +136,15 @@ def test_render_index_out_of_range() -> None:
     w = SynthWorld(SynthConfig(width=8, height=8, num_frames=2, num_objects=0))
     with pytest.raises(IndexError):
         w.render(2)
+
+
+def test_camera_twist_matches_pose_differences(world: SynthWorld) -> None:
+    """Twist (camera frame) integrates to the next pose over a short step."""
+    t, dt = world.time_s(4), 1e-3
+    tw = world.camera_twist_at(t)
+    a, b = world.world_from_cam_at(t), world.world_from_cam_at(t + dt)
+    assert np.allclose(a[:3, :3].T @ (b[:3, 3] - a[:3, 3]) / dt, tw[:3], atol=1e-2)
+    from scipy.spatial.transform import Rotation
+    w = Rotation.from_matrix(a[:3, :3].T @ b[:3, :3]).as_rotvec() / dt
+    assert np.allclose(w, tw[3:], atol=1e-2)
+    assert np.linalg.norm(tw[:3]) > 0.05          # the camera really moves

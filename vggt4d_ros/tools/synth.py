@@ -26,7 +26,9 @@ Output folder of the CLI (``--out DIR``)::
     DIR/gt.npz                  stamps_ns [S] int64, intrinsics [S,3,3], cam_from_world [S,4,4]
     DIR/camera.json             width, height, K, fps, config
     DIR/bag_sqlite3/, DIR/bag_mcap/   rosbag2 (with --bag): /camera/image_raw (rgb8),
-                                /camera/camera_info, /ground_truth/odom
+                                /camera/camera_info (frame camera_optical_frame),
+                                /ground_truth/odom (world -> camera_optical_frame pose,
+                                twist in the camera frame); log time = header stamp
 """
 from __future__ import annotations
 
@@ -492,6 +494,16 @@ class SynthWorld:
         T[:3, 3] = pos
         return T
 
+    def camera_twist_at(self, t_s: float, h: float = 1e-4) -> np.ndarray:
+        """Camera velocity (vx, vy, vz, wx, wy, wz) at t_s in the camera optical frame
+        (m/s, rad/s), by central differences of the analytic path (ROS Odometry twist)."""
+        from scipy.spatial.transform import Rotation
+        a, b = self.world_from_cam_at(t_s - h), self.world_from_cam_at(t_s + h)
+        R = self.world_from_cam_at(t_s)[:3, :3]
+        v = R.T @ (b[:3, 3] - a[:3, 3]) / (2 * h)
+        w = Rotation.from_matrix(a[:3, :3].T @ b[:3, :3]).as_rotvec() / (2 * h)
+        return np.concatenate([v, w])
+
     def cam_from_world(self, i: int) -> np.ndarray:
         """[4,4] camera-from-world of frame i (OpenCV optical axes)."""
         return invert_se3(self.world_from_cam_at(self.time_s(i)))
@@ -615,8 +627,10 @@ def _frame_bag_messages(world: SynthWorld, f: SynthFrame, typestore=None):
     yield IMAGE_TOPIC, f.stamp_ns, bio.image_msg(f.image, f.stamp_ns, CAMERA_FRAME_ID, "rgb8", typestore)
     yield CAMERA_INFO_TOPIC, f.stamp_ns, bio.camera_info_msg(f.intrinsic, W, H, f.stamp_ns,
                                                              CAMERA_FRAME_ID, typestore=typestore)
+    twist = world.camera_twist_at(world.time_s(f.index))
     yield GT_ODOM_TOPIC, f.stamp_ns, bio.odometry_msg(f.world_from_cam, f.stamp_ns, WORLD_FRAME_ID,
-                                                      CAMERA_FRAME_ID, typestore=typestore)
+                                                      CAMERA_FRAME_ID, twist=twist,
+                                                      typestore=typestore)
 
 
 def write_outputs(world: SynthWorld, out_dir: str | Path, folder: bool = True,
