@@ -114,8 +114,12 @@ def test_replay_bag_reads_back_with_node_topics(replayed: Path) -> None:
         assert types["/vggt4d/confidence"] == "sensor_msgs/msg/Image"
         assert types["/vggt4d/static_points"] == "sensor_msgs/msg/PointCloud2"
         assert types["/vggt4d/static_map"] == "sensor_msgs/msg/PointCloud2"
-        for t in ("/vggt4d/odom", "/tf", "/vggt4d/dynamic_mask", "/vggt4d/depth"):
+        for t in ("/vggt4d/odom", "/tf", "/vggt4d/path", "/vggt4d/dynamic_mask",
+                  "/vggt4d/depth", "/vggt4d/confidence", "/vggt4d/depth_static"):
             assert counts[t] == N_FRAMES, t
+        assert counts["/tf_static"] == 1 and counts["/vggt4d/static_map"] == 1
+        assert counts["/vggt4d/static_points"] == counts["/vggt4d/status"] >= 3
+        assert types["/vggt4d/status"] == "vggt4d_ros/msg/Status"
         traj = read_tum(replayed / "trajectory.txt")
         odom_stamps, first_depth = [], None
         conns = [c for c in reader.connections if c.topic in

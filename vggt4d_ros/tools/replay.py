@@ -14,7 +14,8 @@ Outputs (``DIR/``)::
                            time = header stamp):
                              /vggt4d/odom                      nav_msgs/Odometry  odom -> base_link
                              /tf                               tf2_msgs/TFMessage odom -> base_link
-                             /vggt4d/path                      nav_msgs/Path      (after each window)
+                             /tf_static                        tf2_msgs/TFMessage base_link -> camera
+                             /vggt4d/path                      nav_msgs/Path      (every frame)
                              /vggt4d/dynamic_mask              sensor_msgs/Image  mono8, 255 = dynamic
                              /vggt4d/dynamic_mask/camera_info  sensor_msgs/CameraInfo (model resolution)
                              /vggt4d/depth, /vggt4d/depth_static  sensor_msgs/Image 32FC1 (NaN = dynamic)
@@ -22,7 +23,8 @@ Outputs (``DIR/``)::
                              /vggt4d/static_points             sensor_msgs/PointCloud2 per window, odom
                              /vggt4d/static_map                sensor_msgs/PointCloud2 once, at the end
                              /vggt4d/status                    vggt4d_ros/msg/Status (when msg/ is found)
-    trajectory.txt         TUM ``t tx ty tz qx qy qz qw``: camera (optical frame) pose in odom
+    trajectory.txt         TUM ``t tx ty tz qx qy qz qw``: camera (optical frame) pose in odom,
+                           every frame with a finite pose (as published on /vggt4d/odom)
     static_map.ply         voxel map in odom (binary PLY: x y z red green blue count)
     masks/000000.png       mono8 dynamic masks (255 = dynamic) at the model resolution
     depth/000000.npz       ``depth`` [H,W] float32 (odom scale), ``confidence`` [H,W] float32,
@@ -34,10 +36,12 @@ Outputs (``DIR/``)::
     viz/                   pictures (see tools/visualize.py), unless --no-viz
     summary.json           settings, input, frames, windows, states, timings per stage, weights
 
-Frames: the node's convention. ``odom_from_base = odom_from_world · world_from_cam ·
-cam_from_base`` with ``odom_from_world`` fixed at the first tracked frame (and after every
-reset) so that base_link starts at the identity; ``base_from_cam`` = camera optical frame at
-the base origin (REP-103 body axes), as the node's default.
+Frames and messages follow the node (ros/node.py) with its default parameters:
+``odom_from_base = odom_from_world · world_from_cam · cam_from_base`` with
+``odom_from_world = base_from_cam`` (the engine's world is the first camera, at the identity, so
+base_link starts at the identity of odom); ``base_from_cam`` = camera optical frame at the base
+origin (REP-103 body axes); pose covariance rotated into base_link axes and sanitised; status and
+window points after every engine call that emitted frames; the static map once, at the end.
 
 Exit codes: 0 success; 2 bad input or arguments (one-line message on stderr, nothing
 written at DIR); 1 internal failure (one line, nothing written at DIR).
@@ -66,13 +70,15 @@ from vggt4d_ros.tools.datasets import Frame, FrameSource, InputError, open_sourc
 RANDOM_WEIGHTS_NOTE = "random weights: geometry is meaningless"
 NODE_NS = "/vggt4d"
 TOPICS = {
-    "odom": f"{NODE_NS}/odom", "tf": "/tf", "path": f"{NODE_NS}/path",
+    "odom": f"{NODE_NS}/odom", "tf": "/tf", "tf_static": "/tf_static", "path": f"{NODE_NS}/path",
     "mask": f"{NODE_NS}/dynamic_mask", "mask_info": f"{NODE_NS}/dynamic_mask/camera_info",
     "depth": f"{NODE_NS}/depth", "depth_static": f"{NODE_NS}/depth_static",
     "confidence": f"{NODE_NS}/confidence", "static_points": f"{NODE_NS}/static_points",
     "static_map": f"{NODE_NS}/static_map", "status": f"{NODE_NS}/status",
 }
 STATUS_CODES = {"WAITING": 0, "TRACKING": 1, "LOST": 2, "RESET": 3}
+MAX_PATH_POSES = 10_000          # node: the Path keeps the last 10 000 poses
+TWIST_VARIANCE = 1e6             # node: twist is not estimated, large finite variance
 # camera_link_from_camera_optical: optical (x right, y down, z fwd) → body (x fwd, y left, z up)
 LINK_FROM_OPTICAL = np.array([[0.0, 0.0, 1.0, 0.0], [-1.0, 0.0, 0.0, 0.0],
                               [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
@@ -122,23 +128,19 @@ def _se3_inv(t: np.ndarray) -> np.ndarray:
     return out
 
 
-class OdomAnchor:
-    """Engine world → odom, anchored so base_link is at the identity at the first tracked frame
-    (same rule as the node). ``base_from_cam``: camera optical frame in base_link (4x4)."""
+class OdomFrame:
+    """Engine world → odom, as the node does it: the engine's world is the optical frame of the
+    first camera of the sequence (at the identity), so ``odom_from_world = base_from_cam`` and
+    base_link starts at the identity of odom. ``base_from_cam``: camera optical frame in
+    base_link (4x4; node parameters frames.camera_xyz/rpy, default camera at the base origin)."""
 
     def __init__(self, base_from_cam: np.ndarray = LINK_FROM_OPTICAL) -> None:
         self.base_from_cam = np.asarray(base_from_cam, np.float64)
         self.cam_from_base = _se3_inv(self.base_from_cam)
-        self.odom_from_world: np.ndarray | None = None
-
-    def reset(self) -> None:
-        """The next pose becomes the new origin."""
-        self.odom_from_world = None
+        self.odom_from_world = self.base_from_cam
 
     def odom_from_cam(self, world_from_cam: np.ndarray) -> np.ndarray:
-        """Camera optical frame in odom (anchors on the first call after a reset)."""
-        if self.odom_from_world is None:
-            self.odom_from_world = self.base_from_cam @ _se3_inv(world_from_cam)
+        """Camera optical frame in odom."""
         return self.odom_from_world @ world_from_cam
 
     def odom_from_base(self, world_from_cam: np.ndarray) -> np.ndarray:
@@ -146,10 +148,33 @@ class OdomAnchor:
         return self.odom_from_cam(world_from_cam) @ self.cam_from_base
 
     def points(self, pts_world: np.ndarray) -> np.ndarray:
-        """[M,3] engine-world points → odom float32 (identity before the first anchor)."""
+        """[M,3] engine-world points → odom, float32."""
         p = np.asarray(pts_world, np.float64).reshape(-1, 3)
-        m = np.eye(4) if self.odom_from_world is None else self.odom_from_world
+        m = self.odom_from_world
         return (p @ m[:3, :3].T + m[:3, 3]).astype(np.float32)
+
+
+def sanitize_covariance(cov6: np.ndarray | None, floor: float = 1e-9,
+                        ceiling: float = 1e6) -> np.ndarray:
+    """Usable 6x6 covariance (same rule as the node): symmetric, finite, diagonal clamped to
+    [floor, ceiling], off-diagonals bounded by the diagonal; missing/non-finite → ceiling·I."""
+    if cov6 is None:
+        return np.eye(6) * ceiling
+    c = np.asarray(cov6, np.float64).reshape(6, 6)
+    if not np.all(np.isfinite(c)):
+        return np.eye(6) * ceiling
+    c = np.clip(c, -ceiling, ceiling)
+    c = 0.5 * (c + c.T)
+    d = np.clip(np.diag(c), floor, ceiling)
+    lim = np.sqrt(np.outer(d, d))
+    return np.clip(c - np.diag(np.diag(c)), -lim, lim) + np.diag(d)
+
+
+def covariance_in_base(cov_cam: np.ndarray | None, base_from_cam: np.ndarray) -> np.ndarray:
+    """Engine covariance (camera axes, x y z rx ry rz) → base_link axes, sanitised (node rule)."""
+    a = np.zeros((6, 6))
+    a[:3, :3] = a[3:, 3:] = base_from_cam[:3, :3]
+    return sanitize_covariance(a @ sanitize_covariance(cov_cam) @ a.T)
 
 
 def save_npz_deterministic(path: Path, **arrays: np.ndarray) -> None:
@@ -207,19 +232,31 @@ class BagOutput:
         self.s = settings
         self.writer = bio.BagWriter(path, settings.storage, typestore=self.ts)
         self.path_poses: list[tuple[int, np.ndarray]] = []
+        self.base_from_cam = LINK_FROM_OPTICAL
+        self.static_sent = False
 
-    def frame(self, stamp: int, odom_from_base: np.ndarray | None, cov: np.ndarray | None,
+    def frame(self, stamp: int, odom_from_base: np.ndarray | None, cov: np.ndarray,
               mask: np.ndarray, depth: np.ndarray, conf: np.ndarray, intrinsic: np.ndarray,
               camera_frame: str) -> None:
-        """Per-frame messages (odom/TF only when the pose is valid)."""
+        """Per-frame messages, as the node publishes them (odom/TF/path only for a finite pose).
+
+        ``cov``: pose covariance [6,6] in base_link axes (already sanitised)."""
         b, s, ts = self.bio, self.s, self.ts
+        if not self.static_sent:        # base_link -> camera optical frame, once (latched)
+            self.writer.write(TOPICS["tf_static"], stamp, b.tf_message([b.transform_stamped_msg(
+                self.base_from_cam, stamp, s.base_frame, s.camera_frame, typestore=ts)],
+                typestore=ts))
+            self.static_sent = True
         if odom_from_base is not None:
             self.writer.write(TOPICS["odom"], stamp, b.odometry_msg(
                 odom_from_base, stamp, s.odom_frame, s.base_frame, pose_covariance=cov,
-                typestore=ts))
+                twist_covariance=np.eye(6) * TWIST_VARIANCE, typestore=ts))
             self.writer.write(TOPICS["tf"], stamp, b.tf_message([b.transform_stamped_msg(
                 odom_from_base, stamp, s.odom_frame, s.base_frame, typestore=ts)], typestore=ts))
             self.path_poses.append((stamp, odom_from_base))
+            del self.path_poses[:-MAX_PATH_POSES]
+            self.writer.write(TOPICS["path"], stamp, b.path_msg(self.path_poses, stamp,
+                                                                s.odom_frame, typestore=ts))
         h, w = mask.shape
         self.writer.write(TOPICS["mask"], stamp, b.image_msg(
             mask.astype(np.uint8) * 255, stamp, camera_frame, "mono8", typestore=ts))
@@ -235,13 +272,10 @@ class BagOutput:
 
     def window(self, stamp: int, points: np.ndarray, colors: np.ndarray,
                confidence: np.ndarray) -> None:
-        """Per-window messages: Path so far and the window's static points (odom)."""
-        b, s, ts = self.bio, self.s, self.ts
-        self.writer.write(TOPICS["path"], stamp, b.path_msg(self.path_poses, stamp, s.odom_frame,
-                                                            typestore=ts))
-        self.writer.write(TOPICS["static_points"], stamp, b.pointcloud2_msg(
-            points, stamp, s.odom_frame, colors=colors,
-            fields={"confidence": np.asarray(confidence, np.float32)}, typestore=ts))
+        """Per-window static points (odom frame; x y z rgb confidence)."""
+        self.writer.write(TOPICS["static_points"], stamp, self.bio.pointcloud2_msg(
+            points, stamp, self.s.odom_frame, colors=colors,
+            fields={"confidence": np.asarray(confidence, np.float32)}, typestore=self.ts))
 
     def status(self, stamp: int, state: str, counters: dict[str, int], residual: float,
                scale_drift: float, message: str) -> None:
@@ -257,10 +291,14 @@ class BagOutput:
                   latency=0.0, queue_depth=0, message=message)
         self.writer.write(TOPICS["status"], stamp, msg)
 
-    def finish(self, stamp: int, points: np.ndarray, colors: np.ndarray) -> None:
-        """Static map once at the end, then close (moves the bag into place)."""
+    def finish(self, stamp: int, points: np.ndarray, colors: np.ndarray,
+               confidence: np.ndarray | None) -> None:
+        """Static map once at the end (x y z rgb confidence, odom), then close (moves the bag
+        into place)."""
+        conf = np.ones(len(points), np.float32) if confidence is None else confidence
         self.writer.write(TOPICS["static_map"], stamp, self.bio.pointcloud2_msg(
-            points, stamp, self.s.odom_frame, colors=colors, typestore=self.ts))
+            points, stamp, self.s.odom_frame, colors=colors,
+            fields={"confidence": np.asarray(conf, np.float32)}, typestore=self.ts))
         self.writer.close()
 
     def abort(self) -> None:
@@ -410,7 +448,7 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
     if predictor is None:
         predictor = timer.run("load_model", make_predictor, settings)
     engine = make_engine(predictor, settings)
-    anchor = OdomAnchor()
+    odom = OdomFrame()
     (root / "masks").mkdir()
     (root / "depth").mkdir()
     bag = BagOutput(root / "bag", settings) if settings.bag else None
@@ -427,6 +465,7 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
     counters = {"received": 0, "processed": 0, "windows": 0}
     window_stages: Counter[str] = Counter()       # engine/predictor stage seconds, summed
     last_state, last_window, last_stamp = "WAITING", None, 0
+    status_state = ["WAITING"]
     bar = tqdm(total=len(source), unit="frame", desc="replay", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
 
@@ -438,14 +477,12 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
             if fo.state != last_state:
                 transitions.append({"index": idx, "stamp_ns": fo.stamp_ns, "from": last_state,
                                     "to": fo.state})
-                if fo.state in ("RESET", "WAITING"):
-                    anchor.reset()
                 last_state = fo.state
             states[fo.state] += 1
             t0 = time.perf_counter()
             wfc = np.asarray(fo.world_from_cam, np.float64)
-            pose_ok = bool(np.all(np.isfinite(wfc))) and fo.state == "TRACKING"
-            odom_cam = anchor.odom_from_cam(wfc) if pose_ok else None
+            pose_ok = bool(np.all(np.isfinite(wfc)))
+            odom_cam = odom.odom_from_cam(wfc) if pose_ok else None
             if odom_cam is not None:
                 traj.append((fo.stamp_ns, odom_cam))
             mask = np.asarray(fo.mask, bool)
@@ -463,34 +500,36 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
             gt.add(name, frame)
             counters["processed"] += 1
             if bag is not None:
-                base = None if odom_cam is None else odom_cam @ anchor.cam_from_base
-                cov = np.asarray(fo.covariance, np.float64) if pose_ok else None
+                base = None if odom_cam is None else odom_cam @ odom.cam_from_base
+                cov = covariance_in_base(fo.covariance, odom.base_from_cam)
                 bag.frame(fo.stamp_ns, base, cov, mask, depth, conf,
-                          np.asarray(fo.intrinsic, np.float64), fo.frame_id)
+                          np.asarray(fo.intrinsic, np.float64), fo.frame_id or settings.camera_frame)
             lines.append(f"{idx} {fo.stamp_ns} {fo.window_index} {fo.state} {frame.name}")
             timer.add("write", time.perf_counter() - t0)
             if viz is not None:
                 timer.run("viz", viz.add_frame, name, np.asarray(fo.image, np.uint8), mask,
                           depth, conf)
-            win = engine.last_window
-            if win is not None and fo.window_index != last_window:
-                last_window = fo.window_index
-                counters["windows"] += 1
-                for stage, sec in (getattr(win, "timings", None) or {}).items():
-                    if isinstance(sec, (int, float)):
-                        window_stages[stage] += float(sec)
-                if bag is not None:
-                    pts = anchor.points(win.static_points)
-                    timer.run("write", bag.window, fo.stamp_ns, pts,
-                              np.asarray(win.colors, np.uint8).reshape(-1, 3),
-                              np.asarray(win.confidence, np.float32).reshape(-1))
-            if bag is not None:
-                res = getattr(win, "residual", float("nan")) if win is not None else float("nan")
-                drift = getattr(win, "scale_drift", float("nan")) if win is not None \
-                    else float("nan")
-                timer.run("write", bag.status, fo.stamp_ns, fo.state, counters, res, drift, "")
             last_stamp = fo.stamp_ns
             bar.update(1)
+        # after each engine call, like the node's worker: window points, then status
+        win = engine.last_window
+        if win is not None and win.window_index != last_window:
+            last_window = win.window_index
+            counters["windows"] += 1
+            for stage, sec in (getattr(win, "timings", None) or {}).items():
+                if isinstance(sec, (int, float)):
+                    window_stages[stage] += float(sec)
+            if bag is not None and outs:
+                timer.run("write", bag.window, outs[-1].stamp_ns, odom.points(win.static_points),
+                          np.asarray(win.colors, np.uint8).reshape(-1, 3),
+                          np.asarray(win.confidence, np.float32).reshape(-1))
+        if bag is not None and (outs or engine.state != status_state[0]):
+            status_state[0] = engine.state
+            res = float(win.residual) if win is not None else float("nan")
+            drift = float(win.scale_drift) if win is not None else float("nan")
+            timer.run("write", bag.status, outs[-1].stamp_ns if outs else last_stamp,
+                      engine.state, counters, res, drift,
+                      getattr(win, "reason", "") if win is not None else "")
 
     t_start = time.perf_counter()
     try:
@@ -525,7 +564,7 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
     # --- end of stream: map, trajectory, pictures, summary
     t0 = time.perf_counter()
     arr = engine.static_map.to_arrays()
-    map_pts = anchor.points(arr["points"])
+    map_pts = odom.points(arr["points"])
     map_cols = np.asarray(arr["colors"], np.uint8).reshape(-1, 3)
     write_ply(root / "static_map.ply", map_pts, map_cols, arr.get("counts"))
     if traj:
@@ -535,7 +574,7 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
     (root / "frames.txt").write_text("# index stamp_ns window state source_name\n"
                                      + "".join(f"{ln}\n" for ln in lines))
     if bag is not None:
-        bag.finish(last_stamp, map_pts, map_cols)
+        bag.finish(last_stamp, map_pts, map_cols, arr.get("confidence"))
     has_gt = gt.finish()
     timer.add("write", time.perf_counter() - t0)
     viz_files: dict[str, str] = {}
