@@ -1,0 +1,118 @@
+"""stream.factory: the VGGT4D window predictor (tiny random weights) end to end through the
+engine on CPU, the working resolution / intrinsics contract, and the per-frame token cache."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from vggt4d_ros.stream.engine import FrameInput, StreamConfig, StreamEngine
+from vggt4d_ros.stream.factory import (RANDOM_WEIGHTS_LABEL, PredictorConfig, Vggt4dWindowPredictor,
+                                       build_predictor, working_size)
+from vggt4d_ros.stream.predictor import WindowPredictor
+from vggt4d_ros.tools.synth import SynthConfig, SynthWorld
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_predictor(PredictorConfig(checkpoint="random_tiny", device="cpu", image_width=56))
+
+
+def test_working_size_and_config_validation():
+    assert working_size(48, 64, 56) == (42, 56)
+    assert working_size(294, 518, 518) == (294, 518)
+    assert working_size(1080, 1920, 518) == (294, 518)
+    assert working_size(10, 1000, 56) == (14, 56)
+    with pytest.raises(ValueError):
+        PredictorConfig(image_width=500)
+    with pytest.raises(ValueError):
+        PredictorConfig(dtype="int8")
+
+
+def test_tiny_predictor_contract(tiny_predictor):
+    assert isinstance(tiny_predictor, WindowPredictor)
+    assert tiny_predictor.label == RANDOM_WEIGHTS_LABEL and tiny_predictor.random_weights
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(4, 48, 64, 3), dtype=np.uint8)
+    pred = tiny_predictor.predict(images, [0, 1, 2, 3]).validate(4)
+    assert pred.resolution_hw == (42, 56)
+    assert pred.mask.dtype == bool and pred.depth.dtype == np.float32
+    # intrinsics refer to the working resolution (principal point at its centre)
+    np.testing.assert_allclose(pred.intrinsic[:, 0, 2], 28.0)
+    np.testing.assert_allclose(pred.intrinsic[:, 1, 2], 21.0)
+    assert np.isfinite(pred.extrinsic).all()
+    # deterministic: same weights seed -> same prediction
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = build_predictor(PredictorConfig(checkpoint="random_tiny", device="cpu", image_width=56))
+    np.testing.assert_allclose(again.predict(images, [0, 1, 2, 3]).depth, pred.depth, rtol=1e-5, atol=1e-6)
+
+
+def test_engine_end_to_end_with_tiny_vggt4d_on_cpu(tiny_predictor):
+    world = SynthWorld(SynthConfig(width=64, height=48, num_frames=20, num_objects=1, seed=0))
+    engine = StreamEngine(tiny_predictor, StreamConfig(window_size=6, stride=3, voxel_size=0.05))
+    outs = []
+    for i in range(20):
+        f = world.render(i)
+        outs += engine.push(FrameInput(f.stamp_ns, f.image, "cam"))
+    outs += engine.flush()
+    c = engine.counters
+    assert len(outs) == 20 and c.frames_out == 20 and c.windows == 6
+    assert [o.stamp_ns for o in outs] == [world.render(i).stamp_ns for i in range(20)]
+    for o in outs:
+        assert o.image.shape == (42, 56, 3) and o.depth.shape == (42, 56) and o.mask.shape == (42, 56)
+        assert np.isfinite(o.world_from_cam).all() and np.isfinite(o.covariance).all()
+        assert o.state in ("TRACKING", "LOST")
+    np.testing.assert_allclose(outs[0].world_from_cam, np.eye(4), atol=1e-5)
+    assert engine.last_window is not None and "pipeline_s" in engine.last_window.timings
+
+
+class _FakeAggregator:
+    def __init__(self):
+        self.embedded = 0
+
+    def embed_patches(self, x):                       # [1, S, 3, H, W] -> [S, N, C]
+        self.embedded += x.shape[1]
+        s, h, w = x.shape[1], x.shape[3], x.shape[4]
+        return x[0].mean(dim=1).reshape(s, h * w // 196, 196)
+
+
+class _FakeResult:
+    def __init__(self, s, h, w, tokens):
+        self.extrinsic = torch.eye(4)[:3].expand(s, 3, 4)
+        self.intrinsic = torch.eye(3).expand(s, 3, 3)
+        self.depth = torch.ones(s, h, w) * tokens.mean()
+        self.depth_conf = torch.ones(s, h, w)
+        self.mask = torch.zeros(s, h, w, dtype=torch.bool)
+        self.timings = {}
+
+
+class _FakePipeline:
+    def __init__(self):
+        self.model = type("M", (), {})()
+        self.model.aggregator = _FakeAggregator()
+
+    def __call__(self, images, patch_tokens=None):
+        assert patch_tokens is not None and patch_tokens.shape[0] == images.shape[0]
+        return _FakeResult(images.shape[0], images.shape[2], images.shape[3], patch_tokens)
+
+
+def test_patch_token_cache_embeds_shared_frames_once_and_is_bounded():
+    pipe = _FakePipeline()
+    pred = Vggt4dWindowPredictor(pipe, image_width=28, device="cpu", token_cache_size=6)
+    assert pred.supports_token_cache
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(20, 28, 28, 3), dtype=np.uint8)
+    pred.predict(frames[0:4], [0, 1, 2, 3])
+    pred.predict(frames[2:6], [2, 3, 4, 5])            # 2 shared frames -> only 2 embedded
+    assert pipe.model.aggregator.embedded == 6 and pred.cache_hits == 2
+    for start in range(4, 16, 2):
+        pred.predict(frames[start:start + 4], list(range(start, start + 4)))
+    assert len(pred._cache) <= 6
+    # cached tokens are the same tokens a fresh embedding gives
+    fresh = Vggt4dWindowPredictor(_FakePipeline(), image_width=28, device="cpu", token_cache_size=6)
+    a = pred.predict(frames[14:18], [14, 15, 16, 17]).depth
+    b = fresh.predict(frames[14:18], [14, 15, 16, 17]).depth
+    np.testing.assert_allclose(a, b)
