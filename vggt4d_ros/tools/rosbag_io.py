@@ -363,10 +363,15 @@ class BagWriter:
             raise FileExistsError(f"bag output {self.path} already exists")
         self.overwrite = overwrite
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        plugin = _storage_plugin(storage)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        self._writer = Writer(self._tmp / self.path.name, version=_BAG_VERSION,
-                              storage_plugin=_storage_plugin(storage))
-        self._writer.open()
+        try:
+            self._writer = Writer(self._tmp / self.path.name, version=_BAG_VERSION,
+                                  storage_plugin=plugin)
+            self._writer.open()
+        except BaseException:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
         self._conns: dict[str, Any] = {}
         self.count = 0
 
