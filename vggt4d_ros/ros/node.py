@@ -230,8 +230,10 @@ class Vggt4dNode(Node):
         grp = MutuallyExclusiveCallbackGroup()
         self.create_service(Trigger, "~/reset", self._on_reset, callback_group=grp)
         self.create_service(Trigger, "~/save_map", self._on_save_map, callback_group=grp)
+        # wall-clock timer: health reports continue while a bag (sim time) is paused
         self.create_timer(1.0, self._publish_diagnostics,
-                          callback_group=MutuallyExclusiveCallbackGroup())
+                          callback_group=MutuallyExclusiveCallbackGroup(),
+                          clock=rclpy.clock.Clock(clock_type=rclpy.clock.ClockType.STEADY_TIME))
         self._publish_static_tf()
         self._publish_status(0, "started")
         self._worker = threading.Thread(target=self._run_worker, name="vggt4d_worker",

@@ -77,8 +77,9 @@ def spin_until(executor, predicate: Callable[[], bool], timeout_s: float,
 def _main(argv: list[str] | None = None) -> int:
     """Out-of-process checker: record topics for a while, print a JSON summary to stdout.
 
-    Each ``--topic NAME:TYPE[:be][:tl]`` (be = best effort, tl = transient local).
-    Stops after ``--duration`` s or when every topic has ``--min-count`` messages.
+    Each ``--topic NAME:TYPE[:be][:tl][:n=N]`` (be = best effort, tl = transient local,
+    n = messages needed on this topic, default ``--min-count``). Stops after ``--duration`` s
+    or when every topic has its count.
     """
     ap = argparse.ArgumentParser(description=_main.__doc__)
     ap.add_argument("--topic", action="append", default=[])
@@ -88,18 +89,19 @@ def _main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rclpy.init()
     node = TopicProbe("vggt4d_checker")
-    topics = []
+    topics: dict[str, int] = {}
     for spec in args.topic:
         name, typ, *flags = spec.split(":")
         node.watch(name, import_type(typ), qos_for(reliable="be" not in flags,
-                                                   transient_local="tl" in flags))
-        topics.append(name)
+                                                   transient_local="tl" in flags, depth=500))
+        counts = [int(f[2:]) for f in flags if f.startswith("n=")]
+        topics[name] = counts[0] if counts else args.min_count
     from rclpy.executors import SingleThreadedExecutor
     ex = SingleThreadedExecutor()
     ex.add_node(node)
     print(json.dumps({"ready": True}), flush=True)
     try:
-        spin_until(ex, lambda: all(len(node.get(t)) >= args.min_count for t in topics),
+        spin_until(ex, lambda: all(len(node.get(t)) >= n for t, n in topics.items()),
                    args.duration)
         out = {}
         for t in topics:
