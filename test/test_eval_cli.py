@@ -19,7 +19,8 @@ from vggt4d_ros.tools.synth import SynthConfig, SynthWorld, write_outputs
 @pytest.fixture(scope="module")
 def gt_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gt") / "scene"
-    write_outputs(SynthWorld(SynthConfig(width=64, height=40, num_frames=8, num_objects=2, seed=2)), out)
+    cfg = SynthConfig(width=64, height=40, num_frames=8, num_objects=2, seed=2)
+    write_outputs(SynthWorld(cfg), out)
     return out
 
 

@@ -112,7 +112,8 @@ def test_rpe_rotation_of_known_drift() -> None:
     gt_poses = np.tile(np.eye(4), (n, 1, 1))
     gt_poses[:, 0, 3] = np.arange(n) * 0.1
     pred = gt_poses.copy()
-    pred[:, :3, :3] = Rotation.from_euler("z", np.arange(n, dtype=float)[:, None], degrees=True).as_matrix()
+    yaw_deg = np.arange(n, dtype=float)[:, None]
+    pred[:, :3, :3] = Rotation.from_euler("z", yaw_deg, degrees=True).as_matrix()
     stamps = np.arange(n) * 10**8
     sc = M.trajectory_scores(M.Trajectory(stamps, pred), M.Trajectory(stamps, gt_poses),
                              alignment="none")

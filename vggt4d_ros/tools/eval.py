@@ -144,7 +144,8 @@ def read_frames_index(pred_dir: Path) -> dict[str, tuple[int, str]]:
         try:
             out[f"{int(parts[0]):06d}"] = (int(parts[1]), parts[4] if len(parts) > 4 else "")
         except (ValueError, IndexError) as exc:
-            raise EvalError(f"{path}:{ln}: expected 'index stamp_ns window state source_name'") from exc
+            raise EvalError(f"{path}:{ln}: expected 'index stamp_ns window state "
+                            "source_name'") from exc
     return out
 
 
@@ -257,8 +258,9 @@ def evaluate(pred_dir: Path, gt: GroundTruth, out_dir: Path, opt: EvalOptions) -
     if summary_path.is_file():
         try:
             summ = json.loads(summary_path.read_text())
+            keep = ("weight", "label", "model", "checkpoint")   # what produced the prediction
             result["prediction_summary"] = {k: summ[k] for k in summ
-                                            if any(w in k.lower() for w in ("weight", "label", "model", "checkpoint"))}
+                                            if any(w in k.lower() for w in keep)}
         except (json.JSONDecodeError, TypeError):
             pass
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +293,8 @@ def _evaluate_into(pred_dir: Path, gt: GroundTruth, tmp: Path, opt: EvalOptions,
     mask_files = _files(pred_dir / "masks", (".png",))
     depth_files = _files(pred_dir / "depth", (".npz", ".png"))
     if not traj_path.is_file() and not mask_files and not depth_files:
-        raise EvalError(f"{pred_dir} has no trajectory.txt, masks/*.png or depth/*.npz|png to evaluate")
+        raise EvalError(f"{pred_dir} has no trajectory.txt, masks/*.png or depth/*.npz|png "
+                        "to evaluate")
     evaluated = []
 
     gt_traj = gt.trajectory()
@@ -314,8 +317,10 @@ def _evaluate_into(pred_dir: Path, gt: GroundTruth, tmp: Path, opt: EvalOptions,
         pairs, how = match_frames(list(mask_files), gt, opt.max_dt_ns, frames_index)
         pairs = [(s, j) for s, j in pairs if gt.masks[j] is not None]
         if not pairs:
-            raise EvalError(f"no predicted mask in {pred_dir / 'masks'} matches a ground-truth frame")
-        preds = [_resize_nearest(_read_mask_png(mask_files[s]), gt.masks[j].shape) for s, j in pairs]
+            raise EvalError(f"no predicted mask in {pred_dir / 'masks'} matches a "
+                            "ground-truth frame")
+        preds = [_resize_nearest(_read_mask_png(mask_files[s]), gt.masks[j].shape)
+                 for s, j in pairs]
         ms = M.mask_scores(preds, [gt.masks[j] for _, j in pairs], opt.bound_th)
         result["masks"] = {**ms.summary(), "matched_by": how, "J_per_frame": ms.j.tolist(),
                            "F_per_frame": ms.f.tolist()}
@@ -329,7 +334,8 @@ def _evaluate_into(pred_dir: Path, gt: GroundTruth, tmp: Path, opt: EvalOptions,
         pairs, how = match_frames(list(depth_files), gt, opt.max_dt_ns, frames_index)
         pairs = [(s, j) for s, j in pairs if gt.depths[j] is not None]
         if not pairs:
-            raise EvalError(f"no predicted depth in {pred_dir / 'depth'} matches a ground-truth frame")
+            raise EvalError(f"no predicted depth in {pred_dir / 'depth'} matches a "
+                            "ground-truth frame")
         preds = [_resize_nearest(_read_depth(depth_files[s]), gt.depths[j].shape) for s, j in pairs]
         try:
             ds = M.depth_scores(preds, [gt.depths[j] for _, j in pairs], opt.depth_alignment,
@@ -367,7 +373,8 @@ def _report_markdown(r: dict) -> str:
                      if t.get("dropped_nonfinite") else ""), "",
                   "| metric | value |", "|---|---|",
                   f"| ATE RMSE [m] | {_fmt(t['ate_rmse'])} |",
-                  f"| ATE mean / median / max [m] | {_fmt(t['ate_mean'])} / {_fmt(t['ate_median'])} / {_fmt(t['ate_max'])} |",
+                  f"| ATE mean / median / max [m] | {_fmt(t['ate_mean'])} / "
+                  f"{_fmt(t['ate_median'])} / {_fmt(t['ate_max'])} |",
                   f"| RPE trans RMSE [m] | {_fmt(t['rpe_trans_rmse'])} |",
                   f"| RPE rot RMSE [deg] | {_fmt(t['rpe_rot_rmse_deg'])} |", "",
                   "![trajectory](trajectory_topdown.png)", "", "![ATE](ate_per_frame.png)"]
@@ -376,8 +383,9 @@ def _report_markdown(r: dict) -> str:
         lines += ["", "## Dynamic masks (DAVIS J & F)", "",
                   f"{m['frames']} frames (matched by {m['matched_by']}).", "",
                   "| | mean | recall | decay |", "|---|---|---|---|",
-                  f"| J (IoU) | {_fmt(m['J_mean'])} | {_fmt(m['J_recall'])} | {_fmt(m['J_decay'])} |",
-                  f"| F (boundary) | {_fmt(m['F_mean'])} | {_fmt(m['F_recall'])} | {_fmt(m['F_decay'])} |",
+                  *[f"| {label} | {_fmt(m[k + '_mean'])} | {_fmt(m[k + '_recall'])} | "
+                    f"{_fmt(m[k + '_decay'])} |" for label, k in (("J (IoU)", "J"),
+                                                                  ("F (boundary)", "F"))],
                   f"| J&F | {_fmt(m['JF_mean'])} | | |", "",
                   "![masks](masks_per_frame.png)"]
     if "depth" in r:
@@ -393,9 +401,10 @@ def _report_markdown(r: dict) -> str:
 
 # --------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vggt4d-eval",
-                                description="Score a vggt4d-replay output folder against ground truth "
-                                            "(ATE/RPE, mask J&F, depth AbsRel/δ1) and write a report.")
+    p = argparse.ArgumentParser(
+        prog="vggt4d-eval",
+        description="Score a vggt4d-replay output folder against ground truth "
+                    "(ATE/RPE, mask J&F, depth AbsRel/δ1) and write a report.")
     p.add_argument("pred_dir", type=Path, help="replay output folder")
     p.add_argument("--gt", required=True, type=Path,
                    help="ground truth: synth folder, dataset sequence, or TUM trajectory file")
@@ -405,7 +414,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rpe-delta", type=int, default=1, help="RPE step, frames")
     p.add_argument("--depth-align", choices=M.DEPTH_ALIGNMENTS, default="median")
     p.add_argument("--depth-per-frame", action="store_true", help="fit the depth scale per frame")
-    p.add_argument("--max-depth", type=float, default=None, help="ignore GT depth beyond this, metres")
+    p.add_argument("--max-depth", type=float, default=None,
+                   help="ignore GT depth beyond this, metres")
     p.add_argument("--bound-th", type=float, default=0.008,
                    help="F boundary tolerance: fraction of the image diagonal (>=1: pixels)")
     p.add_argument("--max-dt-ms", type=float, default=20.0, help="stamp matching tolerance, ms")

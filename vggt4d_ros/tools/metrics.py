@@ -84,7 +84,8 @@ def read_tum(path: str | Path) -> Trajectory:
             continue
         parts = line.replace(",", " ").split()
         if len(parts) != 8:
-            raise ValueError(f"{path}:{ln}: expected 8 values (t tx ty tz qx qy qz qw), got {len(parts)}")
+            raise ValueError(f"{path}:{ln}: expected 8 values (t tx ty tz qx qy qz qw), "
+                             f"got {len(parts)}")
         vals = [float(v) for v in parts[1:]]
         q = np.array(vals[3:])
         if not np.isfinite(vals).all() or np.linalg.norm(q) < 1e-9:

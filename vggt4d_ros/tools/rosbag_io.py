@@ -145,12 +145,13 @@ def image_msg(image: np.ndarray, stamp_ns: int, frame_id: str, encoding: str | N
         if encoding is None:
             raise ValueError(f"no default image encoding for dtype {a.dtype}, shape {a.shape}")
     if encoding not in IMAGE_ENCODINGS:
-        raise ValueError(f"unsupported image encoding {encoding!r}; known: {sorted(IMAGE_ENCODINGS)}")
+        raise ValueError(f"unsupported image encoding {encoding!r}; "
+                         f"known: {sorted(IMAGE_ENCODINGS)}")
     dt, ch = IMAGE_ENCODINGS[encoding]
     want_ndim = 2 if ch == 1 else 3
     if a.ndim != want_ndim or (ch > 1 and a.shape[-1] != ch) or a.dtype != np.dtype(dt):
-        raise ValueError(f"{encoding} needs a {'[H,W]' if ch == 1 else f'[H,W,{ch}]'} {np.dtype(dt)} "
-                         f"array, got {a.dtype} {a.shape}")
+        want = "[H,W]" if ch == 1 else f"[H,W,{ch}]"
+        raise ValueError(f"{encoding} needs a {want} {np.dtype(dt)} array, got {a.dtype} {a.shape}")
     h, w = a.shape[:2]
     data = np.ascontiguousarray(a.astype(np.dtype(dt).newbyteorder("<"), copy=False))
     return _cls("sensor_msgs/msg/Image", typestore)(
@@ -249,7 +250,8 @@ def odometry_msg(parent_from_child: np.ndarray, stamp_ns: int, frame_id: str,
 def pose_stamped_msg(parent_from_child: np.ndarray, stamp_ns: int, frame_id: str, typestore=None):
     """geometry_msgs/PoseStamped."""
     return _cls("geometry_msgs/msg/PoseStamped", typestore)(
-        header=header_msg(stamp_ns, frame_id, typestore), pose=pose_msg(parent_from_child, typestore))
+        header=header_msg(stamp_ns, frame_id, typestore),
+        pose=pose_msg(parent_from_child, typestore))
 
 
 def path_msg(poses: Iterable[tuple[int, np.ndarray]], stamp_ns: int, frame_id: str, typestore=None):
@@ -331,7 +333,8 @@ def pointcloud2_to_numpy(msg) -> dict[str, np.ndarray]:
     rows = [buf[r * msg.row_step: r * msg.row_step + msg.width * msg.point_step]
             for r in range(msg.height)]
     rec = np.frombuffer(b"".join(r.tobytes() for r in rows), dtype=dt, count=n)
-    out = {name: rec[name].astype(rec[name].dtype.newbyteorder("="), copy=True) for name in dt.names}
+    out = {name: rec[name].astype(rec[name].dtype.newbyteorder("="), copy=True)
+           for name in dt.names}
     if "rgb" in out:
         packed = out["rgb"].view(np.uint32)
         out["colors"] = np.stack([(packed >> 16) & 255, (packed >> 8) & 255, packed & 255],
@@ -378,7 +381,8 @@ class BagWriter:
     def add_topic(self, topic: str, msgtype: str) -> None:
         """Declare a topic explicitly (so it exists even with zero messages)."""
         if topic not in self._conns:
-            self._conns[topic] = self._writer.add_connection(topic, msgtype, typestore=self.typestore)
+            self._conns[topic] = self._writer.add_connection(topic, msgtype,
+                                                             typestore=self.typestore)
 
     def write(self, topic: str, stamp_ns: int, msg: Any) -> None:
         """Append ``msg`` on ``topic`` with log time ``stamp_ns`` (nanoseconds)."""

@@ -340,7 +340,8 @@ class _Primitive:
             for k in range(3):
                 on_k = axis == k
                 positive = pl[:, k] > 0
-                for sgn, face, sel in ((-1.0, 2 * k, on_k & ~positive), (1.0, 2 * k + 1, on_k & positive)):
+                for sgn, face, sel in ((-1.0, 2 * k, on_k & ~positive),
+                                       (1.0, 2 * k + 1, on_k & positive)):
                     if not sel.any():
                         continue
                     normal_l[sel, k] = -sgn if self.inside else sgn
@@ -408,20 +409,22 @@ class SynthWorld:
     # ---- scene construction
     def _make_room(self, rng: np.random.Generator) -> _Primitive:
         lo, hi = np.array(self.config.room_min), np.array(self.config.room_max)
-        return _Primitive("box", (hi - lo) / 2, [_random_face_texture(rng, False) for _ in range(6)],
-                          -1, inside=True, center0=(hi + lo) / 2)
+        textures = [_random_face_texture(rng, False) for _ in range(6)]
+        return _Primitive("box", (hi - lo) / 2, textures, -1, inside=True, center0=(hi + lo) / 2)
 
     def _make_static_boxes(self, rng: np.random.Generator) -> list[_Primitive]:
         lo, hi = np.array(self.config.room_min), np.array(self.config.room_max)
         boxes = []
         for b in range(self.config.num_static_boxes):
-            half = np.array([rng.uniform(0.2, 0.45), rng.uniform(0.2, 0.45), rng.uniform(0.25, 0.9)])
+            half = np.array([rng.uniform(0.2, 0.45), rng.uniform(0.2, 0.45),
+                             rng.uniform(0.25, 0.9)])
             side = 1.0 if b % 2 == 0 else -1.0       # alternate walls, keep the middle free
             x = rng.uniform(0.5, hi[0] - 1.0)
             wall_y = hi[1] - 0.9 if side > 0 else lo[1] + 0.9
             y = wall_y + rng.uniform(-0.2, 0.2)
-            boxes.append(_Primitive("box", half, [_random_face_texture(rng, False) for _ in range(6)],
-                                    -1, center0=np.array([x, y, half[2]]), yaw0=rng.uniform(-0.5, 0.5)))
+            textures = [_random_face_texture(rng, False) for _ in range(6)]
+            boxes.append(_Primitive("box", half, textures, -1, center0=np.array([x, y, half[2]]),
+                                    yaw0=rng.uniform(-0.5, 0.5)))
         return boxes
 
     def _make_objects(self, rng: np.random.Generator) -> list[_Primitive]:
@@ -436,7 +439,8 @@ class SynthWorld:
                 center = np.array([band_x, rng.uniform(-0.6, 0.6), r])
                 az = rng.uniform(0.2, 0.5)                 # bounces
             else:
-                size = np.array([rng.uniform(0.25, 0.45), rng.uniform(0.25, 0.45), rng.uniform(0.3, 0.6)])
+                size = np.array([rng.uniform(0.25, 0.45), rng.uniform(0.25, 0.45),
+                                 rng.uniform(0.3, 0.6)])
                 center = np.array([band_x, rng.uniform(-0.6, 0.6), size[2]])
                 az = 0.0
             motion = {
@@ -624,7 +628,8 @@ def _frame_bag_messages(world: SynthWorld, f: SynthFrame, typestore=None):
     """(topic, stamp_ns, msg) triples of one frame: image, camera info, GT odometry."""
     from vggt4d_ros.tools import rosbag_io as bio
     H, W = f.image.shape[:2]
-    yield IMAGE_TOPIC, f.stamp_ns, bio.image_msg(f.image, f.stamp_ns, CAMERA_FRAME_ID, "rgb8", typestore)
+    yield IMAGE_TOPIC, f.stamp_ns, bio.image_msg(f.image, f.stamp_ns, CAMERA_FRAME_ID, "rgb8",
+                                                 typestore)
     yield CAMERA_INFO_TOPIC, f.stamp_ns, bio.camera_info_msg(f.intrinsic, W, H, f.stamp_ns,
                                                              CAMERA_FRAME_ID, typestore=typestore)
     twist = world.camera_twist_at(world.time_s(f.index))
@@ -660,7 +665,8 @@ def write_outputs(world: SynthWorld, out_dir: str | Path, folder: bool = True,
             if folder:
                 _save_png(tmp / "rgb" / f"{name}.png", f.image)
                 _save_png(tmp / "masks" / f"{name}.png", f.mask.astype(np.uint8) * 255)
-                np.savez_compressed(tmp / "depth" / f"{name}.npz", depth=f.depth, object_id=f.object_id)
+                np.savez_compressed(tmp / "depth" / f"{name}.npz", depth=f.depth,
+                                    object_id=f.object_id)
             for w in writers:
                 for topic, stamp, msg in _frame_bag_messages(world, f):
                     w.write(topic, stamp, msg)
