@@ -149,3 +149,28 @@ def test_dynamic_refine_improves_dilated_mask_on_synthetic_world(synth_scene):
     after = _iou(refine_dynamic_mask(depth, intr, c2w, coarse, images), gt)
     # measured: 0.663 -> 0.718 (released behaviour, pixel centres)
     assert after >= before + 0.03, (before, after)
+
+
+def test_dynamic_refine_boundary_sharpening_on_blurred_dilated_mask(synth_scene):
+    """Optional per-pixel energy step: on an over-extended (dilated + blurred) coarse mask it
+    raises the DAVIS boundary F-measure. Measured: F 0.462 -> 0.894, J 0.718 -> 0.837."""
+    from dataclasses import replace
+
+    from vggt4d_ros.tools.metrics import boundary_f, mask_iou
+
+    depth, intr, c2w, _, images, gt = synth_scene
+    dil = np.ones((11, 11), np.uint8)
+    coarse = torch.from_numpy(np.stack([
+        cv2.GaussianBlur(cv2.dilate(m.astype(np.uint8) * 255, dil), (9, 9), 0)
+        for m in gt.numpy()]) > 127)
+    base = RefineConfig()
+    plain = refine_dynamic_mask(depth, intr, c2w, coarse, images, base)
+    sharp = refine_dynamic_mask(depth, intr, c2w, coarse, images,
+                                replace(base, boundary_sharpening=True))
+
+    def score(fn, m):
+        return float(np.mean([fn(a, b) for a, b in zip(m.numpy(), gt.numpy())]))
+
+    assert score(boundary_f, sharp) >= score(boundary_f, plain) + 0.3
+    assert score(mask_iou, sharp) >= score(mask_iou, plain) + 0.08
+    assert not RefineConfig().boundary_sharpening          # default: released behaviour

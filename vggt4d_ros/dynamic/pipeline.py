@@ -79,7 +79,10 @@ class Vggt4dConfig:
     refine_close_kernel: int = 5
     refine_dilate_kernel: int = 3
     refine_pixel_offset: float = 0.5
-    refine_boundary_sharpening: bool = False
+    refine_boundary_sharpening: bool = False  # measured trade-off: see refine.py docstring
+    refine_boundary_band: int = 4
+    refine_boundary_threshold: float = 0.2
+    refine_boundary_keep_threshold: float = 0.2
     # execution
     reuse_patch_tokens: bool = True         # pass 2 reuses pass-1 DINO patch tokens
     pass2_camera_only: bool = True          # pass 2 runs aggregator + camera head only
@@ -114,7 +117,10 @@ class Vggt4dConfig:
             residual_threshold=self.refine_residual_threshold,
             close_kernel=self.refine_close_kernel, dilate_kernel=self.refine_dilate_kernel,
             pixel_offset=self.refine_pixel_offset, kmeans_backend=self.cluster_backend,
-            boundary_sharpening=self.refine_boundary_sharpening)
+            boundary_sharpening=self.refine_boundary_sharpening,
+            boundary_band=self.refine_boundary_band,
+            boundary_threshold=self.refine_boundary_threshold,
+            boundary_keep_threshold=self.refine_boundary_keep_threshold)
 
 
 @dataclass
