@@ -148,3 +148,17 @@ def test_eval_uses_replay_frames_index_for_strided_output(tmp_path: Path, gt_dir
     (pred / "frames.txt").unlink()
     assert main([str(pred), "--gt", str(gt_dir), "--out", str(out), "--no-plots"]) == 0
     assert json.loads((out / "metrics.json").read_text())["masks"]["J_mean"] < 1.0
+
+
+def test_eval_against_ground_truth_bag(tmp_path: Path) -> None:
+    """GT poses can come from a bag's /ground_truth/odom (the synth bag, read via datasets)."""
+    world = SynthWorld(SynthConfig(width=32, height=24, num_frames=5, num_objects=1, seed=7))
+    scene = write_outputs(world, tmp_path / "scene", folder=True, bags=["mcap"])
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    gt = M.read_tum(scene / "groundtruth.txt")
+    M.write_tum(pred / "trajectory.txt", gt.stamps_ns, _sim3_copy(gt, 2.5))
+    assert main([str(pred), "--gt", str(scene / "bag_mcap"), "--out", str(tmp_path / "r"),
+                 "--no-plots"]) == 0
+    res = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert res["trajectory"]["matched"] == 5 and res["trajectory"]["ate_rmse"] < 1e-6
