@@ -1,9 +1,9 @@
 """The vggt4d node in-process with real rclpy (publishers, subscriptions, services, parameters,
 MultiThreadedExecutor): outputs, stamps, frames, TF tree, services, parameters, bad input.
 
-The engine is the real StreamEngine; the predictor is tools.gt_predictor (answers from the
-synthetic world) so these tests are about the ROS edge, fast and deterministic. The real
-VGGT4D model (tiny random weights) runs in test_ros_integration.py.
+The node builds its real engine (StreamEngine over stream.factory.build_predictor: the
+VGGT4D pipeline on tiny random weights, CPU, 98x56 frames of the synthetic world, window 4
+stride 2). Geometry from random weights is meaningless; these tests check the ROS contract.
 """
 from __future__ import annotations
 
@@ -30,8 +30,6 @@ from vggt4d_ros.ros.image_conv import array_to_image, bytes_to_uint8_array, imag
 from vggt4d_ros.ros.pointcloud import cloud_to_arrays  # noqa: E402
 from vggt4d_ros.ros.probe import TopicProbe, qos_for  # noqa: E402
 from vggt4d_ros.ros.stamp_match import stamp_to_ns  # noqa: E402
-from vggt4d_ros.stream.engine import StreamEngine  # noqa: E402
-from vggt4d_ros.tools.gt_predictor import GroundTruthPredictor  # noqa: E402
 from vggt4d_ros.tools.synth import SynthConfig, SynthWorld  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -56,7 +54,8 @@ TOPICS = {
 
 
 class Harness:
-    """A node + probe on one executor spinning in a thread; frames from a synthetic world."""
+    """The node (real engine) + a probe on one executor spinning in a thread; frames from a
+    synthetic world."""
 
     def __init__(self, overrides: dict, cli_args: list[str] | None = None,
                  num_frames: int = 200) -> None:
@@ -64,15 +63,13 @@ class Harness:
         rclpy.init(context=self.ctx)
         self.world = SynthWorld(SynthConfig(width=W, height=H, num_frames=num_frames,
                                             num_objects=1, seed=3))
-        self.gt = GroundTruthPredictor(self.world, seed=1)
         params = {"window.size": 4, "window.stride": 2, "model.checkpoint": "random_tiny",
+                  "model.device": "cpu", "model.image_width": W,
                   "map.publish_period": 0.2, "log_throttle": 0.0, "queue_size": 64}
         params.update(overrides)
 
-        def factory(settings, device):
-            return StreamEngine(self.gt, node_mod.stream_config(settings))
         self.node = node_mod.Vggt4dNode(
-            engine_factory=factory, context=self.ctx, cli_args=cli_args,
+            context=self.ctx, cli_args=cli_args,
             parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
         self.probe = TopicProbe("probe", context=self.ctx)
         for topic, (typ, qos) in TOPICS.items():
@@ -103,7 +100,7 @@ class Harness:
         return pred()
 
     def frame_msgs(self, i: int, stamp_ns: int | None = None):
-        f = self.gt.render(i)
+        f = self.world.render(i)
         stamp = rclpy.time.Time(nanoseconds=stamp_ns if stamp_ns is not None
                                 else f.stamp_ns).to_msg()
         img = array_to_image(f.image, "rgb8", stamp=stamp, frame_id="camera_optical_frame")
@@ -408,9 +405,12 @@ def test_reset_service_starts_a_new_sequence(h, stamps):
     res = _call(h, "reset")
     assert res.success
     assert h.wait(lambda: h.probe.get(f"{NS}/status")[-1].state == Status.RESET)
-    n = len(h.probe.get(f"{NS}/odom"))
-    h.send(4)
-    assert h.wait(lambda: len(h.probe.get(f"{NS}/odom")) >= n + 4)
-    first = h.probe.get(f"{NS}/odom")[n].pose.pose.position
+    new = h.send(4)
+
+    def new_odoms():
+        return [m for m in h.probe.get(f"{NS}/odom") if stamp_to_ns(m.header.stamp) in new]
+    assert h.wait(lambda: len(new_odoms()) == 4)
+    first = new_odoms()[0].pose.pose.position
     assert (first.x, first.y, first.z) == pytest.approx((0, 0, 0), abs=1e-6)
-    assert len(h.probe.get(f"{NS}/path")[-1].poses) == 4
+    assert h.wait(lambda: [stamp_to_ns(p.header.stamp)
+                           for p in h.probe.get(f"{NS}/path")[-1].poses] == new)

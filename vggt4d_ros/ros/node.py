@@ -203,6 +203,7 @@ class Vggt4dNode(Node):
         # --- 2. state shared between callbacks and the worker
         self._lock = threading.Lock()          # counters, stamps, pending
         self._engine_lock = threading.Lock()   # engine.poll / reset / map snapshots
+        self._publish_lock = threading.Lock()  # one window's outputs vs. ~/reset
         self.frames_received = 0
         self.frames_processed = 0
         self.bad_input: Counter[str] = Counter({k: 0 for k in BAD_INPUT_CLASSES})
@@ -415,6 +416,12 @@ class Vggt4dNode(Node):
             self._maybe_publish_map()
 
     def _poll_once(self) -> None:
+        # _publish_lock: a ~/reset waits until this window's outputs are out, so nothing of
+        # the old sequence is published after the reset answer.
+        with self._publish_lock:
+            self._poll_and_publish()
+
+    def _poll_and_publish(self) -> None:
         with self._engine_lock:
             outs = self.engine.poll()
             window = self.engine.last_window
@@ -595,14 +602,16 @@ class Vggt4dNode(Node):
 
     # ------------------------------------------------------------------ services
     def _on_reset(self, request, response):
-        with self._engine_lock:
-            self.engine.reset("service")
-        with self._lock:
-            self._last_stamp, self._last_shape = None, None
-            self._pending.clear()
-        self._path.poses = []
-        self._status_message = "reset: service"
-        self._publish_status(self._last_output_stamp)
+        with self._publish_lock:
+            with self._engine_lock:
+                self.engine.reset("service")
+                self._reset_count = sum(self.engine.counters.resets.values())
+            with self._lock:
+                self._last_stamp, self._last_shape = None, None
+                self._pending.clear()
+            self._path.poses = []
+            self._status_message = "reset: service"
+            self._publish_status(self._last_output_stamp)
         self.get_logger().info("sequence reset by ~/reset")
         response.success, response.message = True, "reset: next frames start a new sequence"
         return response
