@@ -12,7 +12,6 @@ end-point drift; ATE (RMS after the best Sim(3)) is smaller. Measured: 0.060 m R
 below what one broken window would cause), and the noise-free run must be exact (1e-5).
 """
 import numpy as np
-import pytest
 
 from vggt4d_ros.geometry.sim3 import umeyama_sim3
 from vggt4d_ros.stream.engine import FrameInput, StreamConfig, StreamEngine

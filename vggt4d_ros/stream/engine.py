@@ -55,7 +55,7 @@ from vggt4d_ros.stream.predictor import WindowPrediction, WindowPredictor
 from vggt4d_ros.stream.stitcher import (AlignParams, AlignResult, FrameRecord, align_window,
                                         overlap_disagreement, pose_covariance,
                                         prediction_frame_valid, reanchor, sim3_mapping_pose,
-                                        unproject_pixels, valid_depth)
+                                        valid_depth)
 
 __all__ = ["StreamEngine", "StreamConfig", "FrameInput", "FrameOutput", "WindowOutput", "StreamCounters",
            "STATES"]
@@ -392,42 +392,36 @@ class StreamEngine:
     def _static_points(self, pred: WindowPrediction, new_idx: Sequence[int], new_frames: Sequence[QueuedFrame],
                        depth_odom: np.ndarray, poses: Sequence[np.ndarray], images_small: Sequence[np.ndarray],
                        rng: np.random.Generator):
-        """Confident static pixels of the new frames -> (points, colors, conf, stamps, uv)."""
+        """Confident static pixels of the new frames -> (points [M,3] odom, colors [M,3], conf [M],
+        source stamps [M], source uv [M,2]). Vectorised over all new frames at once."""
         cfg = self.config
-        kernel = (np.ones((2 * cfg.mask_dilation_px + 1,) * 2, np.uint8) if cfg.mask_dilation_px else None)
-        sel = []
-        for j, i in enumerate(new_idx):
-            dyn = pred.mask[i]
-            if kernel is not None:
-                dyn = cv2.dilate(dyn.astype(np.uint8), kernel).astype(bool)
-            conf = pred.depth_conf[i]
-            ok = (valid_depth(depth_odom[i]) & ~dyn & np.isfinite(conf) & (conf >= cfg.align.min_confidence)
-                  & np.isfinite(pred.extrinsic[i]).all())
-            sel.append(np.flatnonzero(ok.ravel()))
-        owner = np.concatenate([np.full(len(s), j) for j, s in enumerate(sel)]) if sel else np.zeros(0, int)
-        flat = np.concatenate(sel) if sel else np.zeros(0, int)
+        idx = np.asarray(new_idx)
+        k, h, w = len(idx), pred.depth.shape[1], pred.depth.shape[2]
+        dyn = pred.mask[idx]
+        if cfg.mask_dilation_px:
+            kernel = np.ones((2 * cfg.mask_dilation_px + 1,) * 2, np.uint8)
+            dyn = np.stack([cv2.dilate(m.astype(np.uint8), kernel) for m in dyn]).astype(bool)
+        conf = pred.depth_conf[idx]
+        frame_ok = np.isfinite(pred.extrinsic[idx]).all(axis=(1, 2))
+        ok = (valid_depth(depth_odom[idx]) & ~dyn & np.isfinite(conf) & (conf >= cfg.align.min_confidence)
+              & frame_ok[:, None, None])
+        flat = np.flatnonzero(ok.ravel())                       # index into [k, H, W]
         if len(flat) and cfg.points_conf_quantile > 0:
-            conf_all = np.concatenate([pred.depth_conf[i].ravel()[s] for i, s in zip(new_idx, sel)])
-            keep = conf_all >= np.quantile(conf_all, cfg.points_conf_quantile)
-            owner, flat = owner[keep], flat[keep]
+            c = conf.ravel()[flat]
+            probe = c if len(c) <= 100_000 else c[rng.choice(len(c), 100_000, replace=False)]
+            flat = flat[c >= np.quantile(probe, cfg.points_conf_quantile)]   # (approximate for huge windows)
         if len(flat) > cfg.max_points_per_window:
-            pick = np.sort(rng.choice(len(flat), cfg.max_points_per_window, replace=False))
-            owner, flat = owner[pick], flat[pick]
-        w = pred.depth.shape[2]
-        v, u = np.divmod(flat, w)
-        pts = np.zeros((len(flat), 3), np.float32)
-        cols = np.zeros((len(flat), 3), np.uint8)
-        conf = np.zeros(len(flat), np.float32)
-        for j, i in enumerate(new_idx):
-            m = owner == j
-            if not m.any():
-                continue
-            pts[m] = unproject_pixels(depth_odom[i].ravel()[flat[m]].astype(np.float64), u[m], v[m],
-                                      pred.intrinsic[i], poses[j])
-            cols[m] = images_small[j].reshape(-1, 3)[flat[m]]
-            conf[m] = pred.depth_conf[i].ravel()[flat[m]]
-        stamps = np.array([f.stamp_ns for f in new_frames], np.int64)[owner] if len(owner) else np.zeros(0, np.int64)
-        return pts, cols, conf, stamps, np.stack([u, v], 1).astype(np.int32)
+            flat = np.sort(rng.choice(flat, cfg.max_points_per_window, replace=False))
+        owner, pix = np.divmod(flat, h * w)
+        v, u = np.divmod(pix, w)
+        d = depth_odom[idx].reshape(k, -1)[owner, pix].astype(np.float64)
+        intr = pred.intrinsic[idx][owner]                       # [M, 3, 3]
+        pose = np.stack(poses)[owner]                           # [M, 4, 4] world_from_cam (odom)
+        x_cam = np.stack([(u - intr[:, 0, 2]) / intr[:, 0, 0] * d, (v - intr[:, 1, 2]) / intr[:, 1, 1] * d, d], 1)
+        pts = (np.einsum("mij,mj->mi", pose[:, :3, :3], x_cam) + pose[:, :3, 3]).astype(np.float32)
+        cols = np.stack(images_small).reshape(k, -1, 3)[owner, pix]
+        stamps = np.array([f.stamp_ns for f in new_frames], np.int64)[owner]
+        return pts, cols, conf.reshape(k, -1)[owner, pix].astype(np.float32), stamps, np.stack([u, v], 1).astype(np.int32)
 
     def _maybe_keyframe(self, rec: FrameRecord) -> None:
         """Keep ``rec`` as a keyframe if it moved enough from the newest keyframe (bounded deque)."""
