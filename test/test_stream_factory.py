@@ -50,6 +50,27 @@ def test_tiny_predictor_contract(tiny_predictor):
     np.testing.assert_allclose(again.predict(images, [0, 1, 2, 3]).depth, pred.depth, rtol=1e-5, atol=1e-6)
 
 
+def test_token_cache_gives_the_same_prediction_as_no_cache(tiny_predictor):
+    """With the real pipeline: a window whose frames were embedded in an earlier window (cached
+    tokens) predicts the same as a predictor that embeds everything afresh."""
+    assert tiny_predictor.supports_token_cache
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, size=(6, 48, 64, 3), dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = build_predictor(PredictorConfig(checkpoint="random_tiny", device="cpu", image_width=56,
+                                                token_cache_size=0))
+    assert not fresh.supports_token_cache
+    tiny_predictor.predict(frames[:4], [100, 101, 102, 103])
+    hits = tiny_predictor.cache_hits
+    cached = tiny_predictor.predict(frames[2:], [102, 103, 104, 105])
+    assert tiny_predictor.cache_hits == hits + 2
+    ref = fresh.predict(frames[2:], [102, 103, 104, 105])
+    np.testing.assert_allclose(cached.depth, ref.depth, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(cached.extrinsic, ref.extrinsic, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(cached.mask, ref.mask)
+
+
 def test_engine_end_to_end_with_tiny_vggt4d_on_cpu(tiny_predictor):
     world = SynthWorld(SynthConfig(width=64, height=48, num_frames=20, num_objects=1, seed=0))
     engine = StreamEngine(tiny_predictor, StreamConfig(window_size=6, stride=3, voxel_size=0.05))

@@ -224,8 +224,13 @@ class Vggt4dPipeline:
 
     # ------------------------------------------------------------------ main entry
     @torch.no_grad()
-    def __call__(self, images: Tensor) -> Vggt4dResult:
-        """Run VGGT4D on a window ``images [S, 3, H, W]`` float in [0, 1] (any device)."""
+    def __call__(self, images: Tensor, patch_tokens: Optional[Tensor] = None) -> Vggt4dResult:
+        """Run VGGT4D on a window ``images [S, 3, H, W]`` float in [0, 1] (any device).
+
+        ``patch_tokens`` [S, N, C_dino]: optional DINO tokens of these frames (``model.aggregator.
+        embed_patches``), e.g. cached per frame by the streaming engine; pass 1 then skips the
+        patch embedding (identical result).
+        """
         cfg = self.config
         images = self._check_images(images)
         s, _, h, w = images.shape
@@ -248,7 +253,8 @@ class Vggt4dPipeline:
             control = AttentionControl(capture=reducer.capture, on_qk=reducer.on_qk,
                                        encoder_features=True)
         with timer("pass1"):
-            out1 = self.model(images, control=control, autocast_dtype=amp)
+            out1 = self.model(images, control=control, patch_tokens=patch_tokens,
+                              autocast_dtype=amp)
         ext1 = out1["extrinsic"][0].float()
         intr1 = out1["intrinsic"][0].float()
         depth1 = out1["depth"][0, ..., 0].float()

@@ -22,6 +22,7 @@ The model packages are imported lazily, so ``stream/`` imports without them.
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 import os
 import time
 import warnings
@@ -146,7 +147,11 @@ class Vggt4dWindowPredictor:
             self._cache_shape = shape
         missing = [i for i, k in enumerate(frame_keys) if k not in self._cache]
         if missing:
-            with torch.no_grad():
+            # same autocast as the pipeline's own pass 1, so cached == recomputed tokens
+            amp_of = getattr(self.pipeline, "_autocast_dtype", None)
+            amp = amp_of(x.device) if callable(amp_of) else None
+            ctx = torch.autocast(x.device.type, dtype=amp) if amp is not None else nullcontext()
+            with torch.no_grad(), ctx:
                 tok = self.pipeline.model.aggregator.embed_patches(x[missing][None])
             for j, i in enumerate(missing):
                 self._cache[frame_keys[i]] = tok[j]
