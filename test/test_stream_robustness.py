@@ -267,3 +267,38 @@ def test_bad_prediction_shapes_raise():
     with pytest.raises(ValueError, match="depth_conf"):
         for k in range(8):
             engine.push(FrameInput(k + 1, np.zeros((8, 8, 3), np.uint8)))
+
+
+def test_threaded_producer_worker_and_concurrent_reset_keep_counts_consistent():
+    """Camera callback thread submits, a worker polls, a service thread resets once: every
+    submitted frame is either emitted exactly once or counted as dropped."""
+    import threading
+
+    gt = _gt(_world(200))
+    frames = [_frame(gt, i) for i in range(200)]
+    engine = StreamEngine(gt, StreamConfig(**CFG, drop_policy="drop_oldest", max_queue=6))
+    outs, done, errors = [], threading.Event(), []
+
+    def worker():
+        try:
+            while not done.is_set():
+                outs.extend(engine.poll())
+            outs.extend(engine.flush())
+        except Exception as exc:            # surfaced below
+            errors.append(exc)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    for i, f in enumerate(frames):
+        engine.submit(f)
+        if i == 100:
+            engine.reset()
+    done.set()
+    t.join(timeout=120)
+    assert not t.is_alive() and not errors
+    c = engine.counters
+    assert c.frames_in == 200 and c.resets == {"requested": 1}
+    assert c.frames_out == len(outs) and c.frames_out + sum(c.dropped.values()) == 200
+    stamps = [o.stamp_ns for o in outs]
+    assert len(set(stamps)) == len(stamps)
+    _assert_finite(outs)
