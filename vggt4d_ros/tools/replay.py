@@ -189,8 +189,11 @@ def save_npz_deterministic(path: Path, **arrays: np.ndarray) -> None:
 
 
 def _save_mono8(path: Path, img: np.ndarray) -> None:
+    """Write a mono8 PNG; ReplayError (saying why, if it can tell) when OpenCV cannot."""
     if not cv2.imwrite(str(path), np.ascontiguousarray(img, np.uint8)):
-        raise ReplayError(f"cannot write {path}")
+        why = "its folder vanished" if not path.parent.is_dir() else \
+            f"image {img.shape} {img.dtype}"
+        raise ReplayError(f"cannot write {path} ({why})")
 
 
 def _find_msg_dir() -> Path | None:
@@ -447,6 +450,8 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
         weights_note = RANDOM_WEIGHTS_NOTE
     if predictor is None:
         predictor = timer.run("load_model", make_predictor, settings)
+    if weights_note is None and getattr(predictor, "random_weights", False):
+        weights_note = RANDOM_WEIGHTS_NOTE           # the factory says the weights are random
     engine = make_engine(predictor, settings)
     odom = OdomFrame()
     (root / "masks").mkdir()
