@@ -638,6 +638,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="auto", choices=("auto",) + SOURCE_KINDS,
                    help="input kind (default: detect from the layout)")
     p.add_argument("--topic", default=None, help="bag image topic (needed if several)")
+    p.add_argument("--gt-topic", default="auto",
+                   help="bag nav_msgs/Odometry ground-truth topic ('auto': the unique one named "
+                        "like ground truth; 'none': ignore)")
+    p.add_argument("--sequence", default=None,
+                   help="sequence name when INPUT is a DAVIS or Sintel dataset root")
     p.add_argument("--checkpoint", default=os.environ.get("VGGT4D_CHECKPOINT",
                                                           "facebook/VGGT-1B"),
                    help="local checkpoint path, Hugging Face id, or random_tiny "
@@ -687,8 +692,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(a)
         _check_out_dir(a.out, a.overwrite)
+        extra = {"sequence": a.sequence} if a.sequence else {}
         source = open_source(a.input, a.kind, topic=a.topic, stride=a.input_stride,
-                             max_frames=a.max_frames)
+                             max_frames=a.max_frames,
+                             gt_topic=None if a.gt_topic == "none" else a.gt_topic, **extra)
         next(iter(source))          # fail fast on an unreadable first frame, before the model
         res = run_replay(source, a.out, settings, overwrite=a.overwrite, progress=not a.quiet)
     except InputError as exc:
