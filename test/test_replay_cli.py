@@ -146,3 +146,22 @@ def test_replay_cli_random_tiny_model_is_deterministic(tmp_path: Path,
     sa.pop("timings"), sb.pop("timings")
     assert sa == sb and sa["weights"] == "random weights: geometry is meaningless"
     assert sa["predictor"] == "Vggt4dWindowPredictor"
+
+
+def test_replay_cli_video_input(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    world = SynthWorld(SynthConfig(width=84, height=56, num_frames=6, num_objects=1, seed=2))
+    video = tmp_path / "clip.avi"
+    vw = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (84, 56))
+    for f in world:
+        vw.write(cv2.cvtColor(f.image, cv2.COLOR_RGB2BGR))
+    vw.release()
+    monkeypatch.setattr(rp, "make_predictor", lambda s: GroundTruthPredictor(
+        world, index_of_key=lambda k: k))
+    out = tmp_path / "out"
+    code = rp.main([str(video), "--out", str(out), "--window", "4", "--stride", "2", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["input"]["kind"] == "video" and s["frames"]["processed"] == 6
+    stamps = [int(ln.split()[1]) for ln in (out / "frames.txt").read_text().splitlines()[1:]]
+    assert stamps == [i * 100_000_000 for i in range(6)]          # 10 fps container
