@@ -22,3 +22,10 @@ def test_time_fn_cpu_and_tflops():
     t = time_fn(lambda: calls.append(1), warmup=2, repeats=3, device="cpu")
     assert len(calls) == 5 and len(t.runs) == 3 and t.min_s <= t.median_s <= t.max_s
     assert tflops(2e12, 2.0) == pytest.approx(1.0)
+
+
+def test_bench_cli_rejects_bad_sizes(capsys):
+    from vggt4d_ros.tools.bench import main
+    with pytest.raises(SystemExit) as exc:
+        main(["--height", "100", "--device", "cpu"])
+    assert exc.value.code == 2

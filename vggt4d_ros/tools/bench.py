@@ -1,0 +1,355 @@
+"""``vggt4d-bench``: GPU benchmark of VGGT and VGGT4D (one command, one table).
+
+Runs the full-size VGGT-1B architecture with seeded RANDOM weights (speed does not depend on
+the weights; every geometric output of this run is meaningless) and prints:
+
+1. Plain VGGT per window size (8/16/32/64 frames at 518x294 by default): patch embed,
+   aggregator, heads, full forward; peak memory; aggregator TFLOP/s and % of the H100/H200
+   dense bf16 peak. The recipe is the official one: fp32 weights, bf16 autocast around the
+   aggregator, fp32 heads.
+2. VGGT4D (the product path, ``Vggt4dConfig`` defaults + fast backends) per window size:
+   every stage (pass 1, saliency, clustering, threshold, pass 2, refinement, points), total,
+   peak memory, and the ratio to the plain VGGT forward measured in the same run.
+3. An ablation at one window size that starts from a straightforward REFERENCE path kept here
+   (:func:`reference_vggt4d`: fp32 eager, every needed layer's Q/K stored and full
+   token x token Gram matrices materialised, scikit-learn / scikit-image clustering and
+   thresholds, refinement on the host, a full second forward with its own patch embedding
+   and every head) and switches the speed-ups on one at a time.
+4. A stream of ``--stream-frames`` frames (window 16, stride 8) through the same
+   ``StreamEngine`` + ``Vggt4dWindowPredictor`` the node uses: frames/s, per-window latency,
+   stitching time and GPU memory after every window (flat = bounded).
+
+Timing: CUDA-synchronised, warm-up calls, median of ``--repeats``. Results go to stdout and,
+as JSON, to ``--out`` (default ``$OUT/bench.json`` when ``$OUT`` is set).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from vggt4d_ros.tools.bench_util import (H100_BF16_DENSE_TFLOPS, Timing, synchronize, tflops,
+                                         time_fn, vggt_flops)
+
+RANDOM_LABEL = "random weights: geometry is meaningless"
+
+
+# --------------------------------------------------------------------------- model
+def build_random_vggt(device: torch.device, seed: int = 0, config=None):
+    """Full-size VGGT-1B (no track head) with seeded random weights, built on ``device``."""
+    from vggt4d_ros.model.config import VGGTConfig
+    from vggt4d_ros.model.vggt import VGGT
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = VGGT(config or VGGTConfig.vggt_1b(), enable_track=False).eval()
+    return model
+
+
+# --------------------------------------------------------------------------- reference path
+@torch.no_grad()
+def reference_vggt4d(model, images: torch.Tensor, amp: Optional[torch.dtype] = None,
+                     cfg=None) -> Dict[str, object]:
+    """Straightforward VGGT4D: the baseline every speed-up is measured against.
+
+    images [S, 3, H, W] in [0, 1]. Stores the global-attention Q/K of all saliency layers,
+    materialises the full per-source, per-head Gram tensors (``naive_saliency_maps``), clusters
+    with scikit-learn and thresholds with scikit-image on the host, runs a complete second
+    forward (patch embedding and every head again) and refines on the host with the
+    reference backends. Returns the same quantities as the pipeline (extrinsic, mask, ...).
+    """
+    from vggt4d_ros.dynamic.cluster import cluster_features, cluster_mean_map
+    from vggt4d_ros.dynamic.intervention import build_intervention_control
+    from vggt4d_ros.dynamic.pipeline import Vggt4dConfig, _cam_to_world
+    from vggt4d_ros.dynamic.refine import refine_dynamic_mask
+    from vggt4d_ros.dynamic.saliency import naive_saliency_maps, needed_layers
+    from vggt4d_ros.dynamic.threshold import adaptive_threshold, upsample_map
+    from vggt4d_ros.model.hooks import AttentionControl
+
+    cfg = cfg or Vggt4dConfig(cluster_backend="reference")
+    s, _, h, w = images.shape
+    p = model.config.num_special_tokens
+    layers = set(needed_layers(cfg.saliency_specs()))
+    store_q: Dict[int, torch.Tensor] = {}
+    store_k: Dict[int, torch.Tensor] = {}
+
+    def keep(kind: str, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        # [1, heads, S*T, d] -> patch tokens [S, heads, N, d], kept (as the official code does)
+        nh, d = q.shape[1], q.shape[-1]
+        store_q[layer] = q[0].reshape(nh, s, -1, d)[:, :, p:].transpose(0, 1).float().clone()
+        store_k[layer] = k[0].reshape(nh, s, -1, d)[:, :, p:].transpose(0, 1).float().clone()
+
+    ctrl = AttentionControl(capture={"global": layers}, on_qk=keep, encoder_features=True)
+    out1 = model(images, control=ctrl, autocast_dtype=amp)
+    maps = naive_saliency_maps(store_q, store_k, cfg.window_offsets, cfg.saliency_specs())
+    gh, gw = h // 14, w // 14
+    saliency = maps["dyn_map"].float().reshape(s, gh, gw)
+    feats = out1["encoder_features"].reshape(s, gh * gw, -1).float()
+    labels = cluster_features(feats, cfg.feature_clusters, cfg.kmeans_seed, "reference")
+    cmap = cluster_mean_map(saliency, labels.reshape(s, gh, gw))
+    up = upsample_map(cmap, (h, w))
+    thr = adaptive_threshold(up, cfg.otsu_classes, cfg.otsu_bins, backend="reference")
+    coarse = up > thr
+    control2, _ = build_intervention_control(coarse, cfg.intervention_layers)
+    out2 = model(images, control=control2, autocast_dtype=amp)      # full second forward
+    ext = out2["extrinsic"][0].float()
+    mask = refine_dynamic_mask(out1["depth"][0, ..., 0].float(), out1["intrinsic"][0].float(),
+                               _cam_to_world(ext), coarse, images.float(),
+                               cfg.refine_config())
+    return {"extrinsic": ext, "mask": mask, "coarse": coarse}
+
+
+# --------------------------------------------------------------------------- sections
+def bench_plain(model, images: torch.Tensor, warmup: int, repeats: int) -> Dict[str, object]:
+    """Plain VGGT (official recipe) on one window: parts and full forward."""
+    dev = images.device
+    s, _, h, w = images.shape
+    x = images[None]
+    amp = torch.bfloat16
+    cfg = model.config
+    with torch.inference_mode():
+        def embed():
+            with torch.autocast(dev.type, dtype=amp):
+                return model.aggregator.embed_patches(x)
+        t_embed = time_fn(embed, warmup, repeats, dev)
+
+        def aggregate():
+            with torch.autocast(dev.type, dtype=amp):
+                return model.aggregator.run(x, keep_layers=model.needed_layers())
+        t_agg = time_fn(aggregate, warmup, repeats, dev)
+        agg = aggregate()
+        tokens = [t.float() if t is not None else None for t in agg.layers]
+
+        def heads():
+            with torch.autocast(dev.type, enabled=False):
+                model.camera_head(tokens)
+                model.depth_head(tokens, images=x, patch_start_idx=agg.patch_start_idx)
+                model.point_head(tokens, images=x, patch_start_idx=agg.patch_start_idx)
+        t_heads = time_fn(heads, warmup, repeats, dev)
+        del agg, tokens
+        t_full = time_fn(lambda: model(images, autocast_dtype=amp), warmup, repeats, dev)
+    fl = vggt_flops(s, h, w, cfg.embed_dim, cfg.depth, cfg.patch_embed.embed_dim,
+                    cfg.patch_embed.depth)
+    agg_tf = tflops(fl["total"], t_agg.median_s)
+    return {"frames": s, "patch_embed": t_embed.as_dict(), "aggregator": t_agg.as_dict(),
+            "heads": t_heads.as_dict(), "full": t_full.as_dict(),
+            "aggregator_tflops": agg_tf, "aggregator_mfu": agg_tf / H100_BF16_DENSE_TFLOPS,
+            "flops_tera": {k: v / 1e12 for k, v in fl.items()}}
+
+
+def _stage_medians(runs: List[Dict[str, float]]) -> Dict[str, float]:
+    keys = sorted({k for r in runs for k in r})
+    return {k: float(np.median([r.get(k, 0.0) for r in runs])) for k in keys}
+
+
+def bench_pipeline(pipe, images: torch.Tensor, warmup: int, repeats: int) -> Dict[str, object]:
+    """One VGGT4D configuration: per-stage medians, total, peak memory."""
+    dev = images.device
+    stage_runs: List[Dict[str, float]] = []
+
+    def run():
+        res = pipe(images)
+        stage_runs.append(dict(res.timings))
+        return res
+    t = time_fn(run, warmup, repeats, dev)
+    stages = _stage_medians(stage_runs[warmup:])
+    return {"total": t.as_dict(), "stages": stages}
+
+
+def ablation_steps() -> List[tuple]:
+    """(name, description, factory(model) -> callable(images)) in cumulative order."""
+    from vggt4d_ros.dynamic.pipeline import Vggt4dConfig, Vggt4dPipeline
+
+    def ref(amp):
+        return lambda model: (lambda x: reference_vggt4d(model, x, amp=amp))
+
+    def pipe(**kw):
+        return lambda model: Vggt4dPipeline(model, Vggt4dConfig(**kw))
+
+    return [
+        ("reference_fp32", "reference path: fp32 eager, stored Q/K + full Gram tensors, "
+         "sklearn/skimage, full 2nd forward, host refinement", ref(None)),
+        ("+bf16_autocast", "bf16 autocast aggregator, fp32 heads (fused SDPA / flash)",
+         ref(torch.bfloat16)),
+        ("+streaming_gram", "Q/K of the 11 layers reduced as produced, sources averaged first "
+         "(no token x token tensors per source/head)",
+         pipe(cluster_backend="reference", reuse_patch_tokens=False, pass2_camera_only=False)),
+        ("+gpu_cluster_threshold_refine", "torch k-means / multi-Otsu / refinement k-means on "
+         "the GPU", pipe(cluster_backend="fast", reuse_patch_tokens=False,
+                         pass2_camera_only=False)),
+        ("+pass2_camera_only_token_reuse", "pass 2 = aggregator + camera head, DINO tokens "
+         "reused from pass 1", pipe(cluster_backend="fast")),
+    ]
+
+
+def bench_ablation(model, images: torch.Tensor, warmup: int, repeats: int
+                   ) -> List[Dict[str, object]]:
+    rows = []
+    for name, desc, factory in ablation_steps():
+        fn = factory(model)
+        slow = name.startswith("reference")
+        torch.cuda.empty_cache() if images.is_cuda else None
+        with torch.inference_mode():
+            t = time_fn(lambda: fn(images), 1 if slow else warmup, 1 if slow else repeats,
+                        images.device)
+        row = {"step": name, "what": desc, **t.as_dict()}
+        print(f"  {name:34s} {t.median_s * 1e3:9.1f} ms  peak {t.peak_bytes / 1e9:6.2f} GB",
+              flush=True)
+        rows.append(row)
+    return rows
+
+
+def bench_stream(model, frames: int, height: int, width: int, window: int, stride: int,
+                 device: torch.device) -> Dict[str, object]:
+    """A long stream through StreamEngine + Vggt4dWindowPredictor (the node's path)."""
+    from vggt4d_ros.dynamic.pipeline import Vggt4dConfig, Vggt4dPipeline
+    from vggt4d_ros.stream.engine import FrameInput, StreamConfig, StreamEngine
+    from vggt4d_ros.stream.factory import Vggt4dWindowPredictor
+
+    pipe = Vggt4dPipeline(model, Vggt4dConfig(cluster_backend="fast"))
+    predictor = Vggt4dWindowPredictor(pipe, width, str(device), label=RANDOM_LABEL)
+    engine = StreamEngine(predictor, StreamConfig(window_size=window, stride=stride,
+                                                  drop_policy="keep_all"))
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, size=(height, width + 8 * frames // 4, 3), dtype=np.uint8)
+    mem, lat = [], []
+    n_out = 0
+    t0 = time.perf_counter()
+    for i in range(frames):
+        off = 2 * i   # a panning view of one random texture: consecutive frames overlap
+        img = np.ascontiguousarray(base[:, off % (base.shape[1] - width):][:, :width])
+        t_push = time.perf_counter()
+        outs = engine.push(FrameInput(stamp_ns=int(i * 1e9 / 30), image=img,
+                                      frame_id="camera_optical_frame"))
+        if outs:
+            synchronize(device)
+            lat.append(time.perf_counter() - t_push)
+            if device.type == "cuda":
+                mem.append(torch.cuda.memory_allocated() / 1e9)
+        n_out += len(outs)
+    n_out += len(engine.flush())
+    wall = time.perf_counter() - t0
+    return {"frames": frames, "frames_out": n_out, "window": window, "stride": stride,
+            "wall_s": wall, "fps": frames / wall, "window_latency_s_median": float(np.median(lat))
+            if lat else None, "window_latency_s_max": float(np.max(lat)) if lat else None,
+            "gpu_mem_gb_after_windows": mem,
+            "gpu_mem_growth_gb": (mem[-1] - mem[min(2, len(mem) - 1)]) if len(mem) > 2 else None,
+            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else 0}
+
+
+# --------------------------------------------------------------------------- CLI
+def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vggt4d-bench", description=__doc__.split("\n")[0])
+    p.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--height", type=int, default=294)
+    p.add_argument("--width", type=int, default=518)
+    p.add_argument("--ablation-frames", type=int, default=16)
+    p.add_argument("--stream-frames", type=int, default=500)
+    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--stride", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--config", default=None, help="VGGT config JSON (default: full VGGT-1B)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["plain", "vggt4d", "ablation",
+                                                             "stream"])
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.height % 14 or args.width % 14 or min(args.height, args.width) <= 0:
+        p.error("--height and --width must be positive multiples of 14")
+    if min(args.frames) < 1 or args.stream_frames < 0 or args.window < 2 or \
+            not 0 < args.stride <= args.window:
+        p.error("frames >= 1, window >= 2 and 0 < stride <= window")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parse(argv)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("vggt4d-bench: CUDA is not available (this benchmark is for the GPU device)",
+              file=sys.stderr)
+        return 2
+    from vggt4d_ros.dynamic.pipeline import Vggt4dConfig, Vggt4dPipeline
+    from vggt4d_ros.model.config import VGGTConfig
+    cfg = VGGTConfig.from_json(args.config) if args.config else None
+    t_start = time.perf_counter()
+    model = build_random_vggt(dev, config=cfg)
+    report: Dict[str, object] = {
+        "label": RANDOM_LABEL,
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor(),
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "command": "vggt4d-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
+                 "cudnn": torch.backends.cudnn.allow_tf32},
+        "size": [args.height, args.width], "plain": [], "vggt4d": [], "ablation": None,
+        "stream": None}
+    print(f"{report['device']} torch {torch.__version__} | {args.config or 'VGGT-1B'} {RANDOM_LABEL} | "
+          f"{args.width}x{args.height}", flush=True)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    pipe = Vggt4dPipeline(model, Vggt4dConfig(cluster_backend="fast"))
+    for s in args.frames:
+        images = torch.rand(s, 3, args.height, args.width, device=dev, generator=gen)
+        if "plain" not in args.skip:
+            row = bench_plain(model, images, args.warmup, args.repeats)
+            report["plain"].append(row)
+            print(f"plain S={s:3d}: embed {row['patch_embed']['median_s'] * 1e3:7.1f} ms | "
+                  f"aggregator {row['aggregator']['median_s'] * 1e3:7.1f} ms "
+                  f"({row['aggregator_tflops']:.0f} TFLOP/s, "
+                  f"{100 * row['aggregator_mfu']:.0f}% of {H100_BF16_DENSE_TFLOPS:.0f}) | "
+                  f"heads {row['heads']['median_s'] * 1e3:7.1f} ms | full "
+                  f"{row['full']['median_s'] * 1e3:7.1f} ms peak "
+                  f"{row['full']['peak_gb']:.2f} GB", flush=True)
+        if "vggt4d" not in args.skip:
+            r = bench_pipeline(pipe, images, args.warmup, args.repeats)
+            r["frames"] = s
+            plain = next((p for p in report["plain"] if p["frames"] == s), None)
+            if plain:
+                r["ratio_to_plain_vggt"] = r["total"]["median_s"] / plain["full"]["median_s"]
+            report["vggt4d"].append(r)
+            st = " ".join(f"{k} {v * 1e3:.1f}" for k, v in r["stages"].items())
+            print(f"vggt4d S={s:3d}: total {r['total']['median_s'] * 1e3:7.1f} ms peak "
+                  f"{r['total']['peak_gb']:.2f} GB ratio {r.get('ratio_to_plain_vggt', 0):.2f} "
+                  f"| {st} (ms)", flush=True)
+        del images
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    if "ablation" not in args.skip:
+        print(f"ablation at S={args.ablation_frames}:", flush=True)
+        images = torch.rand(args.ablation_frames, 3, args.height, args.width, device=dev,
+                            generator=gen)
+        report["ablation"] = bench_ablation(model, images, args.warmup, args.repeats)
+        base = report["ablation"][0]["median_s"]
+        for row in report["ablation"]:
+            row["speedup_vs_reference"] = base / row["median_s"]
+    if "stream" not in args.skip and args.stream_frames:
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        st = bench_stream(model, args.stream_frames, args.height, args.width, args.window,
+                          args.stride, dev)
+        report["stream"] = st
+        print(f"stream {st['frames']} frames W{args.window}/S{args.stride}: {st['fps']:.1f} "
+              f"frames/s, window latency median {st['window_latency_s_median']}, GPU memory "
+              f"growth {st['gpu_mem_growth_gb']} GB, peak {st['peak_gb']:.2f} GB", flush=True)
+    report["total_s"] = time.perf_counter() - t_start
+    out = args.out or (os.path.join(os.environ["OUT"], "bench.json")
+                       if os.environ.get("OUT") else None)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1, default=float))
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
