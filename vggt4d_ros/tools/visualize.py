@@ -175,8 +175,14 @@ def _draw_path(img: np.ndarray, uv: np.ndarray, ok: np.ndarray | None = None) ->
         col = (int(255 * f), int(255 * (1 - f)), 0)
         p0, p1 = tuple(int(round(x)) for x in uv[i]), tuple(int(round(x)) for x in uv[i + 1])
         cv2.line(img, p0, p1, col, 2, cv2.LINE_AA)
+    for i in range(t):                      # every camera as a dot, so short paths show too
+        if ok is not None and not ok[i]:
+            continue
+        f = i / max(t - 1, 1)
+        cv2.circle(img, tuple(int(round(x)) for x in uv[i]), 2,
+                   (int(255 * f), int(255 * (1 - f)), 0), -1, cv2.LINE_AA)
     if t and (ok is None or ok[0]):
-        cv2.circle(img, tuple(int(round(x)) for x in uv[0]), 4, (0, 255, 0), -1)
+        cv2.circle(img, tuple(int(round(x)) for x in uv[0]), 5, (0, 255, 0), 1, cv2.LINE_AA)
 
 
 def render_topdown(points: np.ndarray, colors: np.ndarray, world_from_cam: np.ndarray,
@@ -243,7 +249,9 @@ def render_perspective(points: np.ndarray, colors: np.ndarray, world_from_cam: n
     up = _up_vector(poses) if len(poses) else np.array([0.0, 0.0, 1.0])
     cams = poses[:, :3, 3]
     allp = np.concatenate([pts, cams]) if len(pts) else cams
-    target = np.median(allp, axis=0)
+    # aim between the map and the cameras so that both are in view
+    target = 0.5 * (np.median(pts, axis=0) + cams.mean(axis=0)) if len(pts) and len(cams) \
+        else np.median(allp, axis=0)
     extent = max(float(np.percentile(np.linalg.norm(allp - target, axis=1), 90)), 1e-6)
     back = -poses[0, :3, 2] if len(poses) else np.array([-1.0, 0.0, 0.0])
     back = back - up * (back @ up)
