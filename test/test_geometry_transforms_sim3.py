@@ -21,8 +21,8 @@ def test_invert_compose_numpy_and_torch():
     rng = np.random.default_rng(0)
     cam_from_world = _random_se3(rng, 5)
     world_from_cam = invert_se3(cam_from_world)
-    np.testing.assert_allclose(compose(cam_from_world, world_from_cam), np.broadcast_to(np.eye(4), (5, 4, 4)),
-                               atol=1e-12)
+    np.testing.assert_allclose(compose(cam_from_world, world_from_cam),
+                               np.broadcast_to(np.eye(4), (5, 4, 4)), atol=1e-12)
     # 3x4 in -> 3x4 out, and the same numbers through torch
     inv34 = invert_se3(to_3x4(cam_from_world))
     assert inv34.shape == (5, 3, 4)
@@ -62,7 +62,8 @@ def test_umeyama_recovers_known_sim3_exactly(with_weights):
     np.testing.assert_allclose(est.rotation, truth.rotation, atol=1e-10)
     np.testing.assert_allclose(est.translation, truth.translation, atol=1e-10)
     # rigid fit keeps scale 1
-    rigid = umeyama_sim3(src, Sim3(1.0, truth.rotation, truth.translation).apply(src), with_scale=False)
+    rigid_dst = Sim3(1.0, truth.rotation, truth.translation).apply(src)
+    rigid = umeyama_sim3(src, rigid_dst, with_scale=False)
     assert rigid.scale == 1.0
     np.testing.assert_allclose(rigid.rotation, truth.rotation, atol=1e-10)
 
@@ -74,7 +75,8 @@ def test_sim3_algebra_and_pose_transform():
     pts = rng.normal(size=(10, 3))
     np.testing.assert_allclose(a.compose(b).apply(pts), a.apply(b.apply(pts)), atol=1e-12)
     np.testing.assert_allclose(a.inverse().apply(a.apply(pts)), pts, atol=1e-12)
-    np.testing.assert_allclose(a.matrix() @ np.append(pts[0], 1.0), np.append(a.apply(pts[0]), 1.0), atol=1e-12)
+    np.testing.assert_allclose(a.matrix() @ np.append(pts[0], 1.0),
+                               np.append(a.apply(pts[0]), 1.0), atol=1e-12)
     # a camera pose moved by a Sim(3): a point seen at depth d is seen at depth s*d
     world_from_cam = _random_se3(rng, 1)[0]
     p_cam = np.array([0.1, -0.2, 2.0])

@@ -13,7 +13,8 @@ def test_pack_unpack_keys_roundtrip():
 def test_running_mean_position_colour_and_counts():
     vm = VoxelMap(voxel_size=1.0, max_voxels=100)
     vm.insert(np.array([[0.2, 0.2, 0.2], [0.4, 0.4, 0.4], [5.5, 0.5, 0.5]]),
-              np.array([[0, 0, 0], [100, 100, 100], [255, 0, 0]], np.uint8), np.array([1.0, 3.0, 2.0]))
+              np.array([[0, 0, 0], [100, 100, 100], [255, 0, 0]], np.uint8),
+              np.array([1.0, 3.0, 2.0]))
     vm.insert(np.array([[0.6, 0.6, 0.6]]), np.array([[200, 200, 200]], np.uint8))
     arr = vm.to_arrays()
     assert len(vm) == 2
@@ -78,7 +79,8 @@ def test_ply_roundtrip(tmp_path):
     vm.insert(rng.normal(size=(300, 3)), rng.integers(0, 256, size=(300, 3)).astype(np.uint8))
     path = vm.save_ply(tmp_path / "map.ply")
     header = path.read_bytes()[:400].split(b"end_header")[0].decode()
-    assert "binary_little_endian" in header and "property uchar red" in header and "property uint count" in header
+    for line in ("binary_little_endian", "property uchar red", "property uint count"):
+        assert line in header
     back = read_ply(path)
     arr = vm.to_arrays()
     np.testing.assert_array_equal(back["points"], arr["points"])

@@ -21,11 +21,13 @@ from vggt4d_ros.tools.synth import SynthConfig, SynthWorld
 
 
 def _run(num_frames, noise=True, keyframes=0, check_window=None, seed=0):
-    world = SynthWorld(SynthConfig(width=64, height=48, num_frames=num_frames, num_objects=2, seed=seed))
+    world = SynthWorld(SynthConfig(width=64, height=48, num_frames=num_frames, num_objects=2,
+                                   seed=seed))
     kw = dict(depth_noise=0.01, rot_noise_deg=0.1, trans_noise=0.002) if noise else \
         dict(depth_noise=0.0, rot_noise_deg=0.0, trans_noise=0.0)
     gt = GroundTruthPredictor(world, seed=1, **kw)
-    engine = StreamEngine(gt, StreamConfig(window_size=16, stride=8, max_keyframes=keyframes, voxel_size=0.1))
+    engine = StreamEngine(gt, StreamConfig(window_size=16, stride=8, max_keyframes=keyframes,
+                                           voxel_size=0.1))
     truth, outs, index_of_stamp = {}, [], {}
     for i in range(num_frames):
         f = gt.render(i)
@@ -59,7 +61,8 @@ def test_noise_free_stitching_is_exact_and_starts_at_identity():
     o0, o1 = outs[0], outs[150]
     t_rel = (np.linalg.inv(o0.world_from_cam) @ o1.world_from_cam)[:3, 3]
     t_true = (np.linalg.inv(truth[o0.stamp_ns]) @ truth[o1.stamp_ns])[:3, 3]
-    np.testing.assert_allclose(t_rel / np.linalg.norm(t_rel), t_true / np.linalg.norm(t_true), atol=1e-5)
+    np.testing.assert_allclose(t_rel / np.linalg.norm(t_rel), t_true / np.linalg.norm(t_true),
+                               atol=1e-5)
     assert engine.state == "TRACKING"
 
 
@@ -116,8 +119,8 @@ def test_keyframes_join_windows_and_keep_accuracy():
 
     world = SynthWorld(SynthConfig(width=64, height=48, num_frames=300, num_objects=1, seed=3))
     gt = Spy(world, seed=2)
-    engine = StreamEngine(gt, StreamConfig(window_size=8, stride=4, max_keyframes=2, keyframe_min_parallax=0.05,
-                                           voxel_size=0.1))
+    engine = StreamEngine(gt, StreamConfig(window_size=8, stride=4, max_keyframes=2,
+                                           keyframe_min_parallax=0.05, voxel_size=0.1))
     outs, truth = [], {}
     for i in range(300):
         f = gt.render(i)
@@ -125,6 +128,6 @@ def test_keyframes_join_windows_and_keep_accuracy():
         outs += engine.push(FrameInput(f.stamp_ns, f.image))
     outs += engine.flush()
     assert len(outs) == 300
-    assert max(calls) == 10 and calls[0] == 8          # keyframes are added, bounded by max_keyframes
+    assert max(calls) == 10 and calls[0] == 8     # keyframes are added, at most max_keyframes
     rms, _, _ = _ate(outs, truth)
     assert rms < 0.15

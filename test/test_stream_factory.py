@@ -17,7 +17,8 @@ from vggt4d_ros.tools.synth import SynthConfig, SynthWorld
 def tiny_predictor():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return build_predictor(PredictorConfig(checkpoint="random_tiny", device="cpu", image_width=56))
+        return build_predictor(PredictorConfig(checkpoint="random_tiny", device="cpu",
+                                               image_width=56))
 
 
 def test_working_size_and_config_validation():
@@ -46,8 +47,10 @@ def test_tiny_predictor_contract(tiny_predictor):
     # deterministic: same weights seed -> same prediction
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        again = build_predictor(PredictorConfig(checkpoint="random_tiny", device="cpu", image_width=56))
-    np.testing.assert_allclose(again.predict(images, [0, 1, 2, 3]).depth, pred.depth, rtol=1e-5, atol=1e-6)
+        again = build_predictor(PredictorConfig(checkpoint="random_tiny", device="cpu",
+                                                image_width=56))
+    np.testing.assert_allclose(again.predict(images, [0, 1, 2, 3]).depth, pred.depth,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_token_cache_gives_the_same_prediction_as_no_cache(tiny_predictor):
@@ -58,8 +61,8 @@ def test_token_cache_gives_the_same_prediction_as_no_cache(tiny_predictor):
     frames = rng.integers(0, 256, size=(6, 48, 64, 3), dtype=np.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fresh = build_predictor(PredictorConfig(checkpoint="random_tiny", device="cpu", image_width=56,
-                                                token_cache_size=0))
+        fresh = build_predictor(PredictorConfig(checkpoint="random_tiny", device="cpu",
+                                                image_width=56, token_cache_size=0))
     assert not fresh.supports_token_cache
     tiny_predictor.predict(frames[:4], [100, 101, 102, 103])
     hits = tiny_predictor.cache_hits
@@ -83,7 +86,8 @@ def test_engine_end_to_end_with_tiny_vggt4d_on_cpu(tiny_predictor):
     assert len(outs) == 20 and c.frames_out == 20 and c.windows == 6
     assert [o.stamp_ns for o in outs] == [world.render(i).stamp_ns for i in range(20)]
     for o in outs:
-        assert o.image.shape == (42, 56, 3) and o.depth.shape == (42, 56) and o.mask.shape == (42, 56)
+        assert o.image.shape == (42, 56, 3)
+        assert o.depth.shape == (42, 56) and o.mask.shape == (42, 56)
         assert np.isfinite(o.world_from_cam).all() and np.isfinite(o.covariance).all()
         assert o.state in ("TRACKING", "LOST")
     np.testing.assert_allclose(outs[0].world_from_cam, np.eye(4), atol=1e-5)

@@ -25,9 +25,9 @@ def test_retained_memory_is_flat_over_2000_frames():
                                    cam_period_s=6.0, fps=30.0))
     gt = GroundTruthPredictor(world, seed=0, cache_size=period, index_of_key=lambda k: k % period)
     images = [gt.render(i).image for i in range(period)]
-    engine = StreamEngine(gt, StreamConfig(window_size=16, stride=8, max_keyframes=2, voxel_size=0.05,
-                                           max_voxels=20_000, trajectory_capacity=4096,
-                                           max_points_per_window=8000))
+    engine = StreamEngine(gt, StreamConfig(window_size=16, stride=8, max_keyframes=2,
+                                           voxel_size=0.05, max_voxels=20_000,
+                                           trajectory_capacity=4096, max_points_per_window=8000))
     samples = {}
     for i in range(n):
         if i == warmup // 2:

@@ -86,7 +86,8 @@ def test_backwards_jump_starts_a_new_sequence_bag_loop():
         outs += engine.push(_frame(gt, i))
     assert engine.state == "TRACKING"
     second = outs[45:]
-    np.testing.assert_allclose(second[0].world_from_cam, np.eye(4), atol=1e-9)   # new odometry frame
+    # a new odometry frame
+    np.testing.assert_allclose(second[0].world_from_cam, np.eye(4), atol=1e-9)
     assert second[0].stamp_ns == gt.render(0).stamp_ns
     _assert_finite(outs)
 
@@ -128,7 +129,8 @@ def test_drop_oldest_bounds_the_queue_keep_all_does_not():
     assert live.counters.queue_depth == 10 and live.counters.dropped == {"queue_full": 40}
     assert replay.counters.queue_depth == 50 and replay.counters.dropped == {}
     outs = live.poll() + live.flush()
-    assert [o.stamp_ns for o in outs] == [gt.render(i).stamp_ns for i in range(40, 50)]   # newest kept
+    # the newest frames were kept
+    assert [o.stamp_ns for o in outs] == [gt.render(i).stamp_ns for i in range(40, 50)]
     assert len(replay.poll() + replay.flush()) == 50
 
 
@@ -165,7 +167,8 @@ class _Faulty:
         if k in self.garbage:
             from scipy.spatial.transform import Rotation
             rot = Rotation.random(len(frame_keys), random_state=k).as_matrix()
-            p.extrinsic = np.concatenate([rot, rng.normal(size=(len(frame_keys), 3, 1)) * 5], axis=2)
+            trans = rng.normal(size=(len(frame_keys), 3, 1)) * 5
+            p.extrinsic = np.concatenate([rot, trans], axis=2)
             p.depth = rng.uniform(0.1, 10, p.depth.shape).astype(np.float32)
         if k in self.nan:
             p.extrinsic = np.full_like(p.extrinsic, np.nan)
@@ -201,7 +204,8 @@ def test_garbage_window_goes_lost_then_recovers_cleanly():
     assert states[-1] == "TRACKING" and engine.state == "TRACKING"
     assert all(np.all(np.diag(o.covariance) == COV_MAX_VAR) for o in lost)
     lost_windows = [w for w in engine.windows_seen if w.state == "LOST"]
-    assert [w.window_index for w in lost_windows] == [6, 7]    # garbage window + one re-anchored window
+    # the garbage window, then one window re-anchored at the last good pose
+    assert [w.window_index for w in lost_windows] == [6, 7]
     assert all("re-anchored" in w.reason for w in lost_windows)
     assert "residual" in lost_windows[0].reason
     _assert_finite(outs)

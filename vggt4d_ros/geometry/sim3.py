@@ -73,7 +73,8 @@ class Sim3:
         world_from_cam_src = np.asarray(world_from_cam_src, dtype=np.float64)
         out = np.zeros(world_from_cam_src.shape[:-2] + (4, 4))
         out[..., :3, :3] = self.rotation @ world_from_cam_src[..., :3, :3]
-        out[..., :3, 3] = self.scale * world_from_cam_src[..., :3, 3] @ self.rotation.T + self.translation
+        centre = world_from_cam_src[..., :3, 3]
+        out[..., :3, 3] = self.scale * centre @ self.rotation.T + self.translation
         out[..., 3, 3] = 1.0
         return out
 
@@ -82,13 +83,15 @@ def _validate(src: np.ndarray, dst: np.ndarray, weights: Optional[np.ndarray]):
     src = np.asarray(src, dtype=np.float64)
     dst = np.asarray(dst, dtype=np.float64)
     if src.ndim != 2 or src.shape[1] != 3 or src.shape != dst.shape:
-        raise ValueError(f"umeyama_sim3: src and dst must both be [N, 3], got {src.shape} and {dst.shape}")
+        raise ValueError(f"umeyama_sim3: src and dst must both be [N, 3], "
+                         f"got {src.shape} and {dst.shape}")
     if weights is None:
         w = np.ones(len(src))
     else:
         w = np.asarray(weights, dtype=np.float64).reshape(-1)
         if w.shape[0] != src.shape[0]:
-            raise ValueError(f"umeyama_sim3: weights must be [N], got {w.shape} for N={src.shape[0]}")
+            raise ValueError(f"umeyama_sim3: weights must be [N], "
+                             f"got {w.shape} for N={src.shape[0]}")
         if np.any(w < 0):
             raise ValueError("umeyama_sim3: weights must be >= 0")
     finite = np.isfinite(src).all(1) & np.isfinite(dst).all(1) & np.isfinite(w)
@@ -126,7 +129,8 @@ def umeyama_sim3(src: np.ndarray, dst: np.ndarray, weights: Optional[np.ndarray]
     for name, pts_c in (("src", src_c), ("dst", dst_c)):
         sv = np.linalg.svd(pts_c * np.sqrt(w)[:, None], compute_uv=False)
         if sv[1] <= 1e-6 * sv[0]:
-            raise DegenerateSim3Error(f"{name} points are collinear (rotation about the line unobservable)")
+            raise DegenerateSim3Error(
+                f"{name} points are collinear (rotation about the line unobservable)")
 
     cov = (dst_c * w[:, None]).T @ src_c            # [3, 3] cross-covariance
     u, d, vt = np.linalg.svd(cov)
@@ -182,7 +186,8 @@ def robust_umeyama_sim3(src: np.ndarray, dst: np.ndarray, weights: Optional[np.n
     Raises ``DegenerateSim3Error`` when the (remaining) inliers are degenerate.
     """
     if k_mad <= 0 or max_iters < 1:
-        raise ValueError(f"robust_umeyama_sim3: need k_mad > 0 and max_iters >= 1, got {k_mad}, {max_iters}")
+        raise ValueError("robust_umeyama_sim3: need k_mad > 0 and max_iters >= 1, "
+                         f"got {k_mad}, {max_iters}")
     src, dst, w = _validate(src, dst, weights)
     inliers = w > 0
     sim = umeyama_sim3(src[inliers], dst[inliers], w[inliers], with_scale)

@@ -81,17 +81,20 @@ def invert_se3(mat: Array) -> Array:
 
 
 def compose(a_from_b: Array, b_from_c: Array) -> Array:
-    """``a_from_c = a_from_b ∘ b_from_c`` for [..., 3|4, 4] inputs (broadcasting); returns [..., 4, 4]."""
+    """``a_from_c = a_from_b ∘ b_from_c`` for [..., 3|4, 4] inputs (broadcasting) -> [..., 4, 4]."""
     _check_mat(a_from_b, "compose(a_from_b)")
     _check_mat(b_from_c, "compose(b_from_c)")
     return to_homogeneous(a_from_b) @ to_homogeneous(b_from_c)
 
 
 def transform_points(a_from_b: Array, points_b: Array) -> Array:
-    """Apply a rigid transform [..., 3|4, 4] to points [..., N, 3] (same leading dims) -> [..., N, 3]."""
+    """Apply a rigid transform [..., 3|4, 4] to points [..., N, 3] (same leading dims).
+
+    Returns [..., N, 3]."""
     _check_mat(a_from_b, "transform_points")
     if points_b.shape[-1] != 3:
-        raise ValueError(f"transform_points: points must be [..., N, 3], got {tuple(points_b.shape)}")
+        raise ValueError("transform_points: points must be [..., N, 3], "
+                         f"got {tuple(points_b.shape)}")
     rot = a_from_b[..., :3, :3]
     trans = a_from_b[..., :3, 3]
     rot_t = rot.transpose(-1, -2) if _is_torch(rot) else np.swapaxes(rot, -1, -2)
@@ -99,7 +102,8 @@ def transform_points(a_from_b: Array, points_b: Array) -> Array:
 
 
 def camera_center(cam_from_world: Array) -> Array:
-    """Camera centre in world coordinates [..., 3] from ``cam_from_world`` [..., 3|4, 4]: c = -R^T t."""
+    """Camera centre in world coordinates [..., 3] from ``cam_from_world`` [..., 3|4, 4]:
+    c = -R^T t."""
     return invert_se3(cam_from_world)[..., :3, 3]
 
 
@@ -115,7 +119,7 @@ def quat_xyzw_from_rotmat(rot: np.ndarray) -> np.ndarray:
 
 
 def rotmat_from_quat_xyzw(quat: np.ndarray) -> np.ndarray:
-    """Quaternions [..., 4] in (x, y, z, w) order (normalised here) -> rotation matrices [..., 3, 3]."""
+    """Quaternions [..., 4] in (x, y, z, w) order (normalised here) -> rotations [..., 3, 3]."""
     quat = np.asarray(quat, dtype=np.float64)
     if quat.shape[-1] != 4:
         raise ValueError(f"rotmat_from_quat_xyzw: expected [..., 4], got {quat.shape}")

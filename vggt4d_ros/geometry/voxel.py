@@ -34,7 +34,8 @@ def pack_voxel_keys(ijk: np.ndarray) -> np.ndarray:
 def unpack_voxel_keys(keys: np.ndarray) -> np.ndarray:
     """Packed int64 keys [N] -> integer voxel indices [N, 3]."""
     keys = keys.astype(np.int64)
-    return np.stack([(keys >> (2 * _BITS)) & _MASK, (keys >> _BITS) & _MASK, keys & _MASK], 1) - _OFFSET
+    ijk = np.stack([(keys >> (2 * _BITS)) & _MASK, (keys >> _BITS) & _MASK, keys & _MASK], 1)
+    return ijk - _OFFSET
 
 
 class VoxelMap:
@@ -49,7 +50,8 @@ class VoxelMap:
 
     def __init__(self, voxel_size: float = 0.05, max_voxels: int = 500_000):
         if not (voxel_size > 0 and np.isfinite(voxel_size)):
-            raise ValueError(f"VoxelMap: voxel_size must be a positive finite number, got {voxel_size}")
+            raise ValueError("VoxelMap: voxel_size must be a positive finite number, "
+                             f"got {voxel_size}")
         if int(max_voxels) < 1:
             raise ValueError(f"VoxelMap: max_voxels must be >= 1, got {max_voxels}")
         self.voxel_size = float(voxel_size)
@@ -78,12 +80,16 @@ class VoxelMap:
         if needed <= cap:
             return
         new_cap = min(max(needed, 2 * cap), self.max_voxels)
-        old = (self._keys, self._sum_xyz, self._sum_rgb, self._sum_conf, self._count, self._last_tick)
+        old = self._arrays()
         self._alloc(new_cap)
         n = self._n
-        for dst, src in zip((self._keys, self._sum_xyz, self._sum_rgb, self._sum_conf,
-                             self._count, self._last_tick), old):
+        for dst, src in zip(self._arrays(), old):
             dst[:n] = src[:n]
+
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        """The per-voxel storage arrays, in a fixed order."""
+        return (self._keys, self._sum_xyz, self._sum_rgb, self._sum_conf, self._count,
+                self._last_tick)
 
     def __len__(self) -> int:
         return self._n
@@ -111,7 +117,8 @@ class VoxelMap:
         colors = np.asarray(colors)
         if colors.shape != (n_in, 3):
             raise ValueError(f"VoxelMap.insert: colors must be [{n_in}, 3], got {colors.shape}")
-        conf = np.ones(n_in) if confidence is None else np.asarray(confidence, np.float64).reshape(-1)
+        conf = (np.ones(n_in) if confidence is None
+                else np.asarray(confidence, np.float64).reshape(-1))
         if conf.shape[0] != n_in:
             raise ValueError(f"VoxelMap.insert: confidence must be [{n_in}], got {conf.shape}")
         self._tick += 1
@@ -130,8 +137,10 @@ class VoxelMap:
         m = len(keys)
         inverse = inverse.reshape(-1)
         # vectorised scatter-add per column (bincount is much faster than np.add.at)
-        add_xyz = np.stack([np.bincount(inverse, weights=pts[:, c], minlength=m) for c in range(3)], 1)
-        add_rgb = np.stack([np.bincount(inverse, weights=rgb[:, c], minlength=m) for c in range(3)], 1)
+        add_xyz = np.stack([np.bincount(inverse, weights=pts[:, c], minlength=m)
+                            for c in range(3)], 1)
+        add_rgb = np.stack([np.bincount(inverse, weights=rgb[:, c], minlength=m)
+                            for c in range(3)], 1)
         add_conf = np.bincount(inverse, weights=conf, minlength=m)
         add_cnt = np.bincount(inverse, minlength=m).astype(np.int64)
 
@@ -182,7 +191,7 @@ class VoxelMap:
     def _permute(self, order: np.ndarray) -> None:
         """Reorder the first len(order) voxels (keeps arrays sorted by key after a gather)."""
         k = len(order)
-        for arr in (self._keys, self._sum_xyz, self._sum_rgb, self._sum_conf, self._count, self._last_tick):
+        for arr in self._arrays():
             arr[:k] = arr[:self._n][order]
         self._n = k
 
@@ -248,7 +257,8 @@ def write_ply(path: Union[str, Path], points: np.ndarray, colors: np.ndarray,
 
 
 def read_ply(path: Union[str, Path]) -> dict[str, np.ndarray]:
-    """Read a PLY written by ``write_ply`` -> ``points`` [N,3] float32, ``colors`` [N,3] uint8, ``counts`` [N]."""
+    """Read a PLY written by ``write_ply`` -> ``points`` [N,3] float32, ``colors`` [N,3] uint8,
+    ``counts`` [N]."""
     data = Path(path).read_bytes()
     end = data.find(b"end_header\n")
     if not data.startswith(b"ply\n") or end < 0:

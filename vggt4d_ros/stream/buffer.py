@@ -62,9 +62,11 @@ QueueItem = Union[QueuedFrame, ResetMarker]
 def validate_frame(frame: FrameInput) -> None:
     """Raise ValueError unless ``frame`` is an int stamp and a uint8 [H,W,3] image (H, W >= 2)."""
     if not isinstance(frame.stamp_ns, (int, np.integer)) or isinstance(frame.stamp_ns, bool):
-        raise ValueError(f"FrameInput.stamp_ns must be an int (nanoseconds), got {type(frame.stamp_ns).__name__}")
+        raise ValueError("FrameInput.stamp_ns must be an int (nanoseconds), "
+                         f"got {type(frame.stamp_ns).__name__}")
     img = frame.image
-    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+    if (not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3
+            or img.shape[2] != 3):
         desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
         raise ValueError(f"FrameInput.image must be a uint8 [H,W,3] RGB array, got {desc}")
     if img.shape[0] < 2 or img.shape[1] < 2:
@@ -151,7 +153,9 @@ class InputQueue:
             return items
 
     def clear(self) -> int:
-        """Forget queued frames and the stamp/size history (engine reset). Returns frames discarded."""
+        """Forget queued frames and the stamp/size history (engine reset).
+
+        Returns the number of frames discarded."""
         with self._lock:
             n = self._n_frames
             self._items.clear()

@@ -57,8 +57,8 @@ from vggt4d_ros.stream.stitcher import (AlignParams, AlignResult, FrameRecord, a
                                         prediction_frame_valid, reanchor, sim3_mapping_pose,
                                         valid_depth)
 
-__all__ = ["StreamEngine", "StreamConfig", "FrameInput", "FrameOutput", "WindowOutput", "StreamCounters",
-           "STATES"]
+__all__ = ["StreamEngine", "StreamConfig", "FrameInput", "FrameOutput", "WindowOutput",
+           "StreamCounters", "STATES"]
 
 STATES = ("WAITING", "TRACKING", "LOST", "RESET")
 
@@ -76,7 +76,7 @@ class StreamConfig:
     max_queue: int = 64                 # frames waiting for the worker under drop_oldest
     backwards_reset_s: float = 1.0      # stamp jumps further back than this start a new sequence
     align: AlignParams = field(default_factory=AlignParams)
-    points_conf_quantile: float = 0.25  # per window, drop the least confident fraction of static pixels
+    points_conf_quantile: float = 0.25  # per window: drop this least-confident fraction of pixels
     max_points_per_window: int = 20_000
     mask_dilation_px: int = 1           # dynamic mask grown before taking static points
     voxel_size: float = 0.02
@@ -93,11 +93,15 @@ class StreamConfig:
         if self.max_keyframes < 0:
             raise ValueError(f"max_keyframes must be >= 0, got {self.max_keyframes}")
         if self.drop_policy not in DROP_POLICIES:
-            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
+            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, "
+                             f"got {self.drop_policy!r}")
         if not 0.0 <= self.points_conf_quantile < 1.0:
-            raise ValueError(f"points_conf_quantile must be in [0, 1), got {self.points_conf_quantile}")
-        if self.trajectory_capacity < 1 or self.max_points_per_window < 0 or self.mask_dilation_px < 0:
-            raise ValueError("trajectory_capacity >= 1, max_points_per_window >= 0, mask_dilation_px >= 0 required")
+            raise ValueError("points_conf_quantile must be in [0, 1), "
+                             f"got {self.points_conf_quantile}")
+        if (self.trajectory_capacity < 1 or self.max_points_per_window < 0
+                or self.mask_dilation_px < 0):
+            raise ValueError("need trajectory_capacity >= 1, max_points_per_window >= 0 and "
+                             "mask_dilation_px >= 0")
         if self.backwards_reset_s < 0:
             raise ValueError(f"backwards_reset_s must be >= 0, got {self.backwards_reset_s}")
 
@@ -108,7 +112,7 @@ class StreamConfig:
 
 @dataclass
 class FrameOutput:
-    """Per-frame result (odometry frame; depth in odometry units; arrays at the predictor resolution).
+    """Per-frame result (odometry frame; depth in odometry units; arrays at predictor resolution).
 
     cam_from_world / world_from_cam [4,4]; covariance [6,6] (x y z, rot x y z; see
     ``stitcher.pose_covariance``); depth [H,W] float32; confidence [H,W]; mask [H,W] bool
@@ -134,7 +138,8 @@ class WindowOutput:
     """Per-window result. static_points [M,3] float32 (odometry frame), colors [M,3] uint8,
     confidence [M] float32, source_stamp_ns [M] int64 and source_uv [M,2] int32 (pixel of the
     point in its source frame, predictor resolution), residual (relative, see stitcher),
-    scale_drift (log ratio, see ``stitcher.align_window``), odom_from_window, reason ("" or why LOST)."""
+    scale_drift (log ratio, see ``stitcher.align_window``), odom_from_window, reason ("" or why
+    LOST)."""
 
     window_index: int
     state: str
@@ -177,7 +182,8 @@ class StreamEngine:
         self.predictor = predictor
         self.config = config or StreamConfig()
         cfg = self.config
-        self._queue = InputQueue(cfg.drop_policy, cfg.max_queue, int(round(cfg.backwards_reset_s * 1e9)))
+        self._queue = InputQueue(cfg.drop_policy, cfg.max_queue,
+                                 int(round(cfg.backwards_reset_s * 1e9)))
         self._lock = threading.RLock()
         self.static_map = VoxelMap(cfg.voxel_size, cfg.max_voxels)
         self._traj_stamp = np.zeros(cfg.trajectory_capacity, np.int64)
@@ -201,9 +207,9 @@ class StreamEngine:
     @property
     def counters(self) -> StreamCounters:
         dropped = Counter(self._queue.dropped) + self._dropped_local
-        return StreamCounters(self._queue.frames_in, self._frames_out, dict(dropped), self._windows,
-                              self._lost_windows, self._lost_events, self._recoveries, dict(self._resets),
-                              len(self._queue))
+        return StreamCounters(self._queue.frames_in, self._frames_out, dict(dropped),
+                              self._windows, self._lost_windows, self._lost_events,
+                              self._recoveries, dict(self._resets), len(self._queue))
 
     def submit(self, frame: FrameInput) -> Optional[str]:
         """Validate and queue a frame (thread-safe, cheap). Returns the drop reason or None."""
@@ -254,7 +260,8 @@ class StreamEngine:
         cap = self.config.trajectory_capacity
         n = min(self._traj_count, cap)
         order = (np.arange(n) + (self._traj_count - n)) % cap
-        return self._traj_stamp[order].copy(), tqxyzw_to_pose(self._traj_tq[order]) if n else np.zeros((0, 4, 4))
+        poses = tqxyzw_to_pose(self._traj_tq[order]) if n else np.zeros((0, 4, 4))
+        return self._traj_stamp[order].copy(), poses
 
     # ------------------------------------------------------------------ sequence state
     def _clear_sequence(self) -> None:
@@ -284,89 +291,107 @@ class StreamEngine:
 
     # ------------------------------------------------------------------ one window
     def _process(self, new_frames: list[QueuedFrame]) -> list[FrameOutput]:
-        cfg = self.config
+        """Predict one window ([keyframes, overlap, new]), place it in the odometry frame,
+        fuse its static points and emit its new frames."""
         t0 = time.perf_counter()
-        hist_keys = {r.key for r in self._history}
-        kfs = [k for k in self._keyframes if k.key not in hist_keys] if cfg.max_keyframes else []
-        anchor_recs = kfs + list(self._history)
-        n_anchor = len(anchor_recs)
-        images = np.stack([r.image for r in anchor_recs] + [f.image for f in new_frames])
+        anchor_recs = self._anchor_records()
         keys = [r.key for r in anchor_recs] + [f.key for f in new_frames]
+        images = np.stack([r.image for r in anchor_recs] + [f.image for f in new_frames])
         pred = self.predictor.predict(images, keys)
         t_pred = time.perf_counter()
         pred = pred.validate(len(keys))
-        hw = pred.resolution_hw
-        if anchor_recs and anchor_recs[0].depth.shape != hw:
-            raise ValueError(f"predictor resolution changed within a sequence: {anchor_recs[0].depth.shape} -> {hw}")
-        frame_valid = [prediction_frame_valid(pred.extrinsic[i], pred.depth[i]) for i in range(len(keys))]
-        window_index = self._windows
-        rng = np.random.default_rng([cfg.seed, window_index])
+        if anchor_recs and anchor_recs[0].depth.shape != pred.resolution_hw:
+            raise ValueError("predictor resolution changed within a sequence: "
+                             f"{anchor_recs[0].depth.shape} -> {pred.resolution_hw}")
+        frame_valid = [prediction_frame_valid(pred.extrinsic[i], pred.depth[i])
+                       for i in range(len(keys))]
+        rng = np.random.default_rng([self.config.seed, self._windows])
         anchors = [(i, r) for i, r in enumerate(anchor_recs) if r.valid and frame_valid[i]]
+        res, sim = self._odom_from_window(pred, anchors, frame_valid, rng)
+        t_align = time.perf_counter()
+        new_idx = list(range(len(anchor_recs), len(keys)))
+        outputs = self._emit(pred, sim, res, anchors, new_idx, new_frames, frame_valid, rng)
+        timings = dict(pred.timings)
+        timings.update(predict_s=t_pred - t0, align_s=t_align - t_pred,
+                       total_s=time.perf_counter() - t0)
+        self.last_window.timings = timings
+        return outputs
 
-        # --- odom_from_window: first window defines the frame, later ones are aligned
+    def _anchor_records(self) -> list[FrameRecord]:
+        """Keyframes not in the overlap (oldest first), then the overlap frames."""
+        if not self.config.max_keyframes:
+            return list(self._history)
+        hist_keys = {r.key for r in self._history}
+        return [k for k in self._keyframes if k.key not in hist_keys] + list(self._history)
+
+    def _odom_from_window(self, pred: WindowPrediction, anchors, frame_valid: list[bool],
+                          rng: np.random.Generator) -> tuple[AlignResult, Sim3]:
+        """First window: its frame 0 becomes the odometry origin (scale 1). Later windows:
+        robust Sim(3) on the anchors; on failure ``res.ok`` is False and ``sim`` re-anchors."""
         if self._seq_windows == 0:
             if frame_valid[0]:
                 wfc0 = invert_se3(to_homogeneous(pred.extrinsic[0]))
                 sim = sim3_mapping_pose(wfc0, np.eye(4), 1.0)
-                res = AlignResult(True, sim, 0.0, 1.0, 0, "", 0.0)
-            else:
-                sim = Sim3.identity()
-                res = AlignResult(False, sim, reason="first frame of the sequence has no valid prediction")
+                return AlignResult(True, sim, 0.0, 1.0, 0, "", 0.0), sim
+            res = AlignResult(False, None,
+                              reason="first frame of the sequence has no valid prediction")
         elif anchors:
-            res = align_window(pred, anchors, cfg.align, rng)
-            sim = res.odom_from_window
+            res = align_window(pred, anchors, self.config.align, rng)
+            if res.ok:
+                return res, res.odom_from_window
         else:
             res = AlignResult(False, None, reason="no valid anchor frame in the window")
-            sim = None
-        lost = not res.ok
-        if lost:
-            sim, how = reanchor(pred, anchors, frame_valid, self._last_good_pose, self._last_good_depth)
-            res.reason = f"{res.reason}; re-anchored: {how}"
-        state = "LOST" if lost else "TRACKING"
-        t_align = time.perf_counter()
+        sim, how = reanchor(pred, anchors, frame_valid, self._last_good_pose,
+                            self._last_good_depth)
+        res.reason = f"{res.reason}; re-anchored: {how}"
+        return res, sim
 
-        # --- new frames in the odometry frame
-        world_from_cam_win = invert_se3(to_homogeneous(pred.extrinsic))
-        world_from_cam_odom = sim.transform_world_from_cam(world_from_cam_win)
+    def _emit(self, pred: WindowPrediction, sim: Sim3, res: AlignResult, anchors,
+              new_idx: list[int], new_frames: list[QueuedFrame], frame_valid: list[bool],
+              rng: np.random.Generator) -> list[FrameOutput]:
+        """New frames into the odometry frame: poses (held where the prediction is invalid),
+        depth in odometry units, covariance, static points (fused when TRACKING), records."""
+        lost = not res.ok
+        state = "LOST" if lost else "TRACKING"
+        hw = pred.resolution_hw
+        world_from_cam_odom = sim.transform_world_from_cam(
+            invert_se3(to_homogeneous(pred.extrinsic)))
         depth_odom = pred.depth * np.float32(sim.scale)
-        new_idx = list(range(n_anchor, len(keys)))
         images_small = [self._resize(f.image, hw) for f in new_frames]
         poses = []
         for i in new_idx:
             if frame_valid[i]:
                 self._last_pose = world_from_cam_odom[i]
             poses.append(self._last_pose.copy())      # invalid prediction -> hold the pose
-        t_disagree, r_disagree = overlap_disagreement(sim, pred, anchors) if not lost else (0.0, 0.0)
-        med_depths = [float(np.median(depth_odom[i][valid_depth(depth_odom[i])])) if frame_valid[i]
-                      else float("nan") for i in new_idx]
-        finite_med = [d for d in med_depths if np.isfinite(d)]
-        scene_depth = float(np.median(finite_med)) if finite_med else float("nan")
-        cov = pose_covariance(res.residual, t_disagree, r_disagree, scene_depth, lost)
+        med_depths = [_median_valid(depth_odom[i]) if frame_valid[i] else float("nan")
+                      for i in new_idx]
+        t_dis, r_dis = (0.0, 0.0) if lost else overlap_disagreement(sim, pred, anchors)
+        cov = pose_covariance(res.residual, t_dis, r_dis, _nanmedian(med_depths), lost)
 
-        # --- static points (new frames only, so each pixel is fused once)
-        wout = self._static_points(pred, new_idx, new_frames, depth_odom, poses, images_small, rng)
-        if not lost and len(wout[0]):
-            self.static_map.insert(wout[0], wout[1], wout[2], camera_position=poses[-1][:3, 3])
+        # static points of the new frames only, so that each pixel is fused once
+        pts = self._static_points(pred, new_idx, new_frames, depth_odom, poses, images_small, rng)
+        if not lost and len(pts[0]):
+            self.static_map.insert(pts[0], pts[1], pts[2], camera_position=poses[-1][:3, 3])
 
-        # --- bookkeeping: records, keyframes, trajectory, outputs
+        window_index = self._windows
         outputs = []
         for j, (i, f) in enumerate(zip(new_idx, new_frames)):
-            rec = FrameRecord(f.key, f.stamp_ns, f.frame_id, f.image, images_small[j], depth_odom[i].copy(),
-                              pred.depth_conf[i].copy(), pred.mask[i].copy(), pred.intrinsic[i].copy(),
-                              poses[j], frame_valid[i], frame_valid[i] and not lost, med_depths[j])
+            rec = FrameRecord(f.key, f.stamp_ns, f.frame_id, f.image, images_small[j],
+                              depth_odom[i].copy(), pred.depth_conf[i].copy(),
+                              pred.mask[i].copy(), pred.intrinsic[i].copy(), poses[j],
+                              frame_valid[i], frame_valid[i] and not lost, med_depths[j])
             self._history.append(rec)
             if rec.trusted:
                 self._last_good_pose, self._last_good_depth = rec.world_from_cam, rec.median_depth
                 self._maybe_keyframe(rec)
             self._append_trajectory(f.stamp_ns, poses[j])
-            outputs.append(FrameOutput(f.stamp_ns, f.frame_id, invert_se3(poses[j]), poses[j], cov.copy(),
-                                       rec.depth, rec.conf, rec.mask, rec.image_small, rec.intrinsic,
-                                       state, window_index))
-        timings = dict(pred.timings)
-        timings.update(predict_s=t_pred - t0, align_s=t_align - t_pred, total_s=time.perf_counter() - t0)
-        self.last_window = WindowOutput(window_index, state, np.array([f.stamp_ns for f in new_frames], np.int64),
-                                        *wout, res.residual, res.scale_drift, res.inlier_fraction,
-                                        res.num_points, sim, res.reason, timings)
+            outputs.append(FrameOutput(f.stamp_ns, f.frame_id, invert_se3(poses[j]), poses[j],
+                                       cov.copy(), rec.depth, rec.conf, rec.mask,
+                                       rec.image_small, rec.intrinsic, state, window_index))
+        stamps = np.array([f.stamp_ns for f in new_frames], np.int64)
+        self.last_window = WindowOutput(window_index, state, stamps, *pts, res.residual,
+                                        res.scale_drift, res.inlier_fraction, res.num_points,
+                                        sim, res.reason, {})
         self._update_state(state)
         self._windows += 1
         self._seq_windows += 1
@@ -389,8 +414,9 @@ class StreamEngine:
             return image
         return cv2.resize(image, (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
 
-    def _static_points(self, pred: WindowPrediction, new_idx: Sequence[int], new_frames: Sequence[QueuedFrame],
-                       depth_odom: np.ndarray, poses: Sequence[np.ndarray], images_small: Sequence[np.ndarray],
+    def _static_points(self, pred: WindowPrediction, new_idx: Sequence[int],
+                       new_frames: Sequence[QueuedFrame], depth_odom: np.ndarray,
+                       poses: Sequence[np.ndarray], images_small: Sequence[np.ndarray],
                        rng: np.random.Generator):
         """Confident static pixels of the new frames -> (points [M,3] odom, colors [M,3], conf [M],
         source stamps [M], source uv [M,2]). Vectorised over all new frames at once."""
@@ -403,13 +429,14 @@ class StreamEngine:
             dyn = np.stack([cv2.dilate(m.astype(np.uint8), kernel) for m in dyn]).astype(bool)
         conf = pred.depth_conf[idx]
         frame_ok = np.isfinite(pred.extrinsic[idx]).all(axis=(1, 2))
-        ok = (valid_depth(depth_odom[idx]) & ~dyn & np.isfinite(conf) & (conf >= cfg.align.min_confidence)
-              & frame_ok[:, None, None])
+        ok = (valid_depth(depth_odom[idx]) & ~dyn & np.isfinite(conf)
+              & (conf >= cfg.align.min_confidence) & frame_ok[:, None, None])
         flat = np.flatnonzero(ok.ravel())                       # index into [k, H, W]
         if len(flat) and cfg.points_conf_quantile > 0:
             c = conf.ravel()[flat]
             probe = c if len(c) <= 100_000 else c[rng.choice(len(c), 100_000, replace=False)]
-            flat = flat[c >= np.quantile(probe, cfg.points_conf_quantile)]   # (approximate for huge windows)
+            # (the quantile is estimated on at most 100k samples for huge windows)
+            flat = flat[c >= np.quantile(probe, cfg.points_conf_quantile)]
         if len(flat) > cfg.max_points_per_window:
             flat = np.sort(rng.choice(flat, cfg.max_points_per_window, replace=False))
         owner, pix = np.divmod(flat, h * w)
@@ -417,22 +444,26 @@ class StreamEngine:
         d = depth_odom[idx].reshape(k, -1)[owner, pix].astype(np.float64)
         intr = pred.intrinsic[idx][owner]                       # [M, 3, 3]
         pose = np.stack(poses)[owner]                           # [M, 4, 4] world_from_cam (odom)
-        x_cam = np.stack([(u - intr[:, 0, 2]) / intr[:, 0, 0] * d, (v - intr[:, 1, 2]) / intr[:, 1, 1] * d, d], 1)
+        x_cam = np.stack([(u - intr[:, 0, 2]) / intr[:, 0, 0] * d,
+                          (v - intr[:, 1, 2]) / intr[:, 1, 1] * d, d], 1)
         pts = (np.einsum("mij,mj->mi", pose[:, :3, :3], x_cam) + pose[:, :3, 3]).astype(np.float32)
         cols = np.stack(images_small).reshape(k, -1, 3)[owner, pix]
         stamps = np.array([f.stamp_ns for f in new_frames], np.int64)[owner]
-        return pts, cols, conf.reshape(k, -1)[owner, pix].astype(np.float32), stamps, np.stack([u, v], 1).astype(np.int32)
+        conf_m = conf.reshape(k, -1)[owner, pix].astype(np.float32)
+        return pts, cols, conf_m, stamps, np.stack([u, v], 1).astype(np.int32)
 
     def _maybe_keyframe(self, rec: FrameRecord) -> None:
-        """Keep ``rec`` as a keyframe if it moved enough from the newest keyframe (bounded deque)."""
+        """Keep ``rec`` as a keyframe if it moved enough from the newest keyframe (bounded)."""
         cfg = self.config
         if cfg.max_keyframes == 0:
             return
         if self._keyframes:
             last = self._keyframes[-1]
-            depth = last.median_depth if np.isfinite(last.median_depth) and last.median_depth > 0 else 1.0
-            parallax = np.linalg.norm(rec.world_from_cam[:3, 3] - last.world_from_cam[:3, 3]) / depth
-            angle = np.degrees(rotation_angle(last.world_from_cam[:3, :3].T @ rec.world_from_cam[:3, :3]))
+            depth = last.median_depth
+            depth = depth if np.isfinite(depth) and depth > 0 else 1.0
+            a, b = last.world_from_cam, rec.world_from_cam
+            parallax = np.linalg.norm(b[:3, 3] - a[:3, 3]) / depth
+            angle = np.degrees(rotation_angle(a[:3, :3].T @ b[:3, :3]))
             if parallax < cfg.keyframe_min_parallax and angle < cfg.keyframe_min_rotation_deg:
                 return
         self._keyframes.append(rec)
@@ -442,3 +473,14 @@ class StreamEngine:
         self._traj_stamp[slot] = stamp_ns
         self._traj_tq[slot] = pose_to_tqxyzw(world_from_cam)
         self._traj_count += 1
+
+
+def _median_valid(depth: np.ndarray) -> float:
+    """Median of the valid (finite, > 0) depth values; NaN if none."""
+    ok = valid_depth(depth)
+    return float(np.median(depth[ok])) if ok.any() else float("nan")
+
+
+def _nanmedian(values: Sequence[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.median(finite)) if finite else float("nan")

@@ -39,8 +39,9 @@ from vggt4d_ros.stream.predictor import WindowPrediction
 RANDOM_TINY = "random_tiny"
 RANDOM_WEIGHTS_LABEL = "random weights: geometry is meaningless"
 PATCH = 14
-GOLDEN_TINY_CONFIG = Path(os.environ.get("VGGT4D_GOLDEN", Path(__file__).resolve().parents[3] / "shared" / "golden")
-                          ) / "vggt" / "config.json"
+_GOLDEN_DIR = Path(os.environ.get("VGGT4D_GOLDEN",
+                                  Path(__file__).resolve().parents[3] / "shared" / "golden"))
+GOLDEN_TINY_CONFIG = _GOLDEN_DIR / "vggt" / "config.json"
 
 #: The tiny random-weight VGGT (same numbers as ../shared/golden/vggt/config.json).
 TINY_VGGT_CONFIG: dict[str, Any] = {
@@ -48,16 +49,19 @@ TINY_VGGT_CONFIG: dict[str, Any] = {
     "qkv_bias": True, "proj_bias": True, "ffn_bias": True, "qk_norm": True,
     "aa_order": ["frame", "global"], "aa_block_size": 1, "patch_size": 14, "img_size": 518,
     "rope_freq": 100, "init_values": 0.01,
-    "patch_embed": {"embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 4, "num_register_tokens": 4,
-                    "interpolate_antialias": True, "interpolate_offset": 0.0, "init_values": 1.0,
-                    "img_size": 518, "patch_size": 14},
-    "camera_head": {"dim_in": 128, "trunk_depth": 4, "num_heads": 4, "mlp_ratio": 4, "init_values": 0.01},
+    "patch_embed": {"embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 4,
+                    "num_register_tokens": 4, "interpolate_antialias": True,
+                    "interpolate_offset": 0.0, "init_values": 1.0, "img_size": 518,
+                    "patch_size": 14},
+    "camera_head": {"dim_in": 128, "trunk_depth": 4, "num_heads": 4, "mlp_ratio": 4,
+                    "init_values": 0.01},
     "dpt": {"dim_in": 128, "features": 32, "out_channels": [16, 32, 64, 64],
             "intermediate_layer_idx": [4, 11, 17, 23]},
     "track_head": {"dim_in": 128, "patch_size": 14, "features": 32, "iters": 4, "hidden_size": 64,
                    "corr_levels": 7, "corr_radius": 4, "stride": 2,
                    "feature_extractor": {"features": 32, "out_channels": [16, 32, 64, 64],
-                                         "feature_only": True, "down_ratio": 2, "pos_embed": False}},
+                                         "feature_only": True, "down_ratio": 2,
+                                         "pos_embed": False}},
 }
 
 
@@ -85,7 +89,8 @@ class PredictorConfig:
 
     def __post_init__(self) -> None:
         if self.image_width < PATCH or self.image_width % PATCH:
-            raise ValueError(f"image_width must be a positive multiple of {PATCH}, got {self.image_width}")
+            raise ValueError(f"image_width must be a positive multiple of {PATCH}, "
+                             f"got {self.image_width}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
         if self.cluster_backend not in ("torch", "sklearn", "fast", "reference"):
@@ -108,8 +113,8 @@ def working_size(height: int, width: int, image_width: int) -> tuple[int, int]:
 class Vggt4dWindowPredictor:
     """``WindowPredictor`` over a ``Vggt4dPipeline`` (see the module docstring)."""
 
-    def __init__(self, pipeline, image_width: int = 518, device: str = "cpu", token_cache_size: int = 64,
-                 label: str = ""):
+    def __init__(self, pipeline, image_width: int = 518, device: str = "cpu",
+                 token_cache_size: int = 64, label: str = ""):
         import torch
         self.pipeline = pipeline
         self.image_width = int(image_width)
@@ -134,7 +139,8 @@ class Vggt4dWindowPredictor:
             raise ValueError(f"images must be uint8 [S,H,W,3], got {images.dtype} {images.shape}")
         h, w = working_size(images.shape[1], images.shape[2], self.image_width)
         if (h, w) != images.shape[1:3]:
-            images = np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC)) for im in images])
+            images = np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC))
+                               for im in images])
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         return x.permute(0, 3, 1, 2).float().div_(255.0)
 
@@ -208,7 +214,8 @@ def build_model(config: PredictorConfig, device: str):
     import torch
     from vggt4d_ros.model.vggt import VGGT
     if config.random_weights:
-        warnings.warn(f"checkpoint {config.checkpoint!r}: tiny VGGT with {RANDOM_WEIGHTS_LABEL}", stacklevel=2)
+        warnings.warn(f"checkpoint {config.checkpoint!r}: tiny VGGT with {RANDOM_WEIGHTS_LABEL}",
+                      stacklevel=2)
         state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)
         try:
@@ -226,10 +233,12 @@ def build_predictor(config: Optional[PredictorConfig] = None) -> Vggt4dWindowPre
     from vggt4d_ros.dynamic.pipeline import Vggt4dConfig, Vggt4dPipeline
     config = config or PredictorConfig()
     device = _resolve_device(config.device)
-    autocast = {"auto": "auto", "float32": "off", "bfloat16": "bf16", "float16": "bf16"}[config.dtype]
+    autocast = {"auto": "auto", "float32": "off", "bfloat16": "bf16",
+                "float16": "bf16"}[config.dtype]
     if config.dtype == "float16":
         warnings.warn("dtype float16 is run as bfloat16 autocast (the VGGT recipe)", stacklevel=2)
-    backend = {"torch": "fast", "sklearn": "reference"}.get(config.cluster_backend, config.cluster_backend)
+    backend = {"torch": "fast", "sklearn": "reference"}.get(config.cluster_backend,
+                                                            config.cluster_backend)
     pipe = Vggt4dPipeline(build_model(config, device),
                           Vggt4dConfig(dynamic=config.dynamic, refine=config.refine,
                                        cluster_backend=backend, autocast=autocast))

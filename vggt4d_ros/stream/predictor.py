@@ -51,20 +51,25 @@ class WindowPrediction:
         if ext.shape == (num_frames, 4, 4):
             ext = ext[:, :3, :]
         if ext.shape != (num_frames, 3, 4):
-            raise ValueError(f"WindowPrediction.extrinsic: expected [{num_frames},3,4], got {ext.shape}")
+            raise ValueError(f"WindowPrediction.extrinsic: expected [{num_frames},3,4], "
+                             f"got {ext.shape}")
         intr = np.asarray(self.intrinsic, np.float64)
         if intr.shape != (num_frames, 3, 3):
-            raise ValueError(f"WindowPrediction.intrinsic: expected [{num_frames},3,3], got {intr.shape}")
+            raise ValueError(f"WindowPrediction.intrinsic: expected [{num_frames},3,3], "
+                             f"got {intr.shape}")
         depth = np.asarray(self.depth, np.float32)
         if depth.ndim != 3 or depth.shape[0] != num_frames:
-            raise ValueError(f"WindowPrediction.depth: expected [{num_frames},H,W], got {depth.shape}")
+            raise ValueError(f"WindowPrediction.depth: expected [{num_frames},H,W], "
+                             f"got {depth.shape}")
         conf = np.asarray(self.depth_conf, np.float32)
         mask = np.asarray(self.mask)
         if conf.shape != depth.shape:
-            raise ValueError(f"WindowPrediction.depth_conf: expected {depth.shape}, got {conf.shape}")
+            raise ValueError(f"WindowPrediction.depth_conf: expected {depth.shape}, "
+                             f"got {conf.shape}")
         if mask.shape != depth.shape:
             raise ValueError(f"WindowPrediction.mask: expected {depth.shape}, got {mask.shape}")
-        return WindowPrediction(ext, intr, depth, conf, mask.astype(bool, copy=False), dict(self.timings))
+        return WindowPrediction(ext, intr, depth, conf, mask.astype(bool, copy=False),
+                                dict(self.timings))
 
 
 @runtime_checkable

@@ -28,7 +28,7 @@ import numpy as np
 from vggt4d_ros.geometry.sim3 import DegenerateSim3Error, Sim3, robust_umeyama_sim3
 from vggt4d_ros.geometry.transforms import invert_se3, rotation_angle, to_homogeneous
 
-#: Documented covariance range (variances; m² up to the odometry scale for x,y,z, rad² for rotations).
+#: Documented covariance range: variances in odometry units² (x, y, z) and rad² (rotations).
 COV_MIN_VAR = 1e-6
 COV_MAX_VAR = 1e3
 
@@ -108,7 +108,8 @@ def valid_depth(depth: np.ndarray) -> np.ndarray:
     return np.isfinite(depth) & (depth > 0)
 
 
-def prediction_frame_valid(extrinsic: np.ndarray, depth: np.ndarray, min_valid_fraction: float = 0.01) -> bool:
+def prediction_frame_valid(extrinsic: np.ndarray, depth: np.ndarray,
+                           min_valid_fraction: float = 0.01) -> bool:
     """A predicted frame is usable if its pose is finite with a proper rotation and at least
     ``min_valid_fraction`` of its depth is valid."""
     if not np.isfinite(extrinsic).all():
@@ -119,7 +120,8 @@ def prediction_frame_valid(extrinsic: np.ndarray, depth: np.ndarray, min_valid_f
     return float(valid_depth(depth).mean()) >= min_valid_fraction
 
 
-def _sample_pairs(pred, win_idx: int, rec: FrameRecord, rng: np.random.Generator, params: AlignParams):
+def _sample_pairs(pred, win_idx: int, rec: FrameRecord, rng: np.random.Generator,
+                  params: AlignParams):
     """Correspondences of one anchor frame: (src [n,3] window gauge, dst [n,3] odom,
     weights [n], dst depth [n], window depth [n])."""
     d_win = pred.depth[win_idx]
@@ -134,10 +136,12 @@ def _sample_pairs(pred, win_idx: int, rec: FrameRecord, rng: np.random.Generator
         idx = np.sort(rng.choice(idx, params.points_per_frame, replace=False))
     v, u = np.divmod(idx, d_win.shape[1])
     world_from_cam_win = invert_se3(to_homogeneous(pred.extrinsic[win_idx]))
-    src = unproject_pixels(d_win.ravel()[idx].astype(np.float64), u, v, pred.intrinsic[win_idx], world_from_cam_win)
-    dst = unproject_pixels(rec.depth.ravel()[idx].astype(np.float64), u, v, rec.intrinsic, rec.world_from_cam)
-    w = np.sqrt(np.maximum(conf_w.ravel()[idx], 0) * np.maximum(conf_r.ravel()[idx], 0)).astype(np.float64)
-    return src, dst, w, rec.depth.ravel()[idx].astype(np.float64), d_win.ravel()[idx].astype(np.float64)
+    d_src = d_win.ravel()[idx].astype(np.float64)
+    d_dst = rec.depth.ravel()[idx].astype(np.float64)
+    src = unproject_pixels(d_src, u, v, pred.intrinsic[win_idx], world_from_cam_win)
+    dst = unproject_pixels(d_dst, u, v, rec.intrinsic, rec.world_from_cam)
+    w = np.sqrt(np.maximum(conf_w.ravel()[idx], 0) * np.maximum(conf_r.ravel()[idx], 0))
+    return src, dst, w.astype(np.float64), d_dst, d_src
 
 
 def align_window(pred, anchors: Sequence[tuple[int, FrameRecord]], params: AlignParams,
@@ -159,7 +163,8 @@ def align_window(pred, anchors: Sequence[tuple[int, FrameRecord]], params: Align
     src, dst, w, d_dst, d_win = (np.concatenate([p[i] for p in parts]) for i in range(5))
     n = len(src)
     if n < params.min_points:
-        return AlignResult(False, None, num_points=n, reason=f"too few static points ({n} < {params.min_points})")
+        return AlignResult(False, None, num_points=n,
+                           reason=f"too few static points ({n} < {params.min_points})")
     # cap single-pixel dominance: weights clipped at 10x their median, then normalised
     w = np.minimum(w, 10.0 * max(float(np.median(w)), 1e-12))
     if not np.any(w > 0):
@@ -174,7 +179,8 @@ def align_window(pred, anchors: Sequence[tuple[int, FrameRecord]], params: Align
     per_anchor = []
     for k in range(len(parts)):
         sel = fit.inliers & (owner == k)
-        per_anchor.append(float(np.median(d_dst[sel] / (sim.scale * d_win[sel]))) if sel.any() else float("nan"))
+        ratio = np.median(d_dst[sel] / (sim.scale * d_win[sel])) if sel.any() else np.nan
+        per_anchor.append(float(ratio))
     finite = [s for s in per_anchor if np.isfinite(s) and s > 0]
     drift = float(np.log(finite[-1] / finite[0])) if len(finite) >= 2 else 0.0
     result = AlignResult(True, sim, residual, fit.inlier_fraction, n, "", drift, per_anchor)
@@ -182,13 +188,16 @@ def align_window(pred, anchors: Sequence[tuple[int, FrameRecord]], params: Align
     if not (lo <= sim.scale <= hi):
         result.ok, result.reason = False, f"scale {sim.scale:.3g} outside [{lo}, {hi}]"
     elif fit.inlier_fraction < params.min_inlier_fraction:
-        result.ok, result.reason = False, f"inlier fraction {fit.inlier_fraction:.2f} < {params.min_inlier_fraction}"
+        result.ok = False
+        result.reason = (f"inlier fraction {fit.inlier_fraction:.2f} "
+                         f"< {params.min_inlier_fraction}")
     elif not residual <= params.max_residual:
         result.ok, result.reason = False, f"residual {residual:.3g} > {params.max_residual}"
     return result
 
 
-def sim3_mapping_pose(world_from_cam_win: np.ndarray, world_from_cam_odom: np.ndarray, scale: float) -> Sim3:
+def sim3_mapping_pose(world_from_cam_win: np.ndarray, world_from_cam_odom: np.ndarray,
+                      scale: float) -> Sim3:
     """The Sim(3) ``odom_from_window`` with the given scale that maps one camera's window
     pose exactly onto its odometry pose (R = R_odom R_winᵀ, t = c_odom − s R c_win)."""
     rot = world_from_cam_odom[:3, :3] @ world_from_cam_win[:3, :3].T
@@ -205,7 +214,8 @@ def depth_ratio(depth_num: np.ndarray, depth_den: np.ndarray) -> float:
 
 
 def reanchor(pred, anchors: Sequence[tuple[int, FrameRecord]], frame_valid: Sequence[bool],
-             last_good_world_from_cam: np.ndarray, last_good_median_depth: float) -> tuple[Sim3, str]:
+             last_good_world_from_cam: np.ndarray,
+             last_good_median_depth: float) -> tuple[Sim3, str]:
     """``odom_from_window`` after a failed alignment (new segment from the last good pose).
 
     1. newest trusted anchor whose prediction is valid: keeps its odometry pose; scale = median
@@ -225,20 +235,23 @@ def reanchor(pred, anchors: Sequence[tuple[int, FrameRecord]], frame_valid: Sequ
         if ok:
             d = pred.depth[wi]
             med = float(np.median(d[valid_depth(d)]))
-            scale = last_good_median_depth / med if np.isfinite(last_good_median_depth) and med > 0 else 1.0
+            good = np.isfinite(last_good_median_depth) and med > 0
+            scale = last_good_median_depth / med if good else 1.0
             wfc = invert_se3(to_homogeneous(pred.extrinsic[wi]))
             return sim3_mapping_pose(wfc, last_good_world_from_cam, scale), "hold at last good pose"
     return Sim3.identity(), "no valid frame"
 
 
-def overlap_disagreement(odom_from_window: Sim3, pred, anchors: Sequence[tuple[int, FrameRecord]]) -> tuple[float, float]:
+def overlap_disagreement(odom_from_window: Sim3, pred,
+                         anchors: Sequence[tuple[int, FrameRecord]]) -> tuple[float, float]:
     """RMS camera-centre distance (odometry units) and RMS rotation angle (rad) between the
     aligned window poses of the anchor frames and their stored odometry poses."""
     if not anchors:
         return 0.0, 0.0
     dt, dr = [], []
     for wi, rec in anchors:
-        aligned = odom_from_window.transform_world_from_cam(invert_se3(to_homogeneous(pred.extrinsic[wi])))
+        world_from_cam_win = invert_se3(to_homogeneous(pred.extrinsic[wi]))
+        aligned = odom_from_window.transform_world_from_cam(world_from_cam_win)
         dt.append(np.linalg.norm(aligned[:3, 3] - rec.world_from_cam[:3, 3]))
         dr.append(float(rotation_angle(aligned[:3, :3].T @ rec.world_from_cam[:3, :3])))
     return float(np.sqrt(np.mean(np.square(dt)))), float(np.sqrt(np.mean(np.square(dr))))

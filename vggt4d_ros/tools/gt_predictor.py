@@ -87,17 +87,20 @@ class GroundTruthPredictor:
             return int(self.index_of_key(key))
         digest = self._digest(image)
         if digest not in self._table:
-            raise KeyError(f"frame key {key}: image was not produced by GroundTruthPredictor.render() "
-                           "(or fell out of its table); pass index_of_key to map keys to indices")
+            raise KeyError(f"frame key {key}: image was not produced by "
+                           "GroundTruthPredictor.render() (or fell out of its table); pass "
+                           "index_of_key to map keys to indices")
         return self._table[digest]
 
     # ------------------------------------------------------------ prediction
     def predict(self, images: np.ndarray, frame_keys: Sequence[int]) -> WindowPrediction:
-        """images [S,H,W,3] uint8 (only used to look indices up) -> noisy GT in a random window gauge."""
+        """images [S,H,W,3] uint8 (only used to look indices up) -> noisy GT in a random
+        window gauge (first frame at identity, scale λ)."""
         t0 = time.perf_counter()
         self.calls += 1
         if images.ndim != 4 or len(images) != len(frame_keys):
-            raise ValueError(f"images [S,H,W,3] and S frame keys expected, got {images.shape} / {len(frame_keys)}")
+            raise ValueError("images [S,H,W,3] and S frame keys expected, "
+                             f"got {images.shape} / {len(frame_keys)}")
         idx = [self._index(k, img) for k, img in zip(frame_keys, images)]
         frames = [self._frame(i) for i in idx]
         rng = np.random.default_rng([self.seed, *idx])
@@ -106,13 +109,14 @@ class GroundTruthPredictor:
         world_from_cam0 = np.linalg.inv(frames[0].cam_from_world)
         extr, depth, mask = [], [], []
         for s, f in enumerate(frames):
-            cam_from_win = f.cam_from_world @ world_from_cam0         # window gauge: frame 0 = identity
+            cam_from_win = f.cam_from_world @ world_from_cam0   # window gauge: frame 0 = I
             cam_from_win[:3, 3] *= lam                                 # unknown scale
             d_true = f.depth.astype(np.float64)
             if s > 0:
                 med = float(np.median(d_true[np.isfinite(d_true) & (d_true > 0)])) * lam
                 win_from_cam = np.linalg.inv(cam_from_win)
-                d_rot = Rotation.from_rotvec(np.radians(self.rot_noise_deg) * rng.normal(size=3)).as_matrix()
+                rotvec = np.radians(self.rot_noise_deg) * rng.normal(size=3)
+                d_rot = Rotation.from_rotvec(rotvec).as_matrix()
                 win_from_cam[:3, :3] = win_from_cam[:3, :3] @ d_rot
                 win_from_cam[:3, 3] += self.trans_noise * med * rng.normal(size=3)
                 cam_from_win = np.linalg.inv(win_from_cam)
@@ -122,8 +126,10 @@ class GroundTruthPredictor:
             mask.append(self._corrupt_mask(f.mask, rng))
         depth_arr = np.stack(depth)
         return WindowPrediction(
-            extrinsic=np.stack(extr), intrinsic=np.stack([f.intrinsic for f in frames]).astype(np.float64),
-            depth=depth_arr, depth_conf=np.full(depth_arr.shape, 2.0, np.float32), mask=np.stack(mask),
+            extrinsic=np.stack(extr),
+            intrinsic=np.stack([f.intrinsic for f in frames]).astype(np.float64),
+            depth=depth_arr, depth_conf=np.full(depth_arr.shape, 2.0, np.float32),
+            mask=np.stack(mask),
             timings={"gt_predict": time.perf_counter() - t0})
 
     def _corrupt_mask(self, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
