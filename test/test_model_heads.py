@@ -420,3 +420,25 @@ def test_unproject_bad_shapes():
         depth_to_world_points(np.ones((2, 3, 4)), K[:1], E)
     with pytest.raises(ValueError, match="cam_from_world"):
         depth_to_world_points(np.ones((2, 3, 4)), K, E[:, :2])
+
+
+def test_head_selection_and_bf16_heads_option():
+    """VGGT.forward(heads=...) runs only the named heads; bf16 heads return float32 outputs
+    close to the fp32 (official) heads."""
+    import torch
+    from vggt4d_ros.model.config import VGGTConfig
+    from vggt4d_ros.model.vggt import VGGT
+    from vggt4d_ros.stream.factory import TINY_VGGT_CONFIG
+    torch.manual_seed(0)
+    model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+    images = torch.rand(2, 3, 28, 42)
+    with torch.no_grad():
+        full = model(images)
+        sub = model(images, heads=("camera", "depth"))
+        low = model(images, heads=("depth",), head_autocast_dtype=torch.bfloat16)
+    assert "world_points" not in sub and "pose_enc" in sub
+    assert torch.equal(sub["depth"], full["depth"]) and torch.equal(sub["pose_enc"], full["pose_enc"])
+    assert low["depth"].dtype == torch.float32 and "pose_enc" not in low
+    assert torch.allclose(low["depth"], full["depth"], rtol=5e-2, atol=5e-2)
+    with pytest.raises(ValueError, match="unknown heads"):
+        model(images, heads=("normals",))

@@ -12,7 +12,7 @@ everything in the parameters' dtype (float32 on CPU: the golden-reference path).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from .hooks import AttentionControl
 from .pose_encoding import pose_encoding_to_extri_intri
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HEADS = ("camera", "depth", "point", "track")
 
 
 class VGGT(nn.Module):
@@ -48,10 +49,12 @@ class VGGT(nn.Module):
         self.track_head = _build_track(cfg) if enable_track else None
 
     # ------------------------------------------------------------------ helpers
-    def needed_layers(self, with_track: bool = False) -> set[int]:
-        """Aggregator layers the enabled heads read (the rest need not be kept)."""
+    def needed_layers(self, with_track: bool = False, dense: bool = True) -> set[int]:
+        """Aggregator layers the enabled heads read (the rest need not be kept).
+
+        ``dense`` False: the DPT heads will not run, so only the camera head's last layer."""
         layers = {self.config.depth - 1}
-        if self.depth_head is not None or self.point_head is not None:
+        if dense and (self.depth_head is not None or self.point_head is not None):
             layers |= set(self.config.dpt.intermediate_layer_idx)
         if with_track and self.track_head is not None:
             layers |= set(self.config.track_head.feature_extractor.intermediate_layer_idx)
@@ -100,7 +103,9 @@ class VGGT(nn.Module):
     def forward(self, images: torch.Tensor, query_points: Optional[torch.Tensor] = None,
                 control: Optional[AttentionControl] = None,
                 patch_tokens: Optional[torch.Tensor] = None,
-                autocast_dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
+                autocast_dtype: Optional[torch.dtype] = None,
+                heads: Optional[Iterable[str]] = None,
+                head_autocast_dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
         """Predict cameras, depth, point maps (and tracks) for S frames.
 
         images [S, 3, H, W] or [B, S, 3, H, W], float in [0, 1], H, W multiples of 14.
@@ -110,16 +115,32 @@ class VGGT(nn.Module):
         world_points_conf [B,S,H,W], images [B,S,3,H,W], extrinsic [B,S,3,4] (camera-from-world),
         intrinsic [B,S,3,3] (pixels); track/vis/conf with query_points;
         encoder_features [B·S, N, C_dino] when ``control.encoder_features``.
+
+        ``heads`` limits which heads run, a subset of ``HEADS`` ("camera", "depth", "point",
+        "track"); None runs every built head (a caller that only needs poses and depth, like
+        VGGT4D's first pass, skips the point head and its aggregator layers are not kept).
+        ``head_autocast_dtype`` (default None = the official fp32 heads) runs the DPT heads
+        under autocast in that dtype instead — faster, numerically different (see
+        docs/BENCHMARKS.md for the measured deviation).
         """
         images = self.validate_images(images, self.config.patch_size)
+        wanted = set(HEADS) if heads is None else set(heads)
+        unknown = wanted - set(HEADS)
+        if unknown:
+            raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEADS}")
         if query_points is not None and query_points.dim() == 2:
             query_points = query_points.unsqueeze(0)
-        with_track = query_points is not None and self.track_head is not None
+        with_track = (query_points is not None and self.track_head is not None
+                      and "track" in wanted)
+        run_camera = self.camera_head is not None and "camera" in wanted
+        run_depth = self.depth_head is not None and "depth" in wanted
+        run_point = self.point_head is not None and "point" in wanted
         agg_ctx = (torch.autocast(images.device.type, dtype=autocast_dtype)
                    if autocast_dtype is not None else contextlib.nullcontext())
         with agg_ctx:
             agg = self.aggregator.run(images, control=control, patch_tokens=patch_tokens,
-                                      keep_layers=self.needed_layers(with_track))
+                                      keep_layers=self.needed_layers(
+                                          with_track, dense=run_depth or run_point))
         tokens = agg.layers
         if autocast_dtype is not None:
             # Heads in float32, autocast off (the official recipe).
@@ -130,21 +151,22 @@ class VGGT(nn.Module):
             images_h = images
             head_ctx = contextlib.nullcontext()
         out: Dict[str, Any] = {}
+        dpt_kw = {} if head_autocast_dtype is None else {"autocast_dtype": head_autocast_dtype}
         with head_ctx:
-            if self.camera_head is not None:
+            if run_camera:
                 pose_list = self.camera_head(tokens)
                 out["pose_enc"] = pose_list[-1]
                 out["pose_enc_list"] = pose_list
                 h, w = images.shape[-2:]
                 out["extrinsic"], out["intrinsic"] = pose_encoding_to_extri_intri(
                     pose_list[-1], (h, w))
-            if self.depth_head is not None:
+            if run_depth:
                 depth, depth_conf = self.depth_head(tokens, images=images_h,
-                                                    patch_start_idx=agg.patch_start_idx)
+                                                    patch_start_idx=agg.patch_start_idx, **dpt_kw)
                 out["depth"], out["depth_conf"] = depth, depth_conf
-            if self.point_head is not None:
+            if run_point:
                 pts, pts_conf = self.point_head(tokens, images=images_h,
-                                                patch_start_idx=agg.patch_start_idx)
+                                                patch_start_idx=agg.patch_start_idx, **dpt_kw)
                 out["world_points"], out["world_points_conf"] = pts, pts_conf
             if with_track:
                 track_list, vis, conf = self.track_head(

@@ -183,7 +183,8 @@ class DPTHead(nn.Module):
                    pos_embed=cfg.pos_embed, feature_only=cfg.feature_only, down_ratio=cfg.down_ratio)
 
     def forward(self, aggregated_tokens_list: Sequence[torch.Tensor], images: torch.Tensor,
-                patch_start_idx: int, frames_chunk_size: Optional[int] = 8
+                patch_start_idx: int, frames_chunk_size: Optional[int] = 8,
+                autocast_dtype: Optional[torch.dtype] = None
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Run the head, a chunk of frames at a time (chunking has no numerical effect).
 
@@ -193,6 +194,9 @@ class DPTHead(nn.Module):
             images: [B, S, 3, H, W] (only the shape is used).
             patch_start_idx: P (5 for VGGT).
             frames_chunk_size: frames per chunk; None or >= S processes all at once.
+            autocast_dtype: None (default, official) runs the head in float32 with autocast
+                off; a dtype (e.g. torch.bfloat16) runs its convolutions under autocast in
+                that dtype (faster on GPUs; outputs are still returned as float32).
         Returns:
             feature_only: features [B, S, features, H/down_ratio, W/down_ratio].
             else: (values [B, S, H, W, output_dim-1], conf [B, S, H, W]).
@@ -201,16 +205,23 @@ class DPTHead(nn.Module):
         S = images.shape[1]
         if frames_chunk_size is not None and frames_chunk_size <= 0:
             raise ValueError(f"frames_chunk_size must be positive or None, got {frames_chunk_size}")
-        # Heads run in fp32 even inside a bf16 autocast region (official behaviour).
-        with torch.autocast(device_type="cuda" if images.is_cuda else "cpu", enabled=False):
-            if frames_chunk_size is None or frames_chunk_size >= S:
-                return self._forward_frames(aggregated_tokens_list, images, patch_start_idx, 0, S)
+        # Heads run in fp32 even inside a bf16 autocast region (official behaviour), unless
+        # the caller opts into reduced-precision heads.
+        device_type = "cuda" if images.is_cuda else "cpu"
+        ctx = (torch.autocast(device_type=device_type, enabled=False) if autocast_dtype is None
+               else torch.autocast(device_type=device_type, dtype=autocast_dtype))
+        with ctx:
+            step = S if frames_chunk_size is None else frames_chunk_size
             parts = [self._forward_frames(aggregated_tokens_list, images, patch_start_idx,
-                                          s, min(s + frames_chunk_size, S))
-                     for s in range(0, S, frames_chunk_size)]
+                                          s, min(s + step, S))
+                     for s in range(0, S, step)]
+        if len(parts) == 1:   # no copy when one chunk holds every frame
+            part = parts[0]
+            return part.float() if self.feature_only else (part[0].float(), part[1].float())
         if self.feature_only:
-            return torch.cat(parts, dim=1)
-        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+            return torch.cat(parts, dim=1).float()
+        return (torch.cat([p[0] for p in parts], dim=1).float(),
+                torch.cat([p[1] for p in parts], dim=1).float())
 
     def _check_inputs(self, tokens: Sequence[torch.Tensor], images: torch.Tensor,
                       patch_start_idx: int) -> None:
