@@ -165,3 +165,14 @@ def test_replay_cli_video_input(tmp_path: Path, capsys: pytest.CaptureFixture,
     assert s["input"]["kind"] == "video" and s["frames"]["processed"] == 6
     stamps = [int(ln.split()[1]) for ln in (out / "frames.txt").read_text().splitlines()[1:]]
     assert stamps == [i * 100_000_000 for i in range(6)]          # 10 fps container
+
+
+def test_replay_cli_missing_checkpoint_is_bad_input(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("vggt4d_ros.stream.factory",
+                        reason="stream.factory (build_predictor) has not landed yet")
+    _, scene = _synth_folder(tmp_path, 3)
+    out = tmp_path / "out"
+    code, err = _run([str(scene), "--out", str(out), "--quiet", "--checkpoint",
+                      str(tmp_path / "weights.safetensors"), "--device", "cpu"], capsys)
+    _assert_clean_failure(code, err, out, "weights.safetensors")

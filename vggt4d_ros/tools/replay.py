@@ -706,6 +706,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # one line for users; the traceback is not for them
         msg = str(exc).splitlines()[0] if str(exc) else ""
+        if type(exc).__name__ == "CheckpointError":     # model.checkpoint: weights not usable
+            print(f"vggt4d-replay: error: {msg}", file=sys.stderr)
+            return 2
         print(f"vggt4d-replay: failed: {type(exc).__name__}: {msg}", file=sys.stderr)
         return 1
     s = res.summary
