@@ -56,7 +56,9 @@ def _check_outputs(out: Path) -> None:
                 "scene/bag_sqlite3/metadata.yaml", "eval/metrics.json"):
         assert (out / rel).is_file(), rel
     # every picture carries the label banner: its top rows are darkened text on black
-    for pic in [out / "replay" / "viz" / "map_topdown.png",
+    eval_pics = sorted((out / "eval").glob("*.png"))
+    assert len(eval_pics) >= 3                                   # trajectory, ATE, masks, depth
+    for pic in [out / "replay" / "viz" / "map_topdown.png", *eval_pics,
                 *sorted((out / "replay" / "viz" / "overlay").glob("*.png"))[:2]]:
         img = cv2.imread(str(pic))
         band = img[:12].astype(int)

@@ -49,7 +49,7 @@ import numpy as np
 
 from vggt4d_ros.tools import replay as rp
 from vggt4d_ros.tools.datasets import FrameSource, InputError, list_sequences, open_source
-from vggt4d_ros.tools.visualize import link_pictures
+from vggt4d_ros.tools.visualize import label_pictures, link_pictures
 
 SINTEL_MONST3R_SEQUENCES = (
     "alley_2", "ambush_4", "ambush_5", "ambush_6", "cave_2", "cave_4", "market_2", "market_5",
@@ -232,6 +232,9 @@ def _run_sequence(name: str, path: Path, proto: Protocol, settings: rp.ReplaySet
                              max_depth=proto.max_depth)
         result = ev.evaluate(res.out_dir, gt, seq_out / "eval", opt)
         link_pictures(seq_out / "eval" / "report.md", res.out_dir)
+        if rp.is_random_weights(settings.checkpoint) or \
+                res.summary.get("weights") == rp.RANDOM_WEIGHTS_NOTE:
+            label_pictures(seq_out / "eval", rp.RANDOM_WEIGHTS_NOTE)
         return SequenceResult(name, res.summary["frames"]["processed"], "ok",
                               _metrics_of(result), str(res.out_dir), str(seq_out / "eval"))
     except (InputError, rp.ReplayError, ev.EvalError, ValueError, RuntimeError, OSError) as exc:

@@ -135,7 +135,7 @@ def run_demo(a: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
     """Run the three steps; returns the report path."""
     from vggt4d_ros.tools import eval as ev
     from vggt4d_ros.tools import replay as rp
-    from vggt4d_ros.tools.visualize import link_pictures
+    from vggt4d_ros.tools.visualize import label_pictures, link_pictures
     from vggt4d_ros.tools.datasets import open_source
     from vggt4d_ros.tools.synth import SynthConfig, SynthWorld, write_outputs
 
@@ -170,6 +170,7 @@ def run_demo(a: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
     report = out / "eval" / "report.md"
     link_pictures(report, res.out_dir)
     if choice.random:
+        label_pictures(out / "eval", rp.RANDOM_WEIGHTS_NOTE)       # the eval plots too
         text = report.read_text()
         report.write_text(f"> **{rp.RANDOM_WEIGHTS_NOTE}** (the VGGT weights were not "
                           f"available; see {MARKER})\n\n" + text)

@@ -30,7 +30,7 @@ import numpy as np
 __all__ = [
     "RANDOM_WEIGHTS_LABEL", "draw_label", "overlay_mask", "colorize_depth",
     "colorize_confidence", "render_topdown", "render_perspective", "write_gif", "write_mp4",
-    "VizWriter", "pictures_markdown", "link_pictures",
+    "VizWriter", "pictures_markdown", "link_pictures", "label_pictures",
 ]
 
 RANDOM_WEIGHTS_LABEL = "random weights: geometry is meaningless"
@@ -417,3 +417,17 @@ def link_pictures(report_md: Path, replay_dir: Path) -> bool:
     if md:
         report_md.write_text(report_md.read_text().rstrip("\n") + "\n\n" + md)
     return bool(md)
+
+
+def label_pictures(folder: Path, label: str) -> list[Path]:
+    """Draw ``label`` onto every PNG directly in ``folder`` (e.g. eval plots of a run on random
+    weights, which the eval tool draws without it); returns the files changed."""
+    done = []
+    for png in sorted(Path(folder).glob("*.png")):
+        img = cv2.imread(str(png), cv2.IMREAD_COLOR)
+        if img is None:
+            continue
+        rgb = draw_label(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), label)
+        _save_png(png, rgb)
+        done.append(png)
+    return done
