@@ -144,6 +144,36 @@ def bench_plain(model, images: torch.Tensor, warmup: int, repeats: int) -> Dict[
             "flops_tera": {k: v / 1e12 for k, v in fl.items()}}
 
 
+def bench_attention_backends(model, images: torch.Tensor, warmup: int, repeats: int
+                             ) -> Dict[str, object]:
+    """Aggregator time per fused-attention backend of ``scaled_dot_product_attention``.
+
+    PyTorch picks FlashAttention-2 by default; cuDNN's fused attention (Hopper) is opt-in.
+    Each row forces one backend for the whole aggregator (frame, global and masked blocks).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    dev = images.device
+    x = images[None]
+    rows: Dict[str, object] = {}
+    for name in ("default", "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        def run():
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                return model.aggregator.run(x, keep_layers=[model.config.depth - 1])
+        try:
+            with torch.inference_mode():
+                if name == "default":
+                    t = time_fn(run, warmup, repeats, dev)
+                else:
+                    with sdpa_kernel([getattr(SDPBackend, name)]):
+                        t = time_fn(run, warmup, repeats, dev)
+            rows[name] = t.as_dict()
+            print(f"  aggregator with {name:20s} {t.median_s * 1e3:8.1f} ms", flush=True)
+        except Exception as exc:  # a backend may not support this shape / GPU
+            rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            print(f"  aggregator with {name:20s} unavailable: {type(exc).__name__}", flush=True)
+    return rows
+
+
 def _stage_medians(runs: List[Dict[str, float]]) -> Dict[str, float]:
     keys = sorted({k for r in runs for k in r})
     return {k: float(np.median([r.get(k, 0.0) for r in runs])) for k in keys}
@@ -259,7 +289,7 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--config", default=None, help="VGGT config JSON (default: full VGGT-1B)")
     p.add_argument("--skip", nargs="*", default=[], choices=["plain", "vggt4d", "ablation",
-                                                             "stream"])
+                                                             "stream", "attention"])
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.height % 14 or args.width % 14 or min(args.height, args.width) <= 0:
@@ -292,7 +322,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
                  "cudnn": torch.backends.cudnn.allow_tf32},
         "size": [args.height, args.width], "plain": [], "vggt4d": [], "ablation": None,
-        "stream": None}
+        "stream": None, "attention_backends": None}
     print(f"{report['device']} torch {torch.__version__} | {args.config or 'VGGT-1B'} {RANDOM_LABEL} | "
           f"{args.width}x{args.height}", flush=True)
     gen = torch.Generator(device=dev).manual_seed(1)
@@ -323,10 +353,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         del images
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    images = torch.rand(args.ablation_frames, 3, args.height, args.width, device=dev,
+                        generator=gen)
+    if "attention" not in args.skip and dev.type == "cuda":
+        print(f"attention backends at S={args.ablation_frames}:", flush=True)
+        report["attention_backends"] = bench_attention_backends(model, images, args.warmup,
+                                                                args.repeats)
     if "ablation" not in args.skip:
         print(f"ablation at S={args.ablation_frames}:", flush=True)
-        images = torch.rand(args.ablation_frames, 3, args.height, args.width, device=dev,
-                            generator=gen)
         report["ablation"] = bench_ablation(model, images, args.warmup, args.repeats)
         base = report["ablation"][0]["median_s"]
         for row in report["ablation"]:
