@@ -113,3 +113,21 @@ def test_benchmark_cli_random_tiny(tmp_path: Path, capsys: pytest.CaptureFixture
     md = (tmp_path / "o" / "benchmark.md").read_text()
     assert "random weights: geometry is meaningless" in md
     assert "| rgbd_dataset_freiburg3_walking_static | 4 |" in md
+
+
+def test_benchmark_loads_the_model_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sequences share one model; each gets its own predictor (fresh token cache)."""
+    pytest.importorskip("vggt4d_ros.stream.factory",
+                        reason="stream.factory (build_predictor) has not landed yet")
+    calls = []
+    real = rp.make_predictor
+
+    def counting(settings):
+        calls.append(settings.checkpoint)
+        return real(settings)
+
+    monkeypatch.setattr(rp, "make_predictor", counting)
+    make = bm._shared_model_factory(rp.ReplaySettings(checkpoint="random_tiny", device="cpu"))
+    a, b = make("s1", None), make("s2", None)
+    assert calls == ["random_tiny"] and a is not b and a.pipeline is b.pipeline
+    assert b.random_weights and b.image_width == a.image_width

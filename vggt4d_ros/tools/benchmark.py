@@ -202,7 +202,7 @@ def run_benchmark(root: str | Path, dataset: str, out_dir: str | Path,
             raise InputError(f"output {out} is not empty (use --overwrite)")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    factory = predictor_factory or (lambda name, src: rp.make_predictor(settings))
+    factory = predictor_factory or _shared_model_factory(settings)
     rows: list[SequenceResult] = []
     for k, (name, path) in enumerate(seqs):
         log(f"[{k + 1}/{len(seqs)}] {proto.dataset}/{name}")
@@ -216,6 +216,24 @@ def run_benchmark(root: str | Path, dataset: str, out_dir: str | Path,
     (out / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "benchmark.md").write_text(benchmark_markdown(report))
     return report
+
+
+def _shared_model_factory(settings: rp.ReplaySettings) -> PredictorFactory:
+    """Predictor per sequence that loads the model ONCE: later sequences get a fresh
+    ``Vggt4dWindowPredictor`` (empty per-frame token cache, since frame keys restart with each
+    engine) around the same pipeline; other predictor types are rebuilt from ``settings``."""
+    first: list[Any] = []
+
+    def make(name: str, src: FrameSource) -> Any:
+        if not first:
+            first.append(rp.make_predictor(settings))
+            return first[0]
+        p = first[0]
+        if hasattr(p, "pipeline") and hasattr(p, "image_width"):
+            return type(p)(p.pipeline, p.image_width, str(p.device),
+                           getattr(p, "_cache_size", 64), getattr(p, "label", ""))
+        return rp.make_predictor(settings)
+    return make
 
 
 def _run_sequence(name: str, path: Path, proto: Protocol, settings: rp.ReplaySettings,
