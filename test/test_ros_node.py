@@ -36,21 +36,26 @@ pytestmark = pytest.mark.ros
 ROOT = Path(__file__).resolve().parents[1]
 W, H = 98, 56
 NS = "/vggt4d"
-TOPICS = {
-    f"{NS}/odom": (Odometry, qos_for()),
-    f"{NS}/path": (PathMsg, qos_for()),
-    f"{NS}/dynamic_mask": (Image, qos_for()),
-    f"{NS}/dynamic_mask/camera_info": (CameraInfo, qos_for()),
-    f"{NS}/depth": (Image, qos_for()),
-    f"{NS}/depth_static": (Image, qos_for()),
-    f"{NS}/confidence": (Image, qos_for()),
-    f"{NS}/static_points": (PointCloud2, qos_for()),
-    f"{NS}/static_map": (PointCloud2, qos_for(transient_local=True, depth=1)),
-    f"{NS}/status": (Status, qos_for(transient_local=True, depth=1)),
-    "/diagnostics": (DiagnosticArray, qos_for()),
-    "/tf": (TFMessage, qos_for(depth=200)),
-    "/tf_static": (TFMessage, qos_for(transient_local=True, depth=1)),
-}
+def topics(ns: str = NS) -> dict:
+    """Every output of a node whose private namespace is ``ns`` → (type, subscription QoS)."""
+    return {
+        f"{ns}/odom": (Odometry, qos_for()),
+        f"{ns}/path": (PathMsg, qos_for()),
+        f"{ns}/dynamic_mask": (Image, qos_for()),
+        f"{ns}/dynamic_mask/camera_info": (CameraInfo, qos_for()),
+        f"{ns}/depth": (Image, qos_for()),
+        f"{ns}/depth_static": (Image, qos_for()),
+        f"{ns}/confidence": (Image, qos_for()),
+        f"{ns}/static_points": (PointCloud2, qos_for()),
+        f"{ns}/static_map": (PointCloud2, qos_for(transient_local=True, depth=1)),
+        f"{ns}/status": (Status, qos_for(transient_local=True, depth=1)),
+        "/diagnostics": (DiagnosticArray, qos_for()),
+        "/tf": (TFMessage, qos_for(depth=200)),
+        "/tf_static": (TFMessage, qos_for(transient_local=True, depth=1)),
+    }
+
+
+TOPICS = topics()
 
 
 class Harness:
@@ -58,7 +63,10 @@ class Harness:
     synthetic world."""
 
     def __init__(self, overrides: dict, cli_args: list[str] | None = None,
-                 num_frames: int = 200) -> None:
+                 num_frames: int = 200, namespace: str = "") -> None:
+        # a second node of the same name in the same domain would answer our service calls:
+        # extra harnesses run in their own namespace
+        self.ns = f"{namespace}/vggt4d"
         self.ctx = rclpy.Context()
         rclpy.init(context=self.ctx)
         self.world = SynthWorld(SynthConfig(width=W, height=H, num_frames=num_frames,
@@ -69,13 +77,15 @@ class Harness:
         params.update(overrides)
 
         self.node = node_mod.Vggt4dNode(
-            context=self.ctx, cli_args=cli_args,
+            context=self.ctx, cli_args=cli_args, namespace=namespace or None,
             parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
         self.probe = TopicProbe("probe", context=self.ctx)
-        for topic, (typ, qos) in TOPICS.items():
+        for topic, (typ, qos) in topics(self.ns).items():
             self.probe.watch(topic, typ, qos)
-        self.pub_image = self.probe.create_publisher(Image, "image", qos_for(depth=100))
-        self.pub_info = self.probe.create_publisher(CameraInfo, "camera_info", qos_for(depth=100))
+        self.pub_image = self.probe.create_publisher(Image, f"{namespace}/image",
+                                                     qos_for(depth=100))
+        self.pub_info = self.probe.create_publisher(CameraInfo, f"{namespace}/camera_info",
+                                                    qos_for(depth=100))
         self.ex = MultiThreadedExecutor(num_threads=4, context=self.ctx)
         self.ex.add_node(self.node)
         self.ex.add_node(self.probe)
@@ -124,13 +134,18 @@ class Harness:
             self.wait(lambda: False, 0.03)
         return stamps
 
+    def _own_diagnostics(self) -> list:
+        """DiagnosticStatus entries of this harness's node (/diagnostics is shared)."""
+        return [st for arr in self.probe.get("/diagnostics") for st in arr.status
+                if st.name.startswith(f"{self.ns}:")]
+
     def diagnostics(self) -> dict[str, str]:
-        arrays = self.probe.get("/diagnostics")
-        return {kv.key: kv.value for kv in arrays[-1].status[0].values} if arrays else {}
+        own = self._own_diagnostics()
+        return {kv.key: kv.value for kv in own[-1].values} if own else {}
 
     def fresh_diagnostics(self) -> dict[str, str]:
-        n = len(self.probe.get("/diagnostics"))
-        assert self.wait(lambda: len(self.probe.get("/diagnostics")) > n)
+        n = len(self._own_diagnostics())
+        assert self.wait(lambda: len(self._own_diagnostics()) > n)
         return self.diagnostics()
 
     def close(self) -> None:
@@ -156,7 +171,7 @@ def stamps(h):
     s = h.send(12)
     assert h.wait(lambda: len(h.probe.get(f"{NS}/odom")) >= 12), h.probe.counts()
     assert h.wait(lambda: len(h.probe.get(f"{NS}/static_map")) >= 1)
-    assert h.wait(lambda: len(h.probe.get("/diagnostics")) >= 1)
+    assert h.wait(lambda: len(h._own_diagnostics()) >= 1)
     return s
 
 
@@ -247,7 +262,7 @@ def test_status_and_diagnostics(h, stamps):
 
 
 def _call(h, name: str) -> Trigger.Response:
-    cli = h.probe.create_client(Trigger, f"{NS}/{name}")
+    cli = h.probe.create_client(Trigger, f"{h.ns}/{name}")
     try:
         assert cli.wait_for_service(timeout_sec=30)
         fut = cli.call_async(Trigger.Request())
@@ -272,7 +287,7 @@ def test_save_map_refuses_symlink_escape(tmp_path):
     out.mkdir()
     victim = tmp_path / "victim.ply"
     (out / "static_map.ply").symlink_to(victim)
-    harness = Harness({"output_dir": str(out)})
+    harness = Harness({"output_dir": str(out)}, namespace="/symlink_test")
     try:
         res = _call(harness, "save_map")
         assert not res.success and "outside output_dir" in res.message
@@ -335,15 +350,17 @@ def test_params_file_is_honoured(tmp_path):
     yaml_text = yaml_text.replace("voxel_size: 0.05", "voxel_size: 0.07")
     params_file = tmp_path / "p.yaml"
     params_file.write_text(yaml_text)
-    harness = Harness({}, cli_args=["--ros-args", "--params-file", str(params_file)])
+    harness = Harness({}, cli_args=["--ros-args", "--params-file", str(params_file)],
+                      namespace="/params_test")
     try:
         s = harness.node.settings
         assert s["frames.odom_frame"] == "world_odom" and s["map.voxel_size"] == 0.07
         assert s["model.checkpoint"] == "random_tiny"      # overrides beat the file
         assert harness.node.engine.config.voxel_size == 0.07
         harness.send(4)
-        assert harness.wait(lambda: harness.probe.get(f"{NS}/odom"))
-        assert harness.probe.get(f"{NS}/odom")[0].header.frame_id == "world_odom"
+        odom = f"{harness.ns}/odom"
+        assert harness.wait(lambda: harness.probe.get(odom))
+        assert harness.probe.get(odom)[0].header.frame_id == "world_odom"
     finally:
         harness.close()
 
