@@ -22,6 +22,11 @@ States
     TRACKING (last window aligned), LOST (last window failed to align or predicted garbage;
     it was re-anchored from the last good pose, see ``stitcher.reanchor``, covariance at its
     maximum; the next window that aligns brings TRACKING back, counted as a recovery).
+    Recovery: while LOST, the last good frame is added to the next windows (at most
+    ``recovery_anchor_windows``) and alignment prefers trusted anchors (frames of TRACKING
+    windows: that frame and keyframes), so a transient failure (a garbage window) costs one
+    LOST window and tracking resumes in the same odometry frame without a jump. Without a
+    trusted anchor the re-anchored segment becomes the reference.
     Frames whose prediction is not finite HOLD the previous pose. Static points of LOST
     windows are published but never fused into the map; dynamic points are never fused.
 
@@ -72,6 +77,8 @@ class StreamConfig:
     max_keyframes: int = 0              # older keyframes prepended to each window (0 = off)
     keyframe_min_parallax: float = 0.15  # camera displacement / median depth to add a keyframe
     keyframe_min_rotation_deg: float = 15.0
+    recovery_anchor_windows: int = 4    # while LOST, re-show the last good frame for this many
+                                        # windows so tracking can resume in the same frame (0 = off)
     drop_policy: str = "keep_all"       # "keep_all" (replay) | "drop_oldest" (live)
     max_queue: int = 64                 # frames waiting for the worker under drop_oldest
     backwards_reset_s: float = 1.0      # stamp jumps further back than this start a new sequence
@@ -92,6 +99,9 @@ class StreamConfig:
                              f"stride={self.stride}, window_size={self.window_size}")
         if self.max_keyframes < 0:
             raise ValueError(f"max_keyframes must be >= 0, got {self.max_keyframes}")
+        if self.recovery_anchor_windows < 0:
+            raise ValueError("recovery_anchor_windows must be >= 0, "
+                             f"got {self.recovery_anchor_windows}")
         if self.drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, "
                              f"got {self.drop_policy!r}")
@@ -272,6 +282,9 @@ class StreamEngine:
         self._seq_windows = 0
         self._last_good_pose = np.eye(4)
         self._last_good_depth = float("nan")
+        self._last_good_record: Optional[FrameRecord] = None
+        self._recovery: Optional[FrameRecord] = None   # last good frame, re-shown while LOST
+        self._recovery_windows = 0
         self._last_pose = np.eye(4)
         self._traj_count = 0
         self.last_window: Optional[WindowOutput] = None
@@ -318,11 +331,18 @@ class StreamEngine:
         return outputs
 
     def _anchor_records(self) -> list[FrameRecord]:
-        """Keyframes not in the overlap (oldest first), then the overlap frames."""
-        if not self.config.max_keyframes:
-            return list(self._history)
-        hist_keys = {r.key for r in self._history}
-        return [k for k in self._keyframes if k.key not in hist_keys] + list(self._history)
+        """[recovery anchor (only while LOST)], keyframes not in the overlap (oldest first), then
+        the overlap frames."""
+        extra = list(self._keyframes) if self.config.max_keyframes else []
+        if self._recovery is not None:
+            extra = [self._recovery] + extra
+        seen = {r.key for r in self._history}
+        out = []
+        for rec in extra:
+            if rec.key not in seen:
+                seen.add(rec.key)
+                out.append(rec)
+        return out + list(self._history)
 
     def _odom_from_window(self, pred: WindowPrediction, anchors, frame_valid: list[bool],
                           rng: np.random.Generator) -> tuple[AlignResult, Sim3]:
@@ -336,7 +356,10 @@ class StreamEngine:
             res = AlignResult(False, None,
                               reason="first frame of the sequence has no valid prediction")
         elif anchors:
-            res = align_window(pred, anchors, self.config.align, rng)
+            # After a failure, frames of re-anchored (untrusted) windows may disagree with the
+            # trusted ones (last good frame, keyframes): align on the trusted ones when present.
+            trusted = [(i, r) for i, r in anchors if r.trusted]
+            res = align_window(pred, trusted or anchors, self.config.align, rng)
             if res.ok:
                 return res, res.odom_from_window
         else:
@@ -383,6 +406,7 @@ class StreamEngine:
             self._history.append(rec)
             if rec.trusted:
                 self._last_good_pose, self._last_good_depth = rec.world_from_cam, rec.median_depth
+                self._last_good_record = rec
                 self._maybe_keyframe(rec)
             self._append_trajectory(f.stamp_ns, poses[j])
             outputs.append(FrameOutput(f.stamp_ns, f.frame_id, invert_se3(poses[j]), poses[j],
@@ -392,11 +416,24 @@ class StreamEngine:
         self.last_window = WindowOutput(window_index, state, stamps, *pts, res.residual,
                                         res.scale_drift, res.inlier_fraction, res.num_points,
                                         sim, res.reason, {})
+        self._update_recovery_anchor(lost)
         self._update_state(state)
         self._windows += 1
         self._seq_windows += 1
         self._frames_out += len(outputs)
         return outputs
+
+    def _update_recovery_anchor(self, lost: bool) -> None:
+        """While LOST, keep re-showing the last good frame (bounded number of windows); a
+        window that aligns ends it. After the budget, the re-anchored segment stands alone."""
+        if not lost or not self.config.recovery_anchor_windows:
+            self._recovery, self._recovery_windows = None, 0
+            return
+        if self._recovery is None and self._recovery_windows == 0:
+            self._recovery = self._last_good_record
+        self._recovery_windows += 1
+        if self._recovery_windows > self.config.recovery_anchor_windows:
+            self._recovery = None                     # expired until TRACKING resumes
 
     def _update_state(self, state: str) -> None:
         if state == "LOST":
