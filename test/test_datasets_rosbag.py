@@ -111,7 +111,8 @@ def test_datasets_rosbag_topic_choice_and_errors(tmp_path: Path) -> None:
 
     none = tmp_path / "none"
     _write_bag(none, [("/odom", "nav_msgs/msg/Odometry", 1, _odom(1, 0.0))])
-    with pytest.raises(InputError, match=r"no image topic; available: /odom \[nav_msgs/msg/Odometry\]"):
+    with pytest.raises(InputError,
+                       match=r"no image topic; available: /odom \[nav_msgs/msg/Odometry\]"):
         open_source(none)
 
 

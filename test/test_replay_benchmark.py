@@ -44,7 +44,8 @@ def _factory(worlds: dict[str, SynthWorld]):
 def test_benchmark_tum_protocol_table(tmp_path: Path) -> None:
     root = tmp_path / "tum"
     worlds = {}
-    for k, name in enumerate(["rgbd_dataset_freiburg3_walking_xyz", "rgbd_dataset_freiburg3_sitting_static"]):
+    names = ["rgbd_dataset_freiburg3_walking_xyz", "rgbd_dataset_freiburg3_sitting_static"]
+    for k, name in enumerate(names):
         worlds[name] = _world(10 + k)
         _write_tum_sequence(root / name, worlds[name])
     settings = rp.ReplaySettings(checkpoint="ground_truth", window=3, stride=2, viz=False)

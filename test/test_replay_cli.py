@@ -140,7 +140,8 @@ def test_replay_cli_random_tiny_model_is_deterministic(tmp_path: Path,
         outs.append(out)
     a, b = outs
     for rel in ("trajectory.txt", "frames.txt", "static_map.ply",
-                *[f"masks/{i:06d}.png" for i in range(6)], *[f"depth/{i:06d}.npz" for i in range(6)]):
+                *[f"masks/{i:06d}.png" for i in range(6)],
+                *[f"depth/{i:06d}.npz" for i in range(6)]):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     sa, sb = (json.loads((o / "summary.json").read_text()) for o in outs)
     sa.pop("timings"), sb.pop("timings")

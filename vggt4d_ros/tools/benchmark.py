@@ -11,19 +11,19 @@ For each sequence: ``vggt4d-replay`` (same engine as the node, keep_all) into
 Protocols (``PROTOCOLS``; frame sampling as in the dynamic-scene evaluations that VGGT4D
 follows — MonST3R / Easi3R-style — where our spec does not pin it down we say so):
 
-============  ==========================================  ========================  =================
-dataset       sequences (DATASET_ROOT layout)             frames                    metrics
-============  ==========================================  ========================  =================
-davis2016     ImageSets/2016/val.txt (20) of 480p          all                       mask J&F (DAVIS)
-davis2017     ImageSets/2017/val.txt (30) of 480p          all                       mask J&F (DAVIS)
-sintel        training/final: the 14 dynamic sequences     all                       ATE, RPE (Sim3);
-              of the MonST3R pose protocol (those present)                           depth; masks*
-tum           */rgb.txt (TUM-dynamics freiburg3 seqs)      first 270, stride 3 (90)  ATE, RPE (Sim3)
-bonn          */rgb.txt (rgbd_bonn_*)                      frames 30..139 (110)      ATE, RPE; depth
-vkitti        Scene*/clone, Camera_0                       all                       ATE, RPE (Sim3)
-pointodyssey  */rgbs (point the root at the test split)    first 500                 ATE, RPE; masks*
-dycheck       */rgb/1x (iPhone), splits/train.json         all                       ATE, RPE; depth
-============  ==========================================  ========================  =================
+============  =======================================  ======================  ===============
+dataset       sequences (DATASET_ROOT layout)          frames                  metrics
+============  =======================================  ======================  ===============
+davis2016     ImageSets/2016/val.txt (20), 480p        all                     mask J&F
+davis2017     ImageSets/2017/val.txt (30), 480p        all                     mask J&F
+sintel        training/final, the 14 dynamic seqs of   all                     ATE, RPE;
+              the MonST3R pose protocol (if present)                           depth; masks*
+tum           */rgb.txt (TUM-dynamics freiburg3)       first 270, stride 3     ATE, RPE
+bonn          */rgb.txt (rgbd_bonn_*)                  frames 30..139          ATE, RPE; depth
+vkitti        Scene*/clone, Camera_0                   all                     ATE, RPE; depth
+pointodyssey  */rgbs (root = the test split)           first 500               ATE, RPE; masks*
+dycheck       */rgb/1x (iPhone), splits/train.json     all                     ATE, RPE; depth
+============  =======================================  ======================  ===============
 
 (* when the dataset ships them.) Trajectories: Sim(3) (Umeyama with scale) alignment of the
 monocular prediction to the ground truth, ATE = RMSE of camera centres, RPE at 1 frame
@@ -150,7 +150,8 @@ def ground_truth_from_replay(replay_dir: Path) -> Any:
 
 
 # --------------------------------------------------------------------------- running
-def _pick_sequences(root: Path, proto: Protocol, only: Sequence[str] | None) -> list[tuple[str, Path]]:
+def _pick_sequences(root: Path, proto: Protocol,
+                    only: Sequence[str] | None) -> list[tuple[str, Path]]:
     seqs = list_sequences(root, proto.dataset)
     if only:
         missing = sorted(set(only) - {n for n, _ in seqs})
@@ -330,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         if a.window < 2 or not 1 <= a.stride < a.window:
-            raise InputError(f"need --window >= 2 and 1 <= --stride < --window")
+            raise InputError("need --window >= 2 and 1 <= --stride < --window")
         settings = rp.ReplaySettings(checkpoint=a.checkpoint, window=a.window, stride=a.stride,
                                      resolution=a.resolution, device=a.device, dtype=a.dtype,
                                      viz=not a.no_viz, bag=not a.no_bag)

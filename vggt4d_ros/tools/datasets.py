@@ -8,7 +8,8 @@ Every source yields :class:`Frame` objects in time order with a common interface
         f.index, f.stamp_ns, f.name, f.image [H,W,3] uint8 RGB,
         f.intrinsic [3,3] float64 pixels or None,
         f.world_from_cam [4,4] float64 (camera-to-world, OpenCV optical axes) or None,
-        f.mask [H,W] bool (True = dynamic) or None, f.depth [H,W] float32 metres (0 = invalid) or None
+        f.mask [H,W] bool (True = dynamic) or None,
+        f.depth [H,W] float32 metres (0 = invalid) or None
 
 Errors in the input (missing path, corrupt bag, no image topic, unknown encoding, empty folder,
 unreadable image) raise :class:`InputError` with a one-line message that says what to do.

@@ -12,17 +12,18 @@ Outputs (``DIR/``)::
     bag/                   rosbag2 (sqlite3, or mcap with --storage mcap) with the node's topics,
                            message types, frames and stamps (header stamp = source stamp, log
                            time = header stamp):
-                             /vggt4d/odom                      nav_msgs/Odometry  odom -> base_link
-                             /tf                               tf2_msgs/TFMessage odom -> base_link
-                             /tf_static                        tf2_msgs/TFMessage base_link -> camera
-                             /vggt4d/path                      nav_msgs/Path      (every frame)
-                             /vggt4d/dynamic_mask              sensor_msgs/Image  mono8, 255 = dynamic
-                             /vggt4d/dynamic_mask/camera_info  sensor_msgs/CameraInfo (model resolution)
-                             /vggt4d/depth, /vggt4d/depth_static  sensor_msgs/Image 32FC1 (NaN = dynamic)
-                             /vggt4d/confidence                sensor_msgs/Image  32FC1
-                             /vggt4d/static_points             sensor_msgs/PointCloud2 per window, odom
-                             /vggt4d/static_map                sensor_msgs/PointCloud2 once, at the end
-                             /vggt4d/status                    vggt4d_ros/msg/Status (when msg/ is found)
+                             /vggt4d/odom              nav_msgs/Odometry  odom -> base_link
+                             /tf                       tf2_msgs/TFMessage odom -> base_link
+                             /tf_static                tf2_msgs/TFMessage base_link -> camera
+                             /vggt4d/path              nav_msgs/Path      (every frame)
+                             /vggt4d/dynamic_mask      sensor_msgs/Image  mono8, 255 = dynamic
+                             /vggt4d/dynamic_mask/camera_info  sensor_msgs/CameraInfo
+                             /vggt4d/depth             sensor_msgs/Image  32FC1
+                             /vggt4d/depth_static      sensor_msgs/Image  32FC1, NaN = dynamic
+                             /vggt4d/confidence        sensor_msgs/Image  32FC1
+                             /vggt4d/static_points     sensor_msgs/PointCloud2 per window
+                             /vggt4d/static_map        sensor_msgs/PointCloud2 once, at the end
+                             /vggt4d/status            vggt4d_ros/msg/Status (if msg/ found)
     trajectory.txt         TUM ``t tx ty tz qx qy qz qw``: camera (optical frame) pose in odom,
                            every frame with a finite pose (as published on /vggt4d/odom)
     static_map.ply         voxel map in odom (binary PLY: x y z red green blue count)
@@ -508,7 +509,8 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
                 base = None if odom_cam is None else odom_cam @ odom.cam_from_base
                 cov = covariance_in_base(fo.covariance, odom.base_from_cam)
                 bag.frame(fo.stamp_ns, base, cov, mask, depth, conf,
-                          np.asarray(fo.intrinsic, np.float64), fo.frame_id or settings.camera_frame)
+                          np.asarray(fo.intrinsic, np.float64),
+                          fo.frame_id or settings.camera_frame)
             lines.append(f"{idx} {fo.stamp_ns} {fo.window_index} {fo.state} {frame.name}")
             timer.add("write", time.perf_counter() - t0)
             if viz is not None:
@@ -589,7 +591,8 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
     wall = time.perf_counter() - t_start
     summary = _summary(source, settings, weights_note, counters, states, transitions, traj,
                        len(map_pts), has_gt, viz_files, timer, wall, predictor)
-    summary["timings"]["window_stages_s"] = {k: round(v, 4) for k, v in sorted(window_stages.items())}
+    summary["timings"]["window_stages_s"] = {k: round(v, 4)
+                                             for k, v in sorted(window_stages.items())}
     (root / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
@@ -597,7 +600,8 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
 def _summary(source: FrameSource, settings: ReplaySettings, weights_note: str | None,
              counters: dict[str, int], states: Counter[str], transitions: list[dict[str, Any]],
              traj: list[tuple[int, np.ndarray]], map_points: int, has_gt: bool,
-             viz_files: dict[str, str], timer: Timer, wall: float, predictor: Any) -> dict[str, Any]:
+             viz_files: dict[str, str], timer: Timer, wall: float,
+             predictor: Any) -> dict[str, Any]:
     """summary.json content. Everything except ``timings`` is deterministic."""
     frames = counters["processed"]
     return {

@@ -400,9 +400,11 @@ def pictures_markdown(viz_dir: Path, relative_to: Path) -> str:
     for sub, title in (("overlay", "mask overlays"), ("depth", "depth"),
                        ("confidence", "confidence")):
         if (viz_dir / sub).is_dir():
-            lines.append(f"- per-frame {title}: [{sub}/]({os.path.relpath(viz_dir / sub, relative_to)}/)")
+            rel = os.path.relpath(viz_dir / sub, relative_to)
+            lines.append(f"- per-frame {title}: [{sub}/]({rel}/)")
     if (viz_dir / "overlays.mp4").is_file():
-        lines.append(f"- video: [overlays.mp4]({os.path.relpath(viz_dir / 'overlays.mp4', relative_to)})")
+        rel = os.path.relpath(viz_dir / "overlays.mp4", relative_to)
+        lines.append(f"- video: [overlays.mp4]({rel})")
     return "\n".join(lines) + "\n"
 
 
