@@ -122,3 +122,16 @@ def test_forwarding_and_oom_classification():
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     with pytest.raises(ValueError):
         FallbackConfig(min_window_size=1)
+
+
+def test_oom_check_cli_smoke_on_cpu(tmp_path, capsys):
+    """The GPU script's code path on the CPU (simulated OOM, tiny random VGGT4D)."""
+    from vggt4d_ros.tools import oom_check
+    out = tmp_path / "oom.json"
+    rc = oom_check.main(["--device", "cpu", "--tiny", "--simulate-limit", "6", "--window", "8",
+                         "--stride", "4", "--min-window", "5", "--frames", "16", "--width", "56",
+                         "--height", "42", "--out", str(out)])
+    assert rc == 0 and "OOM-CHECK PASS" in capsys.readouterr().out
+    import json
+    rep = json.loads(out.read_text())
+    assert rep["oom_retries"] == 1 and rep["window_limit"] == 6 and rep["frames_out"] == 16
