@@ -122,3 +122,11 @@ def test_rviz_config_shows_node_topics_in_odom():
     static_map = next(d for d in vm["Displays"] if d.get("Topic", {}).get("Value") ==
                       "/vggt4d/static_map")
     assert static_map["Topic"]["Durability Policy"] == "Transient Local"
+
+
+def test_launcher_passes_extra_ros_arguments():
+    out = subprocess.run([sys.executable, "-m", "vggt4d_ros.ros.launcher", "--print",
+                          "namespace:=r2", "--ros-args", "-p", "log_throttle:=60.0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().endswith("--log-level info -p log_throttle:=60.0")

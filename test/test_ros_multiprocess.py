@@ -135,3 +135,71 @@ def test_bag_node_checker_as_three_processes(tmp_path):
     diag_stamps = [m["stamp_ns"] for m in result["/diagnostics"]]
     assert all(s == 0 or stamps[0] <= s <= stamps[-1] for s in diag_stamps), diag_stamps
     assert any(s > 0 for s in diag_stamps), diag_stamps
+
+
+def test_repeated_bad_input_logs_one_line_per_kind_and_counts_each(tmp_path):
+    """A camera sending broken images: the node (own process, started by vggt4d-launch) logs
+    ONE line per kind within log_throttle, counts every frame in /diagnostics, keeps running
+    and still answers its reset service."""
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.executors import SingleThreadedExecutor
+    from sensor_msgs.msg import Image
+    from std_srvs.srv import Trigger
+
+    from vggt4d_ros.ros.image_conv import bytes_to_uint8_array
+    from vggt4d_ros.ros.probe import TopicProbe, qos_for, spin_until
+    env = _env()
+    env["ROS_DOMAIN_ID"] = str(int(env["ROS_DOMAIN_ID"]) - 1 if int(env["ROS_DOMAIN_ID"]) > 100
+                               else 199)
+    node = subprocess.Popen([sys.executable, "-m", "vggt4d_ros.ros.launcher",
+                             f"params_file:={_params_file(tmp_path)}", "image_topic:=/cam",
+                             "--ros-args", "-p", "log_throttle:=600.0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=int(env["ROS_DOMAIN_ID"]))
+    probe = TopicProbe("bad_input_camera", context=ctx)
+    probe.watch("/diagnostics", DiagnosticArray, qos_for())
+    pub = probe.create_publisher(Image, "/cam", qos_for(depth=50))
+    ex = SingleThreadedExecutor(context=ctx)
+    ex.add_node(probe)
+    try:
+        assert spin_until(ex, lambda: pub.get_subscription_count() > 0, 120.0), "no node"
+        for i in range(5):
+            bad = Image(height=4, width=4, encoding="bayer_rggb8", step=4)
+            bad.header.stamp.sec = 100 + i
+            bad.data = bytes_to_uint8_array(bytes(16))
+            pub.publish(bad)
+            short = Image(height=4, width=4, encoding="rgb8", step=12)
+            short.header.stamp.sec = 200 + i
+            short.data = bytes_to_uint8_array(bytes(20))
+            pub.publish(short)
+            spin_until(ex, lambda: False, 0.05)
+
+        def counts():
+            for arr in reversed(probe.get("/diagnostics")):
+                d = {kv.key: kv.value for kv in arr.status[0].values}
+                return int(d["bad_input.unsupported_encoding"]), int(d["bad_input.truncated"])
+            return 0, 0
+        assert spin_until(ex, lambda: counts() == (5, 5), 120.0), counts()
+        cli = probe.create_client(Trigger, "/vggt4d/reset")
+        assert cli.wait_for_service(timeout_sec=60)
+        fut = cli.call_async(Trigger.Request())
+        assert spin_until(ex, fut.done, 60.0) and fut.result().success
+    finally:
+        ex.shutdown()
+        probe.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+        node.send_signal(signal.SIGINT)
+        try:
+            out, _ = node.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            out, _ = node.communicate()
+    assert node.returncode == 0, out[-3000:]
+    lines = out.splitlines()
+    enc = [ln for ln in lines if "[unsupported_encoding]" in ln]
+    trunc = [ln for ln in lines if "[truncated]" in ln]
+    assert len(enc) == 1 and "bayer_rggb8" in enc[0], enc
+    assert len(trunc) == 1 and "truncated" in trunc[0], trunc

@@ -63,7 +63,7 @@ class Harness:
     synthetic world."""
 
     def __init__(self, overrides: dict, cli_args: list[str] | None = None,
-                 num_frames: int = 200, namespace: str = "") -> None:
+                 num_frames: int = 200, namespace: str = "", engine_factory=None) -> None:
         # a second node of the same name in the same domain would answer our service calls:
         # extra harnesses run in their own namespace
         self.ns = f"{namespace}/vggt4d"
@@ -77,7 +77,8 @@ class Harness:
         params.update(overrides)
 
         self.node = node_mod.Vggt4dNode(
-            context=self.ctx, cli_args=cli_args, namespace=namespace or None,
+            engine_factory=engine_factory, context=self.ctx, cli_args=cli_args,
+            namespace=namespace or None,
             parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
         self.probe = TopicProbe("probe", context=self.ctx)
         for topic, (typ, qos) in topics(self.ns).items():
@@ -365,6 +366,14 @@ def test_params_file_is_honoured(tmp_path):
         harness.close()
 
 
+def test_huge_images_are_downscaled_before_queueing(h):
+    max_w = h.node.settings["input.max_width"]
+    out = h.node._limit_size(np.zeros((1000, 3 * max_w, 3), np.uint8))
+    assert out.shape == (333, max_w, 3) and out.dtype == np.uint8
+    small = np.zeros((10, 20, 3), np.uint8)
+    assert h.node._limit_size(small) is small
+
+
 def _bad_image(h, kind: str):
     img, _ = h.frame_msgs(h.next_index)
     if kind == "unsupported_encoding":
@@ -431,3 +440,38 @@ def test_reset_service_starts_a_new_sequence(h, stamps):
     assert (first.x, first.y, first.z) == pytest.approx((0, 0, 0), abs=1e-6)
     assert h.wait(lambda: [stamp_to_ns(p.header.stamp)
                            for p in h.probe.get(f"{NS}/path")[-1].poses] == new)
+
+
+class FailingOncePredictor:
+    """The real VGGT4D predictor, except that its second window raises (an injected fault,
+    like a CUDA error inside the model)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, 0
+
+    def predict(self, images, frame_keys):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("injected inference failure")
+        return self.inner.predict(images, frame_keys)
+
+
+def test_inference_exception_is_counted_and_the_node_lives():
+    from vggt4d_ros.stream.engine import StreamEngine
+    from vggt4d_ros.stream.factory import build_predictor
+
+    def factory(settings, device):
+        pred = FailingOncePredictor(build_predictor(node_mod.predictor_config(settings, device)))
+        return StreamEngine(pred, node_mod.stream_config(settings))
+    harness = Harness({}, namespace="/fault_test", engine_factory=factory)
+    try:
+        harness.send(6)           # window 1 (4 frames) ok, window 2 raises
+        assert harness.wait(lambda: harness.node.bad_input["inference_error"] == 1)
+        n = harness.node.frames_processed
+        harness.send(8)           # a new sequence starts after the failed window
+        assert harness.wait(lambda: harness.node.frames_processed > n)
+        d = harness.fresh_diagnostics()
+        assert d["bad_input.inference_error"] == "1"
+        assert int(d["resets.inference_error"]) == 1
+    finally:
+        harness.close()

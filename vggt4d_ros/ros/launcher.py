@@ -11,6 +11,7 @@ child process (``--subprocess``), started with the equivalent command line:
 
     vggt4d-launch image_topic:=/camera/image_raw use_sim_time:=true
     vggt4d-launch --print          # show the command line and exit
+    vggt4d-launch params_file:=my.yaml --ros-args -p window.size:=8   # extra node arguments
 """
 from __future__ import annotations
 
@@ -94,15 +95,17 @@ def main(args: Optional[list[str]] = None) -> int:
     ap.add_argument("--subprocess", action="store_true",
                     help="run the node as a child process instead of in this process")
     ap.add_argument("--print", action="store_true", help="print the node command and exit")
-    opts, extra = ap.parse_known_args(sys.argv[1:] if args is None else args)
+    argv = list(sys.argv[1:] if args is None else args)
+    extra: list[str] = []
+    if "--ros-args" in argv:          # further ROS arguments for the node, e.g. -p name:=value
+        i = argv.index("--ros-args")
+        argv, extra = argv[:i], argv[i + 1:]
+    opts = ap.parse_args(argv)
     try:
         values = parse_launch_args(opts.launch_args)
         ros_args = ros_arguments(values)
     except (ValueError, FileNotFoundError) as exc:
         ap.error(str(exc))
-    # extra: further ROS arguments, e.g. -p window.size:=8 after --ros-args
-    if extra and extra[0] == "--ros-args":
-        extra = extra[1:]
     ros_args += extra
     cmd = [sys.executable, "-m", "vggt4d_ros.ros.node", *ros_args]
     if opts.print:

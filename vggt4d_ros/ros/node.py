@@ -220,6 +220,7 @@ class Vggt4dNode(Node):
         self._last_state = ""
         self._last_map_pub = 0.0
         self._frame_id_warned = False
+        self._downscale_logged = False
         self._path = Path()
         self._path.header.frame_id = self.odom_frame
         self._infos: StampCache[CameraInfo] = StampCache(
@@ -352,6 +353,7 @@ class Vggt4dNode(Node):
         except ImageConversionError as exc:
             self._count_bad(exc.reason, f"image dropped: {exc}")
             return
+        rgb = self._limit_size(rgb)
         frame_id = msg.header.frame_id or self.camera_frame
         if frame_id != self.camera_frame and not self._frame_id_warned:
             self._frame_id_warned = True
@@ -395,6 +397,20 @@ class Vggt4dNode(Node):
                 for old in sorted(self._pending)[: len(self._pending) // 2]:
                     del self._pending[old]
         self._wake.set()
+
+    def _limit_size(self, rgb: np.ndarray) -> np.ndarray:
+        """Downscale (INTER_AREA, aspect kept) images wider than input.max_width."""
+        max_w = self.settings["input.max_width"]
+        h, w = rgb.shape[:2]
+        if w <= max_w:
+            return rgb
+        import cv2
+        new_h = max(2, int(round(h * max_w / w)))
+        if not self._downscale_logged:
+            self._downscale_logged = True
+            self.get_logger().info(f"images of {w}x{h} are downscaled to {max_w}x{new_h} "
+                                   "(input.max_width)")
+        return cv2.resize(rgb, (max_w, new_h), interpolation=cv2.INTER_AREA)
 
     # ------------------------------------------------------------------ worker
     def _run_worker(self) -> None:

@@ -96,6 +96,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               lo=1, hi=1000),
     ParamSpec("drop_policy", "drop_oldest", "when the queue is full: drop_oldest (lowest "
               "latency) or drop_newest", choices=DROP_POLICIES, dynamic=True),
+    ParamSpec("input.max_width", 1280, "images wider than this (pixels) are downscaled "
+              "(aspect kept) before queueing, bounding queue memory; the model works at "
+              "model.image_width anyway", lo=28, hi=16384),
     ParamSpec("camera_info.enabled", True, "subscribe to camera_info and pair it by stamp"),
     ParamSpec("camera_info.tolerance", 0.001, "largest image/camera_info stamp difference "
               "accepted, seconds", lo=0.0, hi=1.0, dynamic=True),
