@@ -61,7 +61,8 @@ def test_replay_writes_every_output(replayed: Path, synth: tuple[SynthWorld, Pat
     assert [p.name for p in replayed.parent.iterdir()] == ["out"]
 
     s = json.loads((replayed / "summary.json").read_text())
-    assert s["frames"] == {"received": N_FRAMES, "processed": N_FRAMES, "dropped": 0}
+    assert s["frames"] == {"received": N_FRAMES, "processed": N_FRAMES, "dropped": 0,
+                           "dropped_by_reason": {}}
     assert s["windows"] >= 3 and sum(s["states"].values()) == N_FRAMES
     assert s["weights"] == "checkpoint ground_truth"
     assert set(s["timings"]["stages_s"]) >= {"engine", "read", "write", "viz"}
@@ -205,3 +206,28 @@ def test_replay_random_weights_label(synth: tuple[SynthWorld, Path], tmp_path: P
         a = cv2.imread(str(out / rel)).astype(int)
         b = cv2.imread(str(plain / rel)).astype(int)
         assert np.abs(a[:8] - b[:8]).sum() > 0 and np.array_equal(a[40:], b[40:]), rel
+
+
+def test_replay_applies_the_node_input_rules(tmp_path: Path) -> None:
+    """A repeated stamp is dropped and counted (as the node does), the rest is processed."""
+    from vggt4d_ros.tools import rosbag_io as bio
+    world = SynthWorld(SynthConfig(width=84, height=56, num_frames=8, num_objects=1, seed=4))
+    pred = GroundTruthPredictor(world, depth_noise=0.0, rot_noise_deg=0.0, trans_noise=0.0)
+    msgs = []
+    for i in range(8):
+        f = pred.render(i)                     # registers image -> index for the predictor
+        msgs.append(("/cam/image", f.stamp_ns, bio.image_msg(f.image, f.stamp_ns, "cam")))
+        if i == 2:                             # the driver repeats frame 2 with its stamp
+            msgs.append(("/cam/image", f.stamp_ns, bio.image_msg(f.image, f.stamp_ns, "cam")))
+    bio.write_bag(tmp_path / "bag", msgs)
+    res = rp.run_replay(open_source(tmp_path / "bag"), tmp_path / "out",
+                        rp.ReplaySettings(window=4, stride=2, viz=False), predictor=pred,
+                        progress=False)
+    s = res.summary
+    assert s["frames"]["received"] == 9 and s["frames"]["processed"] == 8
+    assert s["frames"]["dropped"] == 1 and list(s["frames"]["dropped_by_reason"]) == ["duplicate"]
+    assert s["dropped_frames"][0]["index"] == 3
+    assert len(read_tum(res.out_dir / "trajectory.txt")) == 8
+    names = sorted(p.stem for p in (res.out_dir / "masks").glob("*.png"))
+    assert names == ["000000", "000001", "000002", "000004", "000005", "000006", "000007",
+                     "000008"]

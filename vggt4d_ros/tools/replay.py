@@ -2,10 +2,13 @@
 
     vggt4d-replay INPUT --out DIR [--checkpoint PATH|HF_ID|random_tiny] [--window 16 --stride 8]
 
-Every frame is processed (``keep_all`` drop policy, no drops) by the same
-:class:`~vggt4d_ros.stream.engine.StreamEngine` the ROS node runs, built by the same
-``stream.factory.build_predictor``. Nothing is written at ``DIR`` until the run completes:
-outputs go to a temporary sibling folder that is renamed to ``DIR`` at the end.
+Every frame is processed (``keep_all`` drop policy: nothing is dropped for lack of time or
+room) by the same :class:`~vggt4d_ros.stream.engine.StreamEngine` the ROS node runs, built by
+the same ``stream.factory.build_predictor``. The node's input rules still apply: a frame with a
+duplicate or slightly reordered stamp is dropped and counted (``summary.json`` frames.dropped,
+dropped_frames), a jump back in time starts a new sequence (``resets``). Nothing is written
+at ``DIR`` until the run completes: outputs go to a temporary sibling folder that is renamed
+to ``DIR`` at the end.
 
 Outputs (``DIR/``)::
 
@@ -58,7 +61,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -290,7 +293,7 @@ class BagOutput:
         msg = cls(header=self.bio.header_msg(stamp, self.s.odom_frame, self.ts),
                   state=STATUS_CODES.get(state, 0), state_name=state,
                   frames_received=counters["received"], frames_processed=counters["processed"],
-                  frames_dropped=0, windows=counters["windows"],
+                  frames_dropped=counters["dropped"], windows=counters["windows"],
                   last_alignment_residual=float(residual), scale_drift=float(scale_drift),
                   latency=0.0, queue_depth=0, message=message)
         self.writer.write(TOPICS["status"], stamp, msg)
@@ -463,12 +466,14 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
     if settings.viz:
         from vggt4d_ros.tools.visualize import VizWriter
         viz = VizWriter(root / "viz", label=weights_note)
-    frames_by_stamp: dict[int, tuple[int, Frame]] = {}
+    pending: deque[tuple[int, Frame]] = deque()      # accepted, not yet output (input order)
+    dropped: Counter[str] = Counter()                 # engine input rules (duplicate stamp, ...)
     traj: list[tuple[int, np.ndarray]] = []
     lines: list[str] = []
     states: Counter[str] = Counter()
     transitions: list[dict[str, Any]] = []
-    counters = {"received": 0, "processed": 0, "windows": 0}
+    counters = {"received": 0, "processed": 0, "windows": 0, "dropped": 0}
+    drop_log: list[dict[str, Any]] = []
     window_stages: Counter[str] = Counter()       # engine/predictor stage seconds, summed
     last_state, last_window, last_stamp = "WAITING", None, 0
     status_state = ["WAITING"]
@@ -478,7 +483,9 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
     def handle(outs: Sequence[Any]) -> None:
         nonlocal last_state, last_window, last_stamp
         for fo in outs:
-            idx, frame = frames_by_stamp.pop(fo.stamp_ns)
+            if not pending or pending[0][1].stamp_ns != fo.stamp_ns:
+                raise ReplayError(f"engine emitted stamp {fo.stamp_ns} out of input order")
+            idx, frame = pending.popleft()
             name = f"{idx:06d}"
             if fo.state != last_state:
                 transitions.append({"index": idx, "stamp_ns": fo.stamp_ns, "from": last_state,
@@ -547,14 +554,20 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
             timer.add("read", time.perf_counter() - t0)
             if frame is None:
                 break
-            if frame.stamp_ns in frames_by_stamp:
-                raise InputError(f"duplicate stamp {frame.stamp_ns} at frame {frame.index} "
-                                 f"({frame.name}); every frame needs its own stamp")
-            frames_by_stamp[frame.stamp_ns] = (frame.index, frame)
             counters["received"] += 1
-            outs = timer.run("engine", engine.push, FrameInput(
+            # the node's input rules apply (duplicate / reordered stamps are dropped and
+            # counted, a jump backwards starts a new sequence); keep_all never drops for room
+            reason = timer.run("engine", engine.submit, FrameInput(
                 stamp_ns=int(frame.stamp_ns), image=frame.image, frame_id=settings.camera_frame))
-            handle(outs)
+            if reason is not None:
+                dropped[str(reason)] += 1
+                counters["dropped"] += 1
+                drop_log.append({"index": frame.index, "stamp_ns": frame.stamp_ns,
+                                 "reason": str(reason)})
+                bar.update(1)
+                continue
+            pending.append((frame.index, frame))
+            handle(timer.run("engine", engine.poll))
         handle(timer.run("engine", engine.flush))
     except BaseException:
         bar.close()
@@ -562,8 +575,8 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
             bag.abort()
         raise
     bar.close()
-    if frames_by_stamp:
-        raise ReplayError(f"{len(frames_by_stamp)} frames were never output by the engine "
+    if pending:
+        raise ReplayError(f"{len(pending)} accepted frames were never output by the engine "
                           "(keep_all must process every frame)")
     if counters["received"] == 0:
         raise InputError("input has no frames")
@@ -591,6 +604,10 @@ def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, pred
     wall = time.perf_counter() - t_start
     summary = _summary(source, settings, weights_note, counters, states, transitions, traj,
                        len(map_pts), has_gt, viz_files, timer, wall, predictor)
+    summary["frames"]["dropped"] = sum(dropped.values())
+    summary["frames"]["dropped_by_reason"] = dict(sorted(dropped.items()))
+    summary["dropped_frames"] = drop_log
+    summary["resets"] = dict(sorted(getattr(engine.counters, "resets", {}).items()))
     summary["timings"]["window_stages_s"] = {k: round(v, 4)
                                              for k, v in sorted(window_stages.items())}
     (root / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
