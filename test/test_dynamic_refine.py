@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from vggt4d_ros.dynamic.refine import (RefineConfig, morphology_close_dilate,
-                                       refine_dynamic_mask, statistical_inliers)
+                                       refine_dynamic_mask, statistical_inliers,
+                                       statistical_inliers_torch)
 from vggt4d_ros.tools.synth import SynthConfig, SynthWorld
 
 
@@ -82,6 +83,29 @@ def test_dynamic_refine_statistical_outlier_rule():
                                   _open3d_rule_bruteforce(few, 20, 2.5))
     assert statistical_inliers(np.zeros((1, 3))).tolist() == [False]
     assert statistical_inliers(np.zeros((0, 3))).shape == (0,)
+
+
+def test_dynamic_refine_statistical_outlier_rule_torch():
+    rng = np.random.default_rng(1)
+    pts = np.concatenate([rng.normal(size=(900, 3)) + 50.0, rng.normal(size=(12, 3)) * 6 + 50,
+                          np.full((21, 3), 50.0)])
+    ref = statistical_inliers(pts, 20, 2.5)
+    for dtype in (torch.float64, torch.float32):
+        ours = statistical_inliers_torch(torch.from_numpy(pts).to(dtype), 20, 2.5, chunk=100)
+        np.testing.assert_array_equal(ours.numpy(), ref)
+    assert statistical_inliers_torch(torch.zeros(1, 3)).tolist() == [False]
+
+
+def test_dynamic_refine_fast_backends_on_small_scene(synth_scene):
+    depth, intr, c2w, coarse, images, gt = synth_scene
+    sl = (slice(0, 4), slice(40, 124), slice(0, 112))           # keep the brute-force kNN small
+    args = (depth[:4, 40:124, :112], intr[:4], c2w[:4], coarse[sl], images[:4, :, 40:124, :112])
+    ref = refine_dynamic_mask(*args)
+    fast = refine_dynamic_mask(*args, RefineConfig(outlier_backend="fast",
+                                                   kmeans_backend="fast"))
+    assert ref.any() and _iou(fast, ref) >= 0.9
+    with pytest.raises(ValueError):
+        refine_dynamic_mask(*args, RefineConfig(outlier_backend="gpu"))
 
 
 def test_dynamic_refine_morphology_equals_opencv():

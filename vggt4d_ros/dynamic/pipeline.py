@@ -79,6 +79,7 @@ class Vggt4dConfig:
     refine_close_kernel: int = 5
     refine_dilate_kernel: int = 3
     refine_pixel_offset: float = 0.5
+    refine_outlier_backend: str = "auto"    # "auto" (torch kNN on CUDA, cKDTree on CPU) | ...
     refine_boundary_sharpening: bool = False  # measured trade-off: see refine.py docstring
     refine_boundary_band: int = 4
     refine_boundary_threshold: float = 0.2
@@ -96,6 +97,9 @@ class Vggt4dConfig:
                              f"got {self.cluster_backend!r}")
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
+        if self.refine_outlier_backend not in ("auto", "reference", "fast"):
+            raise ValueError(f"refine_outlier_backend must be 'auto', 'reference' or 'fast', "
+                             f"got {self.refine_outlier_backend!r}")
         if self.min_frames < 2:
             raise ValueError("min_frames must be >= 2 (saliency needs a source frame)")
 
@@ -107,9 +111,13 @@ class Vggt4dConfig:
                 SaliencyMapSpec("mean3", "k", "k", tuple(self.mean3_layers), "mean"),
                 SaliencyMapSpec("var3", "q", "k", tuple(self.var3_layers), "std"))
 
-    def refine_config(self) -> RefineConfig:
-        """Refinement constants as a :class:`RefineConfig`."""
+    def refine_config(self, device: Optional[torch.device] = None) -> RefineConfig:
+        """Refinement constants as a :class:`RefineConfig` (``device`` resolves "auto")."""
+        outlier = self.refine_outlier_backend
+        if outlier == "auto":
+            outlier = "fast" if device is not None and device.type == "cuda" else "reference"
         return RefineConfig(
+            outlier_backend=outlier,
             outlier_neighbors=self.refine_outlier_neighbors,
             outlier_std_ratio=self.refine_outlier_std_ratio, num_clusters=self.refine_clusters,
             seed=self.kmeans_seed, visibility_margin=self.refine_visibility_margin,
@@ -296,7 +304,7 @@ class Vggt4dPipeline:
                 with timer("refine"):
                     c2w = _cam_to_world(ext)
                     mask = refine_dynamic_mask(depth1, intr1, c2w, coarse, images.float(),
-                                               cfg.refine_config())
+                                               cfg.refine_config(images.device))
         with timer("points"):
             points = depth_to_world_points(depth1, intr1, ext, pixel_offset=cfg.points_pixel_offset)
         timer.timings["total"] = sum(timer.timings.values())

@@ -66,6 +66,7 @@ class RefineConfig:
     dilate_kernel: int = 3                 # square
     pixel_offset: float = 0.5              # pixel centres
     kmeans_backend: str = "reference"      # "reference" (scikit-learn) | "fast" (torch)
+    outlier_backend: str = "reference"     # "reference" (scipy cKDTree) | "fast" (torch kNN)
     boundary_sharpening: bool = False
     boundary_band: int = 4                 # pixels either side of the mask edge re-decided
     boundary_threshold: float = 0.2        # energy above which a band pixel OUTSIDE becomes dynamic
@@ -102,6 +103,31 @@ def statistical_inliers(points: np.ndarray, k: int = 20, std_ratio: float = 2.5)
     pos = avg > 0
     mean = avg[pos].sum() / m
     std = np.sqrt(((avg[pos] - mean) ** 2).sum() / (m - 1))
+    return pos & (avg < mean + std_ratio * std)
+
+
+def statistical_inliers_torch(points: Tensor, k: int = 20, std_ratio: float = 2.5,
+                              chunk: int = 2048) -> Tensor:
+    """Same rule as :func:`statistical_inliers` with brute-force kNN in torch (GPU-resident).
+
+    ``points`` ``[M, 3]`` on any device -> bool inliers ``[M]`` on that device. Distances are
+    computed in chunks of ``chunk`` query rows (memory ``chunk·M`` floats) after centring the
+    cloud (less cancellation in float32).
+    """
+    m = points.shape[0]
+    if m < 2:
+        return torch.zeros(m, dtype=torch.bool, device=points.device)
+    x = points - points.mean(dim=0, keepdim=True)
+    kk = min(k, m)
+    avg = torch.empty(m, dtype=x.dtype, device=x.device)
+    for i in range(0, m, chunk):
+        d = torch.cdist(x[i:i + chunk], x)                       # [c, M]
+        knn = d.topk(kk, dim=1, largest=False).values
+        knn[:, 0] = 0.0                                          # the point itself (exactly 0)
+        avg[i:i + chunk] = knn.mean(dim=1)
+    pos = avg > 0
+    mean = avg[pos].sum() / m
+    std = torch.sqrt(((avg[pos] - mean) ** 2).sum() / (m - 1))
     return pos & (avg < mean + std_ratio * std)
 
 
@@ -211,9 +237,16 @@ def refine_frame(t: int, world: Tensor, finite: Tensor, cam_from_world: Tensor,
     idx_finite = torch.nonzero(sel).flatten()
     if idx_finite.numel() == 0 or not bool(coarse[t].any()):
         return out.reshape(h, w)
-    inl = torch.from_numpy(statistical_inliers(
-        pts_all[idx_finite].detach().cpu().numpy(), cfg.outlier_neighbors,
-        cfg.outlier_std_ratio)).to(depth.device)
+    if cfg.outlier_backend == "fast":
+        inl = statistical_inliers_torch(pts_all[idx_finite], cfg.outlier_neighbors,
+                                        cfg.outlier_std_ratio)
+    elif cfg.outlier_backend == "reference":
+        inl = torch.from_numpy(statistical_inliers(
+            pts_all[idx_finite].detach().cpu().numpy(), cfg.outlier_neighbors,
+            cfg.outlier_std_ratio)).to(depth.device)
+    else:
+        raise ValueError(f"outlier_backend must be 'reference' or 'fast', "
+                         f"got {cfg.outlier_backend!r}")
     idx = idx_finite[inl]
     idx = idx[coarse[t].reshape(-1)[idx]]
     if idx.numel() == 0:
