@@ -81,6 +81,20 @@ def test_dynamic_saliency_bf16_inputs_are_reduced_in_fp32():
     assert torch.allclose(maps["dyn_map"][0].double(), ref["dyn_map"], atol=1e-5)
 
 
+def test_dynamic_saliency_ignores_surrounding_autocast():
+    """The model calls on_qk inside its bf16 autocast region; the statistics stay fp32."""
+    q, k = _random_layers(6, nh=2, n=12, d=8, seed=6)
+    special = torch.zeros(6, 2, 5, 8)
+    red = GramSaliencyReducer(6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for layer in needed_layers():
+            red.on_qk("global", layer, _as_global_qk(q[layer], special),
+                      _as_global_qk(k[layer], special))
+    ref = naive_saliency_maps(q, k)
+    for name in MAP_NAMES:
+        assert torch.allclose(red.maps()[name][0].double(), ref[name], atol=1e-5), name
+
+
 def test_dynamic_saliency_missing_layer_is_an_error():
     q, k = _random_layers(5, nh=2, n=10, d=4, seed=4)
     red = GramSaliencyReducer(5)

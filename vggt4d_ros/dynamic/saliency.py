@@ -165,7 +165,8 @@ class GramSaliencyReducer:
         """Model callback: q, k ``[B, n_h, S·(P+N), d]`` of one global block (frame-major)."""
         if kind != "global" or layer not in self.layers:
             return
-        with torch.no_grad():
+        # called inside the model's (possibly bf16) autocast region: reduce in real fp32
+        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
             tokens = {"q": split_global_patch_tokens(q, self.num_frames, self.patch_start_idx),
                       "k": split_global_patch_tokens(k, self.num_frames, self.patch_start_idx)}
             self.add_layer(layer, tokens["q"], tokens["k"])
