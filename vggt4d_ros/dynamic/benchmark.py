@@ -1,7 +1,7 @@
 """Stage timings and peak memory of the VGGT4D pipeline vs plain VGGT (GPU benchmark).
 
     python -m vggt4d_ros.dynamic.benchmark --frames 16 --height 294 --width 518 \\
-        --repeats 3 --json bench_vggt4d.json
+        --repeats 3 --json bench_vggt4d.json [--golden ../shared/golden]
 
 Builds VGGT-1B with random weights directly on the device (no checkpoint needed; timings do
 not depend on weight values), feeds a synthetic window (textured background panning, one
@@ -119,6 +119,47 @@ def run(frames: int, height: int, width: int, repeats: int, warmup: int, tiny: b
     return report
 
 
+def golden_check(golden_dir: str, device: Optional[str] = None) -> Dict[str, object]:
+    """Run the golden ``vggt4d/case_seq10`` on ``device`` in fp32 and with bf16 autocast.
+
+    Reports, per mode, the max abs error of saliency / pass-2 extrinsics vs the golden data
+    and the IoU of coarse and refined masks (fp32 on GPU should match like the CPU tests;
+    bf16 is the product recipe, expected close but not within the fp32 tolerances).
+    """
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from ..model.checkpoint import load_vggt
+    from ..model.config import VGGTConfig
+
+    root = Path(golden_dir)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_vggt(root / "vggt" / "weights.safetensors",
+                      VGGTConfig.from_json(root / "vggt" / "config.json"), device=dev,
+                      skip_track_head=True)
+    g = load_file(str(root / "vggt4d" / "case_seq10.safetensors"))
+    images = (g["in.images"].float() / 255).to(dev)
+
+    def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = a.cpu(), b.cpu()
+        return float((a & b).sum()) / max(float((a | b).sum()), 1.0)
+
+    out: Dict[str, object] = {"device": str(dev)}
+    for mode in ("off", "bf16"):
+        for backend in ("reference", "fast"):
+            res = Vggt4dPipeline(model, Vggt4dConfig(autocast=mode, cluster_backend=backend))(images)
+            out[f"{mode}_{backend}"] = {
+                "saliency_max_err": float((res.saliency.cpu() - g["saliency.dyn_map"]).abs().max()),
+                "pass2_extrinsic_max_err": float((res.extrinsic.cpu()
+                                                  - g["pass2.extrinsic"]).abs().max()),
+                "depth_max_err": float((res.depth.cpu() - g["pass1.depth"][..., 0]).abs().max()),
+                "coarse_iou": iou(res.coarse_mask, g["mask.coarse"]),
+                "refined_iou": iou(res.mask, g["mask.refined"]),
+                "timings": res.timings}
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=16)
@@ -129,11 +170,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="small random model (CPU smoke run)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="write the report here as well")
+    ap.add_argument("--golden", default=None,
+                    help="also run ../shared/golden vggt4d/case_seq10 on the device (fp32, bf16)")
     a = ap.parse_args(argv)
     if a.height % 14 or a.width % 14 or a.frames < 1:
         print("error: height/width must be multiples of 14 and frames >= 1", file=sys.stderr)
         return 2
     report = run(a.frames, a.height, a.width, a.repeats, a.warmup, a.tiny, a.device)
+    if a.golden:
+        report["golden_check"] = golden_check(a.golden, a.device)
     text = json.dumps(report, indent=1)
     print(text)
     if a.json:
