@@ -316,3 +316,17 @@ def test_threaded_producer_worker_and_concurrent_reset_keep_counts_consistent():
     stamps = [o.stamp_ns for o in outs]
     assert len(set(stamps)) == len(stamps)
     _assert_finite(outs)
+
+
+def test_flush_of_a_short_first_window_and_repeated_flush():
+    gt = _gt(_world(10))
+    engine = StreamEngine(gt, StreamConfig(**CFG))
+    assert engine.flush() == []
+    assert engine.push(_frame(gt, 0)) == [] and engine.state == "WAITING"
+    outs = engine.flush()                     # a one-frame window
+    assert len(outs) == 1 and outs[0].state == "TRACKING"
+    np.testing.assert_allclose(outs[0].world_from_cam, np.eye(4), atol=1e-9)
+    assert engine.flush() == []
+    outs = [o for i in range(1, 6) for o in engine.push(_frame(gt, i))] + engine.flush()
+    assert len(outs) == 5 and engine.counters.frames_out == 6
+    _assert_finite(outs)

@@ -35,10 +35,10 @@ Threads
     ``submit`` + ``poll`` for single-threaded use. ``reset`` waits for a running window.
 
 Memory (bounded; a long run keeps flat retained memory)
-    overlap + keyframe records, at most ``window_size`` pending frames, the input queue
-    (``max_queue`` under ``drop_oldest``), the voxel map (``max_voxels``) and the trajectory:
-    a preallocated ring of ``trajectory_capacity`` poses (stamp + x y z qx qy qz qw, 64 B each),
-    the oldest overwritten when full.
+    overlap + keyframe (+ one recovery-anchor) records, at most ``window_size`` pending frames,
+    the input queue (``max_queue`` under ``drop_oldest``), the voxel map (``max_voxels``) and
+    the trajectory: a preallocated ring of ``trajectory_capacity`` poses (stamp + x y z qx qy
+    qz qw, 64 B each), the oldest overwritten when full.
 """
 from __future__ import annotations
 
