@@ -203,6 +203,18 @@ def test_dynamic_pipeline_nan_pose_falls_back_to_pass1(tiny_model, monkeypatch):
     assert torch.equal(res.extrinsic, res.pass1_extrinsic)
 
 
+def test_dynamic_pipeline_cached_patch_tokens_give_identical_result(tiny_model):
+    images = _images(4)
+    plain = Vggt4dPipeline(tiny_model)(images)
+    with torch.no_grad():
+        tokens = tiny_model.aggregator.embed_patches(images[None])
+    cached = Vggt4dPipeline(tiny_model)(images, patch_tokens=tokens)
+    assert torch.equal(plain.extrinsic, cached.extrinsic)
+    assert torch.equal(plain.depth, cached.depth) and torch.equal(plain.mask, cached.mask)
+    with pytest.raises(ValueError, match="patch_tokens"):
+        Vggt4dPipeline(tiny_model)(images, patch_tokens=tokens[:3])
+
+
 def test_dynamic_pipeline_bad_input(tiny_model):
     pipe = Vggt4dPipeline(tiny_model)
     with pytest.raises(ValueError):
