@@ -56,7 +56,7 @@ def _check_outputs(out: Path) -> None:
     for rel in ("replay/trajectory.txt", "replay/static_map.ply", "replay/bag/metadata.yaml",
                 "scene/bag_sqlite3/metadata.yaml", "eval/metrics.json"):
         assert (out / rel).is_file(), rel
-    # every picture carries the label banner: its top rows are darkened text on black
+    # every picture carries the label banner: yellow text on a dark band at the top
     eval_pics = sorted((out / "eval").glob("*.png"))
     assert len(eval_pics) >= 3                                   # trajectory, ATE, masks, depth
     for pic in [out / "replay" / "viz" / "map_topdown.png", *eval_pics,

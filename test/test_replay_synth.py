@@ -195,7 +195,7 @@ def test_replay_random_weights_label(synth: tuple[SynthWorld, Path], tmp_path: P
     out = tmp_path / "r"
     res = _replay(world, scene / "bag_sqlite3", out, checkpoint="random_tiny")
     assert res.summary["weights"] == "random weights: geometry is meaningless"
-    # the label banner darkens the top rows of every picture
+    # every picture gets the label banner on top of the unchanged picture
     plain = rp.run_replay(open_source(scene / "bag_sqlite3"), tmp_path / "p",
                           rp.ReplaySettings(**SETTINGS),
                           predictor=GroundTruthPredictor(world, index_of_key=lambda k: k,
@@ -205,7 +205,7 @@ def test_replay_random_weights_label(synth: tuple[SynthWorld, Path], tmp_path: P
     for rel in ("viz/overlay/000004.png", "viz/map_topdown.png", "viz/depth/000004.png"):
         a = cv2.imread(str(out / rel)).astype(int)
         b = cv2.imread(str(plain / rel)).astype(int)
-        assert np.abs(a[:8] - b[:8]).sum() > 0 and np.array_equal(a[40:], b[40:]), rel
+        assert a.shape[0] > b.shape[0] and np.array_equal(a[-b.shape[0]:], b), rel
 
 
 def test_replay_applies_the_node_input_rules(tmp_path: Path) -> None:

@@ -78,7 +78,10 @@ def test_visualize_topdown_and_perspective_render_the_map() -> None:
 def test_visualize_label_is_drawn() -> None:
     img = np.full((140, 252, 3), 128, np.uint8)
     out = vz.draw_label(img, vz.RANDOM_WEIGHTS_LABEL)
-    assert (out[:10] != 128).any() and np.array_equal(out[-50:], img[-50:])
+    band = out.shape[0] - img.shape[0]
+    assert 10 < band < 80 and out.shape[1] == img.shape[1]      # a banner above, not over
+    assert np.array_equal(out[band:], img)
+    assert (out[:band, ..., 0] > 200).any()                    # yellow text on the banner
     assert np.array_equal(vz.draw_label(img, None), img)
 
 

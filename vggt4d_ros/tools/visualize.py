@@ -38,39 +38,33 @@ MASK_COLOR = (255, 40, 40)
 
 
 def draw_label(img: np.ndarray, text: str | None) -> np.ndarray:
-    """Return a copy of ``img`` [H,W,3] uint8 RGB with ``text`` on a dark banner at the top.
+    """``img`` [H,W,3] uint8 RGB with a dark banner carrying ``text`` added ABOVE it.
 
-    The text is split over two lines (at the space nearest its middle) when that lets it be
-    drawn larger on a narrow image; the font scales with the width so the text fits. No-op
-    for empty text.
+    Returns [H+band,W,3] (the picture itself is not covered; ``out[band:] == img``). The text
+    goes on two lines (split at the space nearest its middle) when that lets it be drawn larger
+    on a narrow image; the font scales with the width. No-op (a copy) for empty text.
     """
-    out = np.ascontiguousarray(img, dtype=np.uint8).copy()
+    src = np.ascontiguousarray(img, dtype=np.uint8)
     if not text:
-        return out
-    h, w = out.shape[:2]
+        return src.copy()
+    w = src.shape[1]
     font = cv2.FONT_HERSHEY_SIMPLEX
     lines = [text]
-    if " " in text:
+    width1 = cv2.getTextSize(text, font, 1.0, 1)[0][0]
+    if " " in text and 0.95 * w / width1 < 0.45:          # one line would be tiny: use two
         spaces = [i for i, c in enumerate(text) if c == " "]
         cut = min(spaces, key=lambda i: abs(i - len(text) / 2))
-        two = [text[:cut], text[cut + 1:]]
-        width1 = cv2.getTextSize(text, font, 1.0, 1)[0][0]
-        width2 = max(cv2.getTextSize(t, font, 1.0, 1)[0][0] for t in two)
-        if 0.95 * w / width1 < 0.45:              # one line would be tiny: use two
-            lines = two
-            width1 = width2
-    else:
-        width1 = cv2.getTextSize(text, font, 1.0, 1)[0][0]
-    scale = max(0.25, min(0.8, 0.95 * w / max(width1, 1)))
-    thick = 1 if scale < 0.6 else 2
+        lines = [text[:cut], text[cut + 1:]]
+        width1 = max(cv2.getTextSize(t, font, 1.0, 1)[0][0] for t in lines)
+    scale = max(0.25, min(0.6, 0.95 * w / max(width1, 1)))
+    thick = 1
     (_, th), base = cv2.getTextSize(lines[0], font, scale, thick)
     step = th + base + 2
-    band = min(h, step * len(lines) + 4)
-    out[:band] = (out[:band].astype(np.float32) * 0.25).astype(np.uint8)
+    band = np.full((step * len(lines) + 4, w, 3), 16, np.uint8)
     for k, line in enumerate(lines):
-        cv2.putText(out, line, (3, th + 3 + k * step), font, scale, (255, 255, 0), thick,
+        cv2.putText(band, line, (3, th + 3 + k * step), font, scale, (255, 255, 0), thick,
                     cv2.LINE_AA)
-    return out
+    return np.concatenate([band, src], axis=0)
 
 
 def overlay_mask(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5,
