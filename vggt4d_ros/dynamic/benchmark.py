@@ -5,8 +5,10 @@
 
 Builds VGGT-1B with random weights directly on the device (no checkpoint needed; timings do
 not depend on weight values), feeds a synthetic window (textured background panning, one
-textured square moving across it), and reports for plain VGGT and for the pipeline with each
-cluster backend: the median per-stage seconds (CUDA-synchronised), min/max of the total,
+textured square moving across it), and reports for plain VGGT and for the pipeline
+(``reference``: scikit-learn/-image clustering + threshold; ``fast``: torch k-means and Otsu on
+the device, torch kNN outlier removal on CUDA; ``fast_hostknn``: fast but cKDTree outlier
+removal on the host): the median per-stage seconds (CUDA-synchronised), min/max of the total,
 and the peak allocated GPU memory. ``--tiny`` uses a small config for a CPU smoke run.
 """
 from __future__ import annotations
@@ -103,8 +105,12 @@ def run(frames: int, height: int, width: int, repeats: int, warmup: int, tiny: b
             model(images, autocast_dtype=amp)
 
     report["plain_vggt"] = _measure(plain, dev, warmup, repeats)
-    for backend in ("reference", "fast"):
-        pipe = Vggt4dPipeline(model, Vggt4dConfig(cluster_backend=backend))
+    variants = {"reference": Vggt4dConfig(cluster_backend="reference"),
+                "fast": Vggt4dConfig(cluster_backend="fast"),
+                "fast_hostknn": Vggt4dConfig(cluster_backend="fast",
+                                             refine_outlier_backend="reference")}
+    for backend, vcfg in variants.items():
+        pipe = Vggt4dPipeline(model, vcfg)
         last = {}
 
         def vggt4d():

@@ -97,7 +97,7 @@ def statistical_inliers(points: np.ndarray, k: int = 20, std_ratio: float = 2.5)
     if m < 2:
         return np.zeros(m, dtype=bool)
     kk = min(k, m)
-    dist, _ = cKDTree(pts).query(pts, k=kk)
+    dist, _ = cKDTree(pts).query(pts, k=kk, workers=-1)   # all host cores; same result
     dist = dist.reshape(m, kk)
     avg = dist.mean(axis=1)
     pos = avg > 0
