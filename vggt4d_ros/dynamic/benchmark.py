@@ -154,7 +154,8 @@ def golden_check(golden_dir: str, device: Optional[str] = None) -> Dict[str, obj
     out: Dict[str, object] = {"device": str(dev)}
     for mode in ("off", "bf16"):
         for backend in ("reference", "fast"):
-            res = Vggt4dPipeline(model, Vggt4dConfig(autocast=mode, cluster_backend=backend))(images)
+            cfg = Vggt4dConfig(autocast=mode, cluster_backend=backend)
+            res = Vggt4dPipeline(model, cfg)(images)
             out[f"{mode}_{backend}"] = {
                 "saliency_max_err": float((res.saliency.cpu() - g["saliency.dyn_map"]).abs().max()),
                 "pass2_extrinsic_max_err": float((res.extrinsic.cpu()

@@ -78,7 +78,7 @@ def kmeans_plusplus_torch(x: Tensor, k: int, generator: torch.Generator,
 
 def kmeans_torch(x: Tensor, k: int, seed: int = KMEANS_SEED, max_iter: int = 300,
                  tol: float = 1e-4) -> Tuple[Tensor, Tensor]:
-    """Lloyd k-means on ``x [M, C]`` (device of ``x``, fp32): returns ``(labels [M], centres [k, C])``.
+    """Lloyd k-means on ``x [M, C]`` (on x's device, fp32) -> ``(labels [M], centres [k, C])``.
 
     ``tol`` is relative to the mean feature variance, as in scikit-learn. Empty clusters are
     re-seeded with the point farthest from its centre.

@@ -108,7 +108,7 @@ def combine_maps(maps: Mapping[str, Tensor]) -> Tensor:
 
 def split_global_patch_tokens(x: Tensor, num_frames: int,
                               patch_start_idx: int = NUM_SPECIAL_TOKENS) -> Tensor:
-    """Global-attention q or k ``[B, n_h, S·(P+N), d]`` -> patch tokens ``[B, S, n_h, N, d]`` fp32."""
+    """Global q or k ``[B, n_h, S·(P+N), d]`` -> patch tokens ``[B, S, n_h, N, d]`` float32."""
     if x.dim() != 4:
         raise ValueError(f"expected q/k of shape [B, n_h, T, d], got {tuple(x.shape)}")
     b, nh, t, d = x.shape
