@@ -428,7 +428,7 @@ def run_replay(source: FrameSource, out_dir: str | Path, settings: ReplaySetting
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        summary = _replay_into(source, tmp, settings, predictor, weights_note, progress)
+        summary = _ReplayRun(source, tmp, settings, predictor, weights_note, progress).run()
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -438,210 +438,231 @@ def run_replay(source: FrameSource, out_dir: str | Path, settings: ReplaySetting
     return ReplayResult(out, summary)
 
 
-def _replay_into(source: FrameSource, root: Path, settings: ReplaySettings, predictor: Any | None,
-                 weights_note: str | None, progress: bool) -> dict[str, Any]:
-    """Body of :func:`run_replay`: writes everything under ``root``; returns the summary."""
-    from tqdm import tqdm
-    from vggt4d_ros.geometry.voxel import write_ply
-    from vggt4d_ros.stream.engine import FrameInput
-    from vggt4d_ros.tools.metrics import write_tum
-    import torch
+class _ReplayRun:
+    """One replay writing everything under ``root`` (see :func:`run_replay`).
 
-    torch.manual_seed(settings.seed)
-    np.random.seed(settings.seed)
-    timer = Timer()
-    if weights_note is None and is_random_weights(settings.checkpoint):
-        weights_note = RANDOM_WEIGHTS_NOTE
-    if predictor is None:
-        predictor = timer.run("load_model", make_predictor, settings)
-    if weights_note is None and getattr(predictor, "random_weights", False):
-        weights_note = RANDOM_WEIGHTS_NOTE           # the factory says the weights are random
-    engine = make_engine(predictor, settings)
-    odom = OdomFrame()
-    (root / "masks").mkdir()
-    (root / "depth").mkdir()
-    bag = BagOutput(root / "bag", settings) if settings.bag else None
-    gt = GroundTruthOutput(root / "gt")
-    viz = None
-    if settings.viz:
-        from vggt4d_ros.tools.visualize import VizWriter
-        viz = VizWriter(root / "viz", label=weights_note)
-    pending: deque[tuple[int, Frame]] = deque()      # accepted, not yet output (input order)
-    dropped: Counter[str] = Counter()                 # engine input rules (duplicate stamp, ...)
-    traj: list[tuple[int, np.ndarray]] = []
-    lines: list[str] = []
-    states: Counter[str] = Counter()
-    transitions: list[dict[str, Any]] = []
-    counters = {"received": 0, "processed": 0, "windows": 0, "dropped": 0}
-    drop_log: list[dict[str, Any]] = []
-    window_stages: Counter[str] = Counter()       # engine/predictor stage seconds, summed
-    last_state, last_window, last_stamp = "WAITING", None, 0
-    status_state = ["WAITING"]
-    bar = tqdm(total=len(source), unit="frame", desc="replay", disable=not progress,
-               dynamic_ncols=True, file=sys.stderr)
+    The loop mirrors the node's worker: ``submit`` each frame (the engine's input rules may drop
+    it), ``poll`` the engine, write the outputs of the emitted frames, then the window points and
+    the status; ``flush`` at the end of the input.
+    """
 
-    def handle(outs: Sequence[Any]) -> None:
-        nonlocal last_state, last_window, last_stamp
+    def __init__(self, source: FrameSource, root: Path, settings: ReplaySettings,
+                 predictor: Any | None, weights_note: str | None, progress: bool) -> None:
+        import torch
+        from tqdm import tqdm
+        torch.manual_seed(settings.seed)
+        np.random.seed(settings.seed)
+        self.source, self.root, self.s = source, root, settings
+        self.timer = Timer()
+        if predictor is None:
+            predictor = self.timer.run("load_model", make_predictor, settings)
+        if weights_note is None and (is_random_weights(settings.checkpoint)
+                                     or getattr(predictor, "random_weights", False)):
+            weights_note = RANDOM_WEIGHTS_NOTE
+        self.predictor, self.weights_note = predictor, weights_note
+        self.engine = make_engine(predictor, settings)
+        self.odom = OdomFrame()
+        (root / "masks").mkdir()
+        (root / "depth").mkdir()
+        self.bag = BagOutput(root / "bag", settings) if settings.bag else None
+        self.gt = GroundTruthOutput(root / "gt")
+        self.viz = None
+        if settings.viz:
+            from vggt4d_ros.tools.visualize import VizWriter
+            self.viz = VizWriter(root / "viz", label=weights_note)
+        self.pending: deque[tuple[int, Frame]] = deque()   # accepted, not yet output (in order)
+        self.dropped: Counter[str] = Counter()              # engine input rules (duplicate, ...)
+        self.drop_log: list[dict[str, Any]] = []
+        self.traj: list[tuple[int, np.ndarray]] = []        # (stamp, odom_from_cam)
+        self.lines: list[str] = []                          # frames.txt
+        self.states: Counter[str] = Counter()
+        self.transitions: list[dict[str, Any]] = []
+        self.counters = {"received": 0, "processed": 0, "windows": 0, "dropped": 0}
+        self.window_stages: Counter[str] = Counter()        # engine/predictor seconds, summed
+        self.last_state, self.status_state = "WAITING", "WAITING"
+        self.last_window: int | None = None
+        self.last_stamp = 0
+        self.bar = tqdm(total=len(source), unit="frame", desc="replay", disable=not progress,
+                        dynamic_ncols=True, file=sys.stderr)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict[str, Any]:
+        """Process the whole input, write the end-of-stream files; returns the summary."""
+        t_start = time.perf_counter()
+        try:
+            it = iter(self.source)
+            while True:
+                t0 = time.perf_counter()
+                frame = next(it, None)
+                self.timer.add("read", time.perf_counter() - t0)
+                if frame is None:
+                    break
+                self._feed(frame)
+            self._emit(self.timer.run("engine", self.engine.flush))
+        except BaseException:
+            self.bar.close()
+            if self.bag is not None:
+                self.bag.abort()
+            raise
+        self.bar.close()
+        if self.pending:
+            raise ReplayError(f"{len(self.pending)} accepted frames were never output by the "
+                              "engine (keep_all must process every frame)")
+        if self.counters["received"] == 0:
+            raise InputError("input has no frames")
+        return self._finish(time.perf_counter() - t_start)
+
+    def _feed(self, frame: Frame) -> None:
+        """Submit one frame (the node's input rules apply: duplicate / reordered stamps are
+        dropped and counted, a jump backwards starts a new sequence), then poll the engine."""
+        from vggt4d_ros.stream.engine import FrameInput
+        self.counters["received"] += 1
+        reason = self.timer.run("engine", self.engine.submit, FrameInput(
+            stamp_ns=int(frame.stamp_ns), image=frame.image, frame_id=self.s.camera_frame))
+        if reason is not None:
+            self.dropped[str(reason)] += 1
+            self.counters["dropped"] += 1
+            self.drop_log.append({"index": frame.index, "stamp_ns": frame.stamp_ns,
+                                  "reason": str(reason)})
+            self.bar.update(1)
+            return
+        self.pending.append((frame.index, frame))
+        self._emit(self.timer.run("engine", self.engine.poll))
+
+    def _emit(self, outs: Sequence[Any]) -> None:
+        """Write the emitted frames, then (like the node's worker) window points and status."""
         for fo in outs:
-            if not pending or pending[0][1].stamp_ns != fo.stamp_ns:
+            if not self.pending or self.pending[0][1].stamp_ns != fo.stamp_ns:
                 raise ReplayError(f"engine emitted stamp {fo.stamp_ns} out of input order")
-            idx, frame = pending.popleft()
-            name = f"{idx:06d}"
-            if fo.state != last_state:
-                transitions.append({"index": idx, "stamp_ns": fo.stamp_ns, "from": last_state,
-                                    "to": fo.state})
-                last_state = fo.state
-            states[fo.state] += 1
-            t0 = time.perf_counter()
-            wfc = np.asarray(fo.world_from_cam, np.float64)
-            pose_ok = bool(np.all(np.isfinite(wfc)))
-            odom_cam = odom.odom_from_cam(wfc) if pose_ok else None
-            if odom_cam is not None:
-                traj.append((fo.stamp_ns, odom_cam))
-            mask = np.asarray(fo.mask, bool)
-            depth = np.asarray(fo.depth, np.float32)
-            conf = np.asarray(fo.confidence, np.float32)
-            _save_mono8(root / "masks" / f"{name}.png", mask.astype(np.uint8) * 255)
-            if settings.depth_format == "png16":
-                mm = np.clip(np.nan_to_num(depth * 1000.0, nan=0.0), 0, 65535).astype(np.uint16)
-                if not cv2.imwrite(str(root / "depth" / f"{name}.png"), mm):
-                    raise ReplayError(f"cannot write depth PNG for frame {name}")
-            else:
-                save_npz_deterministic(root / "depth" / f"{name}.npz", depth=depth,
-                                       confidence=conf,
-                                       intrinsic=np.asarray(fo.intrinsic, np.float64))
-            gt.add(name, frame)
-            counters["processed"] += 1
-            if bag is not None:
-                base = None if odom_cam is None else odom_cam @ odom.cam_from_base
-                cov = covariance_in_base(fo.covariance, odom.base_from_cam)
-                bag.frame(fo.stamp_ns, base, cov, mask, depth, conf,
-                          np.asarray(fo.intrinsic, np.float64),
-                          fo.frame_id or settings.camera_frame)
-            lines.append(f"{idx} {fo.stamp_ns} {fo.window_index} {fo.state} {frame.name}")
-            timer.add("write", time.perf_counter() - t0)
-            if viz is not None:
-                timer.run("viz", viz.add_frame, name, np.asarray(fo.image, np.uint8), mask,
-                          depth, conf)
-            last_stamp = fo.stamp_ns
-            bar.update(1)
-        # after each engine call, like the node's worker: window points, then status
-        win = engine.last_window
-        if win is not None and win.window_index != last_window:
-            last_window = win.window_index
-            counters["windows"] += 1
+            idx, frame = self.pending.popleft()
+            self._write_frame(idx, frame, fo)
+            self.bar.update(1)
+        self._after_engine_call(outs)
+
+    # ------------------------------------------------------------------ per frame / window
+    def _write_frame(self, idx: int, frame: Frame, fo: Any) -> None:
+        """All per-frame outputs of one emitted FrameOutput ``fo`` (source frame ``frame``)."""
+        name, s, odom = f"{idx:06d}", self.s, self.odom
+        if fo.state != self.last_state:
+            self.transitions.append({"index": idx, "stamp_ns": fo.stamp_ns,
+                                     "from": self.last_state, "to": fo.state})
+            self.last_state = fo.state
+        self.states[fo.state] += 1
+        t0 = time.perf_counter()
+        wfc = np.asarray(fo.world_from_cam, np.float64)
+        odom_cam = odom.odom_from_cam(wfc) if np.all(np.isfinite(wfc)) else None
+        if odom_cam is not None:
+            self.traj.append((fo.stamp_ns, odom_cam))
+        mask = np.asarray(fo.mask, bool)
+        depth = np.asarray(fo.depth, np.float32)
+        conf = np.asarray(fo.confidence, np.float32)
+        intrinsic = np.asarray(fo.intrinsic, np.float64)
+        _save_mono8(self.root / "masks" / f"{name}.png", mask.astype(np.uint8) * 255)
+        if s.depth_format == "png16":
+            mm = np.clip(np.nan_to_num(depth * 1000.0, nan=0.0), 0, 65535).astype(np.uint16)
+            if not cv2.imwrite(str(self.root / "depth" / f"{name}.png"), mm):
+                raise ReplayError(f"cannot write depth PNG for frame {name}")
+        else:
+            save_npz_deterministic(self.root / "depth" / f"{name}.npz", depth=depth,
+                                   confidence=conf, intrinsic=intrinsic)
+        self.gt.add(name, frame)
+        self.counters["processed"] += 1
+        if self.bag is not None:
+            base = None if odom_cam is None else odom_cam @ odom.cam_from_base
+            self.bag.frame(fo.stamp_ns, base, covariance_in_base(fo.covariance, odom.base_from_cam),
+                           mask, depth, conf, intrinsic, fo.frame_id or s.camera_frame)
+        self.lines.append(f"{idx} {fo.stamp_ns} {fo.window_index} {fo.state} {frame.name}")
+        self.timer.add("write", time.perf_counter() - t0)
+        if self.viz is not None:
+            self.timer.run("viz", self.viz.add_frame, name, np.asarray(fo.image, np.uint8), mask,
+                           depth, conf)
+        self.last_stamp = fo.stamp_ns
+
+    def _after_engine_call(self, outs: Sequence[Any]) -> None:
+        """Static points of a new window and the status message (node order)."""
+        win = self.engine.last_window
+        if win is not None and win.window_index != self.last_window:
+            self.last_window = win.window_index
+            self.counters["windows"] += 1
             for stage, sec in (getattr(win, "timings", None) or {}).items():
                 if isinstance(sec, (int, float)):
-                    window_stages[stage] += float(sec)
-            if bag is not None and outs:
-                timer.run("write", bag.window, outs[-1].stamp_ns, odom.points(win.static_points),
-                          np.asarray(win.colors, np.uint8).reshape(-1, 3),
-                          np.asarray(win.confidence, np.float32).reshape(-1))
-        if bag is not None and (outs or engine.state != status_state[0]):
-            status_state[0] = engine.state
+                    self.window_stages[stage] += float(sec)
+            if self.bag is not None and outs:
+                self.timer.run("write", self.bag.window, outs[-1].stamp_ns,
+                               self.odom.points(win.static_points),
+                               np.asarray(win.colors, np.uint8).reshape(-1, 3),
+                               np.asarray(win.confidence, np.float32).reshape(-1))
+        state = self.engine.state
+        if self.bag is not None and (outs or state != self.status_state):
+            self.status_state = state
             res = float(win.residual) if win is not None else float("nan")
             drift = float(win.scale_drift) if win is not None else float("nan")
-            timer.run("write", bag.status, outs[-1].stamp_ns if outs else last_stamp,
-                      engine.state, counters, res, drift,
-                      getattr(win, "reason", "") if win is not None else "")
+            self.timer.run("write", self.bag.status, outs[-1].stamp_ns if outs else self.last_stamp,
+                           state, self.counters, res, drift,
+                           getattr(win, "reason", "") if win is not None else "")
 
-    t_start = time.perf_counter()
-    try:
-        it = iter(source)
-        while True:
-            t0 = time.perf_counter()
-            frame = next(it, None)
-            timer.add("read", time.perf_counter() - t0)
-            if frame is None:
-                break
-            counters["received"] += 1
-            # the node's input rules apply (duplicate / reordered stamps are dropped and
-            # counted, a jump backwards starts a new sequence); keep_all never drops for room
-            reason = timer.run("engine", engine.submit, FrameInput(
-                stamp_ns=int(frame.stamp_ns), image=frame.image, frame_id=settings.camera_frame))
-            if reason is not None:
-                dropped[str(reason)] += 1
-                counters["dropped"] += 1
-                drop_log.append({"index": frame.index, "stamp_ns": frame.stamp_ns,
-                                 "reason": str(reason)})
-                bar.update(1)
-                continue
-            pending.append((frame.index, frame))
-            handle(timer.run("engine", engine.poll))
-        handle(timer.run("engine", engine.flush))
-    except BaseException:
-        bar.close()
-        if bag is not None:
-            bag.abort()
-        raise
-    bar.close()
-    if pending:
-        raise ReplayError(f"{len(pending)} accepted frames were never output by the engine "
-                          "(keep_all must process every frame)")
-    if counters["received"] == 0:
-        raise InputError("input has no frames")
+    # ------------------------------------------------------------------ end of stream
+    def _finish(self, wall_loop: float) -> dict[str, Any]:
+        """Map, trajectory, frames.txt, bag end, ground truth, pictures, summary.json."""
+        from vggt4d_ros.geometry.voxel import write_ply
+        from vggt4d_ros.tools.metrics import write_tum
+        root, t0 = self.root, time.perf_counter()
+        arr = self.engine.static_map.to_arrays()
+        map_pts = self.odom.points(arr["points"])
+        map_cols = np.asarray(arr["colors"], np.uint8).reshape(-1, 3)
+        write_ply(root / "static_map.ply", map_pts, map_cols, arr.get("counts"))
+        if self.traj:
+            write_tum(root / "trajectory.txt", [st for st, _ in self.traj],
+                      np.stack([t for _, t in self.traj]))
+        else:
+            (root / "trajectory.txt").write_text(
+                "# timestamp tx ty tz qx qy qz qw (world_from_cam)\n")
+        (root / "frames.txt").write_text("# index stamp_ns window state source_name\n"
+                                         + "".join(f"{ln}\n" for ln in self.lines))
+        if self.bag is not None:
+            self.bag.finish(self.last_stamp, map_pts, map_cols, arr.get("confidence"))
+        has_gt = self.gt.finish()
+        self.timer.add("write", time.perf_counter() - t0)
+        viz_files: dict[str, str] = {}
+        if self.viz is not None:
+            poses = np.stack([t for _, t in self.traj]) if self.traj else np.zeros((0, 4, 4))
+            viz_files = self.timer.run("viz", self.viz.finish, map_pts, map_cols, poses)
+        wall = wall_loop + (time.perf_counter() - t0)
+        summary = self._summary(len(map_pts), has_gt, viz_files, wall)
+        (root / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        return summary
 
-    # --- end of stream: map, trajectory, pictures, summary
-    t0 = time.perf_counter()
-    arr = engine.static_map.to_arrays()
-    map_pts = odom.points(arr["points"])
-    map_cols = np.asarray(arr["colors"], np.uint8).reshape(-1, 3)
-    write_ply(root / "static_map.ply", map_pts, map_cols, arr.get("counts"))
-    if traj:
-        write_tum(root / "trajectory.txt", [s for s, _ in traj], np.stack([t for _, t in traj]))
-    else:
-        (root / "trajectory.txt").write_text("# timestamp tx ty tz qx qy qz qw (world_from_cam)\n")
-    (root / "frames.txt").write_text("# index stamp_ns window state source_name\n"
-                                     + "".join(f"{ln}\n" for ln in lines))
-    if bag is not None:
-        bag.finish(last_stamp, map_pts, map_cols, arr.get("confidence"))
-    has_gt = gt.finish()
-    timer.add("write", time.perf_counter() - t0)
-    viz_files: dict[str, str] = {}
-    if viz is not None:
-        poses = np.stack([t for _, t in traj]) if traj else np.zeros((0, 4, 4))
-        viz_files = timer.run("viz", viz.finish, map_pts, map_cols, poses)
-    wall = time.perf_counter() - t_start
-    summary = _summary(source, settings, weights_note, counters, states, transitions, traj,
-                       len(map_pts), has_gt, viz_files, timer, wall, predictor)
-    summary["frames"]["dropped"] = sum(dropped.values())
-    summary["frames"]["dropped_by_reason"] = dict(sorted(dropped.items()))
-    summary["dropped_frames"] = drop_log
-    summary["resets"] = dict(sorted(getattr(engine.counters, "resets", {}).items()))
-    summary["timings"]["window_stages_s"] = {k: round(v, 4)
-                                             for k, v in sorted(window_stages.items())}
-    (root / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    return summary
-
-
-def _summary(source: FrameSource, settings: ReplaySettings, weights_note: str | None,
-             counters: dict[str, int], states: Counter[str], transitions: list[dict[str, Any]],
-             traj: list[tuple[int, np.ndarray]], map_points: int, has_gt: bool,
-             viz_files: dict[str, str], timer: Timer, wall: float,
-             predictor: Any) -> dict[str, Any]:
-    """summary.json content. Everything except ``timings`` is deterministic."""
-    frames = counters["processed"]
-    return {
-        "tool": "vggt4d-replay",
-        "input": source.describe(),
-        "settings": asdict(settings),
-        "weights": weights_note or f"checkpoint {settings.checkpoint}",
-        "predictor": type(predictor).__name__,
-        "frames": {"received": counters["received"], "processed": frames, "dropped": 0},
-        "windows": counters["windows"],
-        "states": dict(sorted(states.items())),
-        "state_transitions": transitions,
-        "trajectory_poses": len(traj),
-        "static_map_points": map_points,
-        "ground_truth": "gt/" if has_gt else None,
-        "viz": {k: f"viz/{v}" for k, v in viz_files.items()},
-        "topics": TOPICS if settings.bag else {},
-        "timings": {
-            "wall_s": round(wall, 4),
-            "frames_per_s": round(frames / wall, 4) if wall > 0 else None,
-            "stages_s": {k: round(v, 4) for k, v in sorted(timer.totals.items())},
-        },
-    }
+    def _summary(self, map_points: int, has_gt: bool, viz_files: dict[str, str],
+                 wall: float) -> dict[str, Any]:
+        """summary.json content. Everything except ``timings`` is deterministic."""
+        s, c = self.s, self.counters
+        return {
+            "tool": "vggt4d-replay",
+            "input": self.source.describe(),
+            "settings": asdict(s),
+            "weights": self.weights_note or f"checkpoint {s.checkpoint}",
+            "predictor": type(self.predictor).__name__,
+            "frames": {"received": c["received"], "processed": c["processed"],
+                       "dropped": c["dropped"],
+                       "dropped_by_reason": dict(sorted(self.dropped.items()))},
+            "dropped_frames": self.drop_log,
+            "resets": dict(sorted(getattr(self.engine.counters, "resets", {}).items())),
+            "windows": c["windows"],
+            "states": dict(sorted(self.states.items())),
+            "state_transitions": self.transitions,
+            "trajectory_poses": len(self.traj),
+            "static_map_points": map_points,
+            "ground_truth": "gt/" if has_gt else None,
+            "viz": {k: f"viz/{v}" for k, v in viz_files.items()},
+            "topics": TOPICS if s.bag else {},
+            "timings": {
+                "wall_s": round(wall, 4),
+                "frames_per_s": round(c["processed"] / wall, 4) if wall > 0 else None,
+                "stages_s": {k: round(v, 4) for k, v in sorted(self.timer.totals.items())},
+                "window_stages_s": {k: round(v, 4)
+                                    for k, v in sorted(self.window_stages.items())},
+            },
+        }
 
 
 # --------------------------------------------------------------------------- CLI
