@@ -98,6 +98,9 @@ def default_engine_factory(settings: P.NodeSettings, device: str):
     except Exception as exc:  # checkpoint missing / truncated / wrong architecture, ...
         raise StartupError(f"cannot load model.checkpoint '{settings['model.checkpoint']}' on "
                            f"{device}: {exc}") from exc
+    from vggt4d_ros.stream.fallback import AdaptiveWindowPredictor, FallbackConfig
+    low = settings["window.min_size"] or settings["window.stride"] + 1   # OOM fallback floor
+    predictor = AdaptiveWindowPredictor(predictor, FallbackConfig(min_window_size=low))
     return StreamEngine(predictor, stream_config(settings))
 
 
@@ -427,9 +430,20 @@ class Vggt4dNode(Node):
                 with self._engine_lock:
                     try:
                         self.engine.reset("inference_error")
+                        self._count_failed_window_frames()
                     except Exception:
                         pass
             self._maybe_publish_map()
+
+    def _count_failed_window_frames(self) -> None:
+        """The frames of a failed window left the engine uncounted (the reset counts only queued
+        and pending ones): count them as ``dropped.inference_error`` (caller holds the engine
+        lock), so that received == processed + dropped + queued stays true."""
+        c = self.engine.counters
+        lost = c.frames_in - c.frames_out - sum(c.dropped.values()) - c.queue_depth
+        with self._lock:
+            self.node_dropped["inference_error"] = max(self.node_dropped["inference_error"],
+                                                       int(lost))
 
     def _poll_once(self) -> None:
         # _publish_lock: a ~/reset waits until this window's outputs are out, so nothing of
@@ -593,6 +607,8 @@ class Vggt4dNode(Node):
             values += [(f"dropped.{k}", v) for k, v in sorted(dropped.items())]
             values += [(f"resets.{k}", v) for k, v in sorted(counters.resets.items())]
         values += self._gpu_memory()
+        stats = getattr(getattr(self.engine, "predictor", None), "stats", None)
+        values += [(f"oom.{k}", v) for k, v in (stats() if callable(stats) else {}).items()]
         state = self.engine.state
         st = DiagnosticStatus()
         st.name = f"{self.get_fully_qualified_name()}: tracking"

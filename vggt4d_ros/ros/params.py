@@ -62,6 +62,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               lo=2, hi=128),
     ParamSpec("window.stride", 8, "new frames per window; window.size - stride frames overlap "
               "with the previous window (must be < window.size)", lo=1, hi=127),
+    ParamSpec("window.min_size", 0, "CUDA out-of-memory fallback: a window that does not fit "
+              "is retried with fewer (the newest) frames, down to this many; 0 = stride + 1 "
+              "(else stride < min_size <= size)", lo=0, hi=128),
     ParamSpec("window.keyframes", 0, "older keyframes added to each window for stability",
               lo=0, hi=32),
     # VGGT4D
@@ -204,6 +207,10 @@ def check_combination(values: dict[str, Any]) -> Optional[str]:
     if stride >= size:
         return f"window.stride ({stride}) must be smaller than window.size ({size}) so that " \
                "windows overlap (the overlap aligns them)"
+    low = values.get("window.min_size", 0)
+    if low and not stride < low <= size:
+        return f"window.min_size ({low}) must be 0 (auto) or in (window.stride, window.size] " \
+               f"= ({stride}, {size}] so that every new frame is still predicted"
     frames = [values["frames.odom_frame"], values["frames.base_frame"],
               values["frames.camera_frame"]]
     if len(set(frames)) != 3:

@@ -1,0 +1,257 @@
+"""Faults and hostile input through the REAL node (rclpy, real StreamEngine + VGGT4D on tiny random
+weights, CPU): OOM fallback in /diagnostics, failed windows counted frame by frame, bad
+checkpoints refused before any topic exists, grayscale cameras, a camera standing still, and
+sim-time clock jumps. Random weights: only the ROS / reliability contract is checked."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+from rclpy.parameter import Parameter  # noqa: E402
+from rosgraph_msgs.msg import Clock  # noqa: E402
+
+from reliability_harness import (DOMAIN_ID, TINY, NodeHarness, new_context,  # noqa: E402
+                                 synth_frames, wait_for)
+from vggt4d_ros.ros import node as node_mod  # noqa: E402
+from vggt4d_ros.ros.probe import qos_for  # noqa: E402
+
+pytestmark = pytest.mark.ros
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("VGGT4D_GOLDEN", ROOT.parent / "shared" / "golden"))
+OUR_TOPICS = ("odom", "path", "dynamic_mask", "depth", "depth_static", "confidence",
+              "static_points", "static_map", "status", "/diagnostics", "/tf")
+
+
+class OomAbove:
+    """Raises torch.cuda.OutOfMemoryError for windows of more than ``max_frames`` frames."""
+
+    def __init__(self, inner, max_frames: int) -> None:
+        self.inner, self.max_frames, self.sizes = inner, max_frames, []
+
+    def predict(self, images, frame_keys):
+        import torch
+        self.sizes.append(len(frame_keys))
+        if len(frame_keys) > self.max_frames:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return self.inner.predict(images, frame_keys)
+
+
+class FailOn:
+    """Raises RuntimeError on the listed predict calls (1-based)."""
+
+    def __init__(self, inner, calls) -> None:
+        self.inner, self.fail, self.calls = inner, set(calls), 0
+
+    def predict(self, images, frame_keys):
+        self.calls += 1
+        if self.calls in self.fail:
+            raise RuntimeError("injected inference failure")
+        return self.inner.predict(images, frame_keys)
+
+
+def _finite_odoms(h) -> bool:
+    return all(np.isfinite([m.pose.pose.position.x, m.pose.pose.position.y,
+                            m.pose.pose.position.z, m.pose.pose.orientation.w]).all()
+               and np.isfinite(m.pose.covariance).all() for m in h.odoms())
+
+
+def _accounting(h) -> tuple[int, int, int, int]:
+    """(received, processed, dropped, queued) from the node's counters."""
+    c = h.node.engine.counters
+    with h.node._lock:
+        return (h.node.frames_received, h.node.frames_processed,
+                h.node._dropped_total(c), c.queue_depth)
+
+
+# ---------------------------------------------------------------------------- faults
+def test_cuda_oom_in_the_node_shrinks_the_window_reports_and_continues(monkeypatch):
+    """The node's own engine factory wraps the predictor in the OOM fallback; an injected
+    OOM for 4-frame windows -> retried with 3 (window.min_size 0 = stride + 1), stays there."""
+    from vggt4d_ros.stream import factory
+    real_build = factory.build_predictor
+    injected = []
+
+    def build(config):
+        injected.append(OomAbove(real_build(config), max_frames=3))
+        return injected[-1]
+    monkeypatch.setattr(factory, "build_predictor", build)
+    h = NodeHarness({}, namespace="/rel_oom")
+    try:
+        frames = synth_frames(10)
+        for img, stamp in frames:
+            h.send(img, stamp)
+        assert wait_for(lambda: len(h.odoms()) >= 10)
+        d = h.fresh_diagnostics()
+    finally:
+        h.close()
+    assert injected[0].sizes[:2] == [4, 3] and max(injected[0].sizes[2:]) == 3
+    assert d["oom.oom_retries"] == "1" and d["oom.window_limit"] == "3"
+    assert d["bad_input.inference_error"] == "0" and d["frames_processed"] == "10"
+    assert _finite_odoms(h)
+
+
+def test_failed_windows_are_dropped_frame_by_frame_and_counted():
+    """Windows 2 and 4 raise: their new frames are dropped and counted; the accounting
+    received == processed + dropped + queued + (pending < window) holds; the node lives."""
+    from vggt4d_ros.stream.engine import StreamEngine
+    from vggt4d_ros.stream.factory import build_predictor
+
+    def factory(settings, device):
+        pred = FailOn(build_predictor(node_mod.predictor_config(settings, device)), {2, 4})
+        return StreamEngine(pred, node_mod.stream_config(settings))
+    h = NodeHarness({}, namespace="/rel_fail", engine_factory=factory)
+    try:
+        for k, (img, stamp) in enumerate(synth_frames(20)):
+            h.send(img, stamp)
+            # one frame per engine.poll: a failed window takes exactly its own new frames
+            assert wait_for(lambda: h.node.frames_received == k + 1
+                            and h.node.engine.counters.queue_depth == 0)
+        assert wait_for(lambda: h.node.frames_processed == 16)
+        assert wait_for(lambda: (lambda r, p, d, q: r - p - d - q == 0)(*_accounting(h)))
+        received, processed, dropped, queued = _accounting(h)
+        d = h.fresh_diagnostics()
+    finally:
+        h.close()
+    # calls: 1 ok (frames 0-3), 2 FAILS (4, 5), 3 ok (new sequence 6-9), 4 FAILS (10, 11),
+    # 5-7 ok (12-19): 4+4+8 = 16 published, 4 dropped as inference_error, nothing left over
+    assert (received, processed, dropped, queued) == (20, 16, 4, 0)
+    assert h.node.bad_input["inference_error"] == 2
+    assert d["dropped.inference_error"] == "4" and d["resets.inference_error"] == "2"
+
+
+# ---------------------------------------------------------------------------- bad checkpoints
+def _checkpoints(tmp: Path) -> dict[str, tuple[str, str]]:
+    """name -> (model.checkpoint value, regex the one error must match)."""
+    cases = {"missing": (str(tmp / "nope" / "model.safetensors"), "not found"),
+             "not_safetensors": (str(tmp / "garbage.safetensors"), "safetensors|header|read"),
+             "pickle_with_code": (str(tmp / "evil.pt"), "refusing to unpickle|weights_only|"
+                                                        "cannot read")}
+    (tmp / "garbage.safetensors").write_bytes(b"\x00" * 64 + b"this is not a checkpoint")
+    subprocess.run([sys.executable, "-c",
+                    "import os, pickle\nclass E:\n"
+                    "    def __reduce__(self): return (os.getcwd, ())\n"
+                    f"pickle.dump({{'w': E()}}, open({str(tmp / 'evil.pt')!r}, 'wb'))"],
+                   check=True)
+    weights = GOLDEN / "vggt" / "weights.safetensors"
+    if weights.is_file():
+        data = weights.read_bytes()
+        (tmp / "truncated.safetensors").write_bytes(data[: len(data) // 3])
+        cases["truncated"] = (str(tmp / "truncated.safetensors"), "truncat|incomplete|read")
+        # the tiny golden model is a valid safetensors file of the WRONG architecture for 1B
+        cases["wrong_architecture"] = (str(weights), "shape|missing|unexpected")
+    return cases
+
+
+class _RecordingNode(node_mod.Vggt4dNode):
+    """Records the topics this node had advertised when its start-up failed."""
+
+    advertised: list[str] = []
+
+    def _start_engine(self, *args, **kwargs):
+        try:
+            super()._start_engine(*args, **kwargs)
+        finally:
+            type(self).advertised = [p.topic_name for p in self.publishers]
+
+
+def test_bad_checkpoints_fail_once_before_any_topic_is_advertised(tmp_path):
+    cases = _checkpoints(tmp_path)
+    ctx = new_context()
+    try:
+        observer = rclpy.create_node("rel_observer", context=ctx)
+        for name, (value, pattern) in cases.items():
+            _RecordingNode.advertised = ["<not started>"]
+            with pytest.raises(node_mod.StartupError) as err:
+                _RecordingNode(context=ctx, namespace="/rel_ckpt", parameter_overrides=[
+                    Parameter(k, value=v) for k, v in
+                    {**TINY, "model.checkpoint": value, "model.device": "cpu"}.items()])
+            msg = str(err.value)
+            assert "model.checkpoint" in msg and value in msg, (name, msg)
+            import re
+            assert re.search(pattern, msg, re.I), (name, msg)
+            ours = [t for t in _RecordingNode.advertised
+                    if any(t.endswith(s) for s in OUR_TOPICS)]
+            assert ours == [], (name, _RecordingNode.advertised)
+        names = [t for t, _ in observer.get_topic_names_and_types()]
+        assert not [t for t in names if t.startswith("/rel_ckpt/")], names
+        observer.destroy_node()
+    finally:
+        rclpy.try_shutdown(context=ctx)
+
+
+def test_bad_checkpoint_cli_exits_2_with_one_error_line(tmp_path):
+    env = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN_ID), "OMP_NUM_THREADS": "1",
+           "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST", "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run([sys.executable, "-m", "vggt4d_ros.ros.node", "--ros-args", "-p",
+                          f"model.checkpoint:={tmp_path}/absent.safetensors", "-p",
+                          "model.device:=cpu", "-r", "__ns:=/rel_cli"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if "cannot start" in ln]
+    assert len(lines) == 1 and "absent.safetensors" in lines[0] and "not found" in lines[0]
+
+
+# ---------------------------------------------------------------------------- input classes
+def test_grayscale_camera_mono8_is_replicated_to_rgb():
+    h = NodeHarness({}, namespace="/rel_mono")
+    try:
+        for img, stamp in synth_frames(6):
+            gray = (img.astype(np.float32) @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+            h.send(gray, stamp, encoding="mono8")
+        assert wait_for(lambda: len(h.odoms()) >= 6)
+    finally:
+        h.close()
+    assert h.node.bad_input["unsupported_encoding"] == 0 and _finite_odoms(h)
+
+
+def test_camera_standing_still_gives_finite_honest_output():
+    """40 identical frames: no NaN pose or covariance, every frame published once, the state
+    is a defined one (random weights: TRACKING or LOST are both honest)."""
+    h = NodeHarness({}, namespace="/rel_still")
+    try:
+        img = synth_frames(1)[0][0]
+        stamps = [1_700_000_000_000_000_000 + k * 33_333_333 for k in range(20)]
+        for s in stamps:
+            h.send(img, s)
+        assert wait_for(lambda: len(h.odoms()) >= 20)
+        status = h.probe.get(f"{h.ns}/status")[-1]
+    finally:
+        h.close()
+    assert _finite_odoms(h)
+    assert sorted(m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m in h.odoms()) \
+        == stamps
+    assert status.state_name in ("TRACKING", "LOST")
+    cov = np.array(h.odoms()[-1].pose.covariance).reshape(6, 6)
+    assert np.all(np.diag(cov) > 0) and np.all(np.diag(cov) < 1e300)
+
+
+def test_sim_time_clock_jumps_forward_continue_backwards_reset():
+    """use_sim_time: /clock and image stamps jump 1 h forward (same sequence, no reset), then
+    back 10 min (bag loop: RESET 'stamp_backwards', new odometry origin)."""
+    h = NodeHarness({"use_sim_time": True}, namespace="/rel_clock")
+    try:
+        clock = h.probe.create_publisher(Clock, "/clock", qos_for(depth=10))
+        frames = synth_frames(18)
+        t0 = 1_700_000_000_000_000_000
+        stamps = ([t0 + k * 33_333_333 for k in range(6)]
+                  + [t0 + 3600 * 10**9 + k * 33_333_333 for k in range(6)]
+                  + [t0 + 3000 * 10**9 + k * 33_333_333 for k in range(6)])
+        for (img, _), s in zip(frames, stamps):
+            clock.publish(Clock(clock=rclpy.time.Time(nanoseconds=s).to_msg()))
+            h.send(img, s)
+        assert wait_for(lambda: len(h.odoms()) >= 16)
+        assert wait_for(lambda: h.node.get_clock().now().nanoseconds >= stamps[-1] - 10**9)
+        d = h.fresh_diagnostics()
+    finally:
+        h.close()
+    assert int(d["bad_input.stamp_backwards"]) == 1
+    assert d.get("resets.stamp_backwards") == "1" and "resets.image_size_changed" not in d
+    got = {m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m in h.odoms()}
+    assert set(stamps[:10]) <= got            # the forward jump did not break the sequence
+    assert _finite_odoms(h)
