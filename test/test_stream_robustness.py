@@ -330,3 +330,33 @@ def test_flush_of_a_short_first_window_and_repeated_flush():
     outs = [o for i in range(1, 6) for o in engine.push(_frame(gt, i))] + engine.flush()
     assert len(outs) == 5 and engine.counters.frames_out == 6
     _assert_finite(outs)
+
+
+def test_predictor_exception_drops_only_that_window_and_keeps_the_rest():
+    class Failing:
+        def __init__(self, inner, fail_calls):
+            self.inner, self.fail_calls, self.call = inner, set(fail_calls), 0
+
+        def predict(self, images, frame_keys):
+            k, self.call = self.call, self.call + 1
+            if k in self.fail_calls:
+                raise RuntimeError("CUDA out of memory (injected)")
+            return self.inner.predict(images, frame_keys)
+
+    gt = _gt(_world(60))
+    engine = StreamEngine(Failing(gt, {2}), StreamConfig(**CFG))
+    for i in range(20):                      # windows: 0 at frame 8, 1 at 12, 2 (fails) at 16
+        engine.submit(_frame(gt, i))
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.poll()
+    c = engine.counters
+    assert c.dropped == {"predict_error": 4}
+    outs = engine.poll()                     # outputs of windows 0-1 + what followed
+    for i in range(20, 40):
+        outs += engine.push(_frame(gt, i))
+    outs += engine.flush()
+    c = engine.counters
+    assert c.frames_out == len(outs) == 36 and c.frames_out + sum(c.dropped.values()) == 40
+    assert len({o.stamp_ns for o in outs}) == 36
+    assert engine.state == "TRACKING"
+    _assert_finite(outs)

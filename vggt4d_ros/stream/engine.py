@@ -206,6 +206,8 @@ class StreamEngine:
         self._resets: Counter[str] = Counter()
         self._dropped_local: Counter[str] = Counter()
         self.last_reset_reason = ""
+        self._backlog: list = []                          # queue items not consumed (error)
+        self._undelivered: list[FrameOutput] = []         # outputs of a poll that raised
         self._clear_sequence()
         self._state = "WAITING"
 
@@ -226,20 +228,36 @@ class StreamEngine:
         return self._queue.submit(frame)
 
     def poll(self) -> list[FrameOutput]:
-        """Run every window that the queued frames complete; returns the frames they emit."""
+        """Run every window that the queued frames complete; returns the frames they emit.
+
+        If the predictor raises, the failed window's new frames are counted as dropped
+        (``predict_error``) and the exception propagates; frames queued behind it and outputs
+        already produced by this call are kept and returned by the next ``poll``.
+        """
         with self._lock:
-            out: list[FrameOutput] = []
-            for item in self._queue.pop_all():
-                if isinstance(item, ResetMarker):
-                    out += self._run_pending()          # the old sequence's last frames
-                    self._reset_sequence(item.reason)
-                    continue
-                self._pending.append(item)
-                need = self.config.window_size if self._seq_windows == 0 else self.config.stride
-                if len(self._pending) >= need:
-                    batch, self._pending = self._pending[:need], self._pending[need:]
-                    out += self._process(batch)
+            out, self._undelivered = self._undelivered, []
+            items, self._backlog = self._backlog + self._queue.pop_all(), []
+            for k, item in enumerate(items):
+                try:
+                    out += self._consume(item)
+                except Exception:
+                    self._backlog = items[k + 1:]
+                    self._undelivered = out
+                    raise
             return out
+
+    def _consume(self, item) -> list[FrameOutput]:
+        """One queue item: a reset marker, or a frame that may complete a window."""
+        if isinstance(item, ResetMarker):
+            out = self._run_pending()                   # the old sequence's last frames
+            self._reset_sequence(item.reason)
+            return out
+        self._pending.append(item)
+        need = self.config.window_size if self._seq_windows == 0 else self.config.stride
+        if len(self._pending) < need:
+            return []
+        batch, self._pending = self._pending[:need], self._pending[need:]
+        return self._process(batch)
 
     def push(self, frame: FrameInput) -> list[FrameOutput]:
         """``submit`` + ``poll``: the frames emitted because of this one (often none)."""
@@ -255,8 +273,11 @@ class StreamEngine:
         """Forget the sequence: queued/pending frames (counted as dropped ``reset``), trajectory,
         map, anchors. State becomes RESET; the next window starts a new odometry frame."""
         with self._lock:
-            self._dropped_local["reset"] += self._queue.clear() + len(self._pending)
-            self._pending = []
+            backlog = sum(isinstance(i, QueuedFrame) for i in self._backlog)
+            self._dropped_local["reset"] += (self._queue.clear() + len(self._pending) + backlog
+                                             + len(self._undelivered))
+            self._frames_out -= len(self._undelivered)    # never delivered: dropped instead
+            self._pending, self._backlog, self._undelivered = [], [], []
             self._reset_sequence(reason)
 
     def trajectory(self) -> list[tuple[int, np.ndarray]]:
@@ -310,9 +331,12 @@ class StreamEngine:
         anchor_recs = self._anchor_records()
         keys = [r.key for r in anchor_recs] + [f.key for f in new_frames]
         images = np.stack([r.image for r in anchor_recs] + [f.image for f in new_frames])
-        pred = self.predictor.predict(images, keys)
+        try:
+            pred = self.predictor.predict(images, keys).validate(len(keys))
+        except Exception:
+            self._dropped_local["predict_error"] += len(new_frames)
+            raise
         t_pred = time.perf_counter()
-        pred = pred.validate(len(keys))
         if anchor_recs and anchor_recs[0].depth.shape != pred.resolution_hw:
             raise ValueError("predictor resolution changed within a sequence: "
                              f"{anchor_recs[0].depth.shape} -> {pred.resolution_hw}")
