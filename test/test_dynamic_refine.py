@@ -94,6 +94,16 @@ def test_dynamic_refine_statistical_outlier_rule_torch():
         ours = statistical_inliers_torch(torch.from_numpy(pts).to(dtype), 20, 2.5, chunk=100)
         np.testing.assert_array_equal(ours.numpy(), ref)
     assert statistical_inliers_torch(torch.zeros(1, 3)).tolist() == [False]
+    # query subset: exact flags for the queried points, False elsewhere
+    query = torch.zeros(len(pts), dtype=torch.bool)
+    query[::3] = True
+    sub = statistical_inliers_torch(torch.from_numpy(pts), 20, 2.5, query=query)
+    np.testing.assert_array_equal(sub.numpy(), ref & query.numpy())
+    # sampled statistics: the threshold moves slightly, almost every flag agrees
+    big = np.concatenate([rng.normal(size=(6000, 3)), rng.normal(size=(60, 3)) * 6])
+    exact = statistical_inliers(big, 20, 2.5)
+    approx = statistical_inliers_torch(torch.from_numpy(big), 20, 2.5, stats_samples=1500)
+    assert (approx.numpy() == exact).mean() > 0.995
 
 
 def test_dynamic_refine_fast_backends_on_small_scene(synth_scene):

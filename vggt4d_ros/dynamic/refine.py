@@ -67,6 +67,7 @@ class RefineConfig:
     pixel_offset: float = 0.5              # pixel centres
     kmeans_backend: str = "reference"      # "reference" (scikit-learn) | "fast" (torch)
     outlier_backend: str = "reference"     # "reference" (scipy cKDTree) | "fast" (torch kNN)
+    outlier_stats_samples: Optional[int] = 16384   # fast backend: points for the mean/std
     boundary_sharpening: bool = False
     boundary_band: int = 4                 # pixels either side of the mask edge re-decided
     boundary_threshold: float = 0.2        # energy above which a band pixel OUTSIDE becomes dynamic
@@ -106,29 +107,58 @@ def statistical_inliers(points: np.ndarray, k: int = 20, std_ratio: float = 2.5)
     return pos & (avg < mean + std_ratio * std)
 
 
+def _mean_knn_distance(x: Tensor, queries: Tensor, k: int, chunk: int) -> Tensor:
+    """Mean distance of ``x[queries]`` to their k nearest points of ``x`` (self included)."""
+    out = torch.empty(queries.numel(), dtype=x.dtype, device=x.device)
+    for i in range(0, queries.numel(), chunk):
+        d = torch.cdist(x[queries[i:i + chunk]], x)              # [c, M]
+        knn = d.topk(k, dim=1, largest=False).values
+        knn[:, 0] = 0.0                                          # the point itself (exactly 0)
+        out[i:i + chunk] = knn.mean(dim=1)
+    return out
+
+
 def statistical_inliers_torch(points: Tensor, k: int = 20, std_ratio: float = 2.5,
-                              chunk: int = 2048) -> Tensor:
+                              chunk: int = 2048, query: Optional[Tensor] = None,
+                              stats_samples: Optional[int] = None, seed: int = 0) -> Tensor:
     """Same rule as :func:`statistical_inliers` with brute-force kNN in torch (GPU-resident).
 
     ``points`` ``[M, 3]`` on any device -> bool inliers ``[M]`` on that device. Distances are
     computed in chunks of ``chunk`` query rows (memory ``chunk·M`` floats) after centring the
     cloud (less cancellation in float32).
+
+    Speed options (both exact when unused): ``query`` bool ``[M]`` - only these points' flags
+    are needed (others come back False); ``stats_samples`` - estimate the cloud's mean/std of
+    the mean kNN distance from that many random points (seeded) instead of all M (standard
+    error ~ std/sqrt(n)); exact whenever ``M <= stats_samples``.
     """
     m = points.shape[0]
     if m < 2:
         return torch.zeros(m, dtype=torch.bool, device=points.device)
     x = points - points.mean(dim=0, keepdim=True)
     kk = min(k, m)
-    avg = torch.empty(m, dtype=x.dtype, device=x.device)
-    for i in range(0, m, chunk):
-        d = torch.cdist(x[i:i + chunk], x)                       # [c, M]
-        knn = d.topk(kk, dim=1, largest=False).values
-        knn[:, 0] = 0.0                                          # the point itself (exactly 0)
-        avg[i:i + chunk] = knn.mean(dim=1)
-    pos = avg > 0
-    mean = avg[pos].sum() / m
-    std = torch.sqrt(((avg[pos] - mean) ** 2).sum() / (m - 1))
-    return pos & (avg < mean + std_ratio * std)
+    every = torch.arange(m, device=x.device)
+    avg_all: Optional[Tensor] = None
+    if stats_samples is not None and m > stats_samples:
+        gen = torch.Generator(device=x.device)
+        gen.manual_seed(seed)
+        sample = torch.randperm(m, generator=gen, device=x.device)[:stats_samples]
+        stats = _mean_knn_distance(x, sample, kk, chunk)
+    else:
+        avg_all = stats = _mean_knn_distance(x, every, kk, chunk)
+    n = stats.numel()
+    pos = stats > 0
+    mean = stats[pos].sum() / n
+    std = torch.sqrt(((stats[pos] - mean) ** 2).sum() / (n - 1))
+    thr = mean + std_ratio * std
+    q_idx = every if query is None else torch.nonzero(query).flatten()
+    if avg_all is not None:
+        avg_q = avg_all[q_idx]
+    else:
+        avg_q = _mean_knn_distance(x, q_idx, kk, chunk)
+    inl = torch.zeros(m, dtype=torch.bool, device=x.device)
+    inl[q_idx] = (avg_q > 0) & (avg_q < thr)
+    return inl
 
 
 def _kmeans_points(points: Tensor, k: int, seed: int, backend: str) -> Tensor:
@@ -239,7 +269,9 @@ def refine_frame(t: int, world: Tensor, finite: Tensor, cam_from_world: Tensor,
         return out.reshape(h, w)
     if cfg.outlier_backend == "fast":
         inl = statistical_inliers_torch(pts_all[idx_finite], cfg.outlier_neighbors,
-                                        cfg.outlier_std_ratio)
+                                        cfg.outlier_std_ratio,
+                                        query=coarse[t].reshape(-1)[idx_finite],
+                                        stats_samples=cfg.outlier_stats_samples, seed=cfg.seed)
     elif cfg.outlier_backend == "reference":
         inl = torch.from_numpy(statistical_inliers(
             pts_all[idx_finite].detach().cpu().numpy(), cfg.outlier_neighbors,
