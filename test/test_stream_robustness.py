@@ -350,7 +350,7 @@ def test_predictor_exception_drops_only_that_window_and_keeps_the_rest():
     with pytest.raises(RuntimeError, match="injected"):
         engine.poll()
     c = engine.counters
-    assert c.dropped == {"predict_error": 4}
+    assert c.dropped == {"inference_error": 4}
     outs = engine.poll()                     # outputs of windows 0-1 + what followed
     for i in range(20, 40):
         outs += engine.push(_frame(gt, i))

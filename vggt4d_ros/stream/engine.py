@@ -231,7 +231,7 @@ class StreamEngine:
         """Run every window that the queued frames complete; returns the frames they emit.
 
         If the predictor raises, the failed window's new frames are counted as dropped
-        (``predict_error``) and the exception propagates; frames queued behind it and outputs
+        (``inference_error``) and the exception propagates; frames queued behind it and outputs
         already produced by this call are kept and returned by the next ``poll``.
         """
         with self._lock:
@@ -334,7 +334,7 @@ class StreamEngine:
         try:
             pred = self.predictor.predict(images, keys).validate(len(keys))
         except Exception:
-            self._dropped_local["predict_error"] += len(new_frames)
+            self._dropped_local["inference_error"] += len(new_frames)
             raise
         t_pred = time.perf_counter()
         if anchor_recs and anchor_recs[0].depth.shape != pred.resolution_hw:
