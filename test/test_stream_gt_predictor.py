@@ -64,3 +64,15 @@ def test_mask_corruption_and_index_mapping(world):
                                frames[1].depth / frames[0].depth, rtol=1e-5)
     with pytest.raises(KeyError):
         GroundTruthPredictor(world).predict(images, [0, 1])   # images never rendered by it
+
+
+def test_cli_writes_a_summary(tmp_path, capsys):
+    import json
+
+    from vggt4d_ros.tools.gt_predictor import main
+    assert main(["--frames", "40", "--width", "48", "--height", "32", "--window", "8",
+                 "--stride", "4", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "engine_synth_eval.json").read_text())
+    assert summary["counters"]["frames_out"] == 40 and summary["ate_rms_m"] < 0.05
+    assert all(w["state"] == "TRACKING" for w in summary["windows"])
+    assert '"ate_rms_m"' in capsys.readouterr().out
