@@ -203,6 +203,34 @@ def test_dynamic_pipeline_nan_pose_falls_back_to_pass1(tiny_model, monkeypatch):
     assert torch.equal(res.extrinsic, res.pass1_extrinsic)
 
 
+class _NanDepthModel(torch.nn.Module):
+    """Wraps a VGGT and puts NaN into the top 8 rows of every depth map."""
+
+    def __init__(self, model: VGGT) -> None:
+        super().__init__()
+        self.inner = model
+        self.aggregator, self.camera_head = model.aggregator, model.camera_head
+
+    def forward(self, images, **kwargs):
+        out = dict(self.inner(images, **kwargs))
+        out["depth"] = out["depth"].clone()
+        out["depth"][:, :, :8] = float("nan")
+        return out
+
+
+def test_dynamic_pipeline_nan_depth(tiny_model, monkeypatch):
+    monkeypatch.setattr("vggt4d_ros.dynamic.pipeline.adaptive_threshold",
+                        lambda values, *a, **k: float(values.float().quantile(0.8)))
+    with pytest.warns(RuntimeWarning, match="non-finite depth"):
+        res = Vggt4dPipeline(_NanDepthModel(tiny_model))(_images(4))
+    # (the random tiny model even predicts an infinite focal length: still no NaN pose)
+    assert torch.isfinite(res.extrinsic).all()
+    assert res.coarse_mask.any() and res.mask.dtype == torch.bool
+    assert not res.mask[:, :5].any()     # NaN-depth rows static (morphology may reach 3 px in)
+    assert torch.isnan(res.world_points[:, :8]).all()  # no depth -> no point
+    assert torch.isfinite(res.world_points[:, 8:]).all()
+
+
 def test_dynamic_pipeline_cached_patch_tokens_give_identical_result(tiny_model):
     images = _images(4)
     plain = Vggt4dPipeline(tiny_model)(images)
