@@ -156,8 +156,9 @@ class _Faulty:
     """Wraps a predictor; calls listed in ``garbage`` return random geometry, ``nan`` NaNs,
     ``zero`` an all-invalid depth."""
 
-    def __init__(self, inner, garbage=(), nan=(), zero=()):
+    def __init__(self, inner, garbage=(), nan=(), zero=(), inf_focal=()):
         self.inner, self.garbage, self.nan, self.zero = inner, set(garbage), set(nan), set(zero)
+        self.inf_focal = set(inf_focal)
         self.call = 0
 
     def predict(self, images, frame_keys):
@@ -175,6 +176,9 @@ class _Faulty:
             p.depth = np.full_like(p.depth, np.nan)
         if k in self.zero:
             p.depth = np.zeros_like(p.depth)
+        if k in self.inf_focal:              # (the random tiny VGGT can predict this)
+            p.intrinsic = p.intrinsic.copy()
+            p.intrinsic[:, 0, 0] = p.intrinsic[:, 1, 1] = np.inf
         return p
 
 
@@ -231,14 +235,15 @@ def test_garbage_window_goes_lost_then_recovers_cleanly(recovery_windows):
 
 def test_nonfinite_prediction_holds_pose_without_nan():
     gt = _gt(_world(60))
-    engine, outs, _ = _run(_Faulty(gt, nan={3}, zero={4}), gt, 60)
+    engine, outs, _ = _run(_Faulty(gt, nan={3}, zero={4}, inf_focal={7}), gt, 60)
     lost = [o for o in outs if o.state == "LOST"]
-    assert {o.window_index for o in lost} >= {3, 4}
+    assert {o.window_index for o in lost} >= {3, 4, 7}
     _assert_finite(outs)
-    held = [o for o in outs if o.window_index == 3]
-    prev = [o for o in outs if o.window_index == 2][-1]
-    for o in held:                                     # hold: the last emitted pose
-        np.testing.assert_allclose(o.world_from_cam, prev.world_from_cam)
+    for bad in (3, 7):                                 # NaN pose / infinite focal length
+        held = [o for o in outs if o.window_index == bad]
+        prev = [o for o in outs if o.window_index == bad - 1][-1]
+        for o in held:                                 # hold: the last emitted pose
+            np.testing.assert_allclose(o.world_from_cam, prev.world_from_cam)
     assert engine.state == "TRACKING" and engine.counters.recoveries >= 1
 
 

@@ -340,7 +340,7 @@ class StreamEngine:
         if anchor_recs and anchor_recs[0].depth.shape != pred.resolution_hw:
             raise ValueError("predictor resolution changed within a sequence: "
                              f"{anchor_recs[0].depth.shape} -> {pred.resolution_hw}")
-        frame_valid = [prediction_frame_valid(pred.extrinsic[i], pred.depth[i])
+        frame_valid = [prediction_frame_valid(pred.extrinsic[i], pred.depth[i], pred.intrinsic[i])
                        for i in range(len(keys))]
         rng = np.random.default_rng([self.config.seed, self._windows])
         anchors = [(i, r) for i, r in enumerate(anchor_recs) if r.valid and frame_valid[i]]

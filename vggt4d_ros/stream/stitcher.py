@@ -109,10 +109,15 @@ def valid_depth(depth: np.ndarray) -> np.ndarray:
 
 
 def prediction_frame_valid(extrinsic: np.ndarray, depth: np.ndarray,
+                           intrinsic: Optional[np.ndarray] = None,
                            min_valid_fraction: float = 0.01) -> bool:
-    """A predicted frame is usable if its pose is finite with a proper rotation and at least
+    """A predicted frame is usable if its pose is finite with a proper rotation, its
+    intrinsics (if given) finite with positive focal lengths, and at least
     ``min_valid_fraction`` of its depth is valid."""
     if not np.isfinite(extrinsic).all():
+        return False
+    if intrinsic is not None and not (np.isfinite(intrinsic).all()
+                                      and intrinsic[0, 0] > 0 and intrinsic[1, 1] > 0):
         return False
     det = np.linalg.det(extrinsic[:3, :3])
     if not (0.9 < det < 1.1):
