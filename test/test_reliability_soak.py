@@ -30,6 +30,7 @@ from rclpy.qos import QoSProfile, QoSReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
 from reliability_harness import NodeHarness, new_context, wait_for  # noqa: E402
+from vggt4d_ros.ros import node as node_mod  # noqa: E402
 from vggt4d_ros.ros.image_conv import array_to_image  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
@@ -120,6 +121,15 @@ def test_soak_30hz_640x480_bounded_memory_queue_and_consistent_drops():
             latencies = np.array(h.node.latencies)
         out_stamps = sorted(m.header.stamp.sec * 10**9 + m.header.stamp.nanosec
                             for m in h.odoms())
+        # every other container of the node and the predictor stays within its bound
+        bounds = {"node._pending": (len(h.node._pending), 4 * (QUEUE + WINDOW) + 1),
+                  "node.latencies": (len(h.node.latencies), h.node.latencies.maxlen),
+                  "node camera_info cache": (len(h.node._infos), h.node._infos.capacity),
+                  "node._path.poses": (len(h.node._path.poses), node_mod.MAX_PATH_POSES),
+                  "predictor token cache": (len(h.node.engine.predictor.inner._cache),
+                                            max(64, WINDOW)),
+                  "engine trajectory": (len(h.node.engine.trajectory_arrays()[0]),
+                                        h.node.engine.config.trajectory_capacity)}
     finally:
         sampler.stop.set()
         pub_node.destroy_node()
@@ -152,6 +162,7 @@ def test_soak_30hz_640x480_bounded_memory_queue_and_consistent_drops():
         with open(os.environ["VGGT4D_SOAK_REPORT"], "w") as f:
             json.dump(report, f, indent=1)
 
+    assert all(n <= bound for n, bound in bounds.values()), bounds
     # bounded queue: never above the configured size (sampled and as reported)
     assert depth.max() <= QUEUE and len(depth) > 100
     # bounded memory after warm-up
