@@ -255,3 +255,32 @@ def test_sim_time_clock_jumps_forward_continue_backwards_reset():
     got = {m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m in h.odoms()}
     assert set(stamps[:10]) <= got            # the forward jump did not break the sequence
     assert _finite_odoms(h)
+
+
+def test_device_auto_without_cuda_runs_on_cpu_with_a_warning():
+    assert node_mod.resolve_device("auto", cuda_available=False) == (
+        "cpu", "model.device 'auto': no CUDA device available, running on the CPU (slow)")
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: 'auto' picks it")
+    h = NodeHarness({"model.device": "auto"}, namespace="/rel_auto")
+    try:
+        for img, stamp in synth_frames(4):
+            h.send(img, stamp)
+        assert wait_for(lambda: len(h.odoms()) >= 4)
+        d = h.fresh_diagnostics()
+    finally:
+        h.close()
+    assert h.node.device == "cpu" and d["device"] == "cpu"
+
+
+def test_invalid_oom_floor_is_refused_at_startup():
+    ctx = new_context()
+    try:
+        for bad in (2, 5):          # window 4 / stride 2: min_size must be in (2, 4]
+            with pytest.raises(node_mod.StartupError, match="window.min_size"):
+                node_mod.Vggt4dNode(engine_factory=lambda s, d: None, context=ctx,
+                                    parameter_overrides=[Parameter(k, value=v) for k, v in
+                                                         {**TINY, "window.min_size": bad}.items()])
+    finally:
+        rclpy.try_shutdown(context=ctx)
