@@ -46,6 +46,9 @@ def _params_file(tmp_path: Path) -> Path:
     p["model"].update(checkpoint="random_tiny", device="cpu", image_width=W)
     p["window"].update(size=4, stride=2)
     p["queue_size"] = 64
+    # a replay feeds frames faster than a loaded CI machine may take them off the wire:
+    # keep every one in the (best-effort) subscription history
+    p["qos"]["image"]["depth"] = 100
     p["map"]["publish_period"] = 0.5
     p["output_dir"] = str(tmp_path / "out")
     path = tmp_path / "params.yaml"
@@ -175,7 +178,7 @@ def test_repeated_bad_input_logs_one_line_per_kind_and_counts_each(tmp_path):
             short.header.stamp.sec = 200 + i
             short.data = bytes_to_uint8_array(bytes(20))
             pub.publish(short)
-            spin_until(ex, lambda: False, 0.05)
+            spin_until(ex, lambda: False, 0.1)
 
         def counts():
             for arr in reversed(probe.get("/diagnostics")):

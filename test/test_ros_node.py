@@ -36,6 +36,8 @@ pytestmark = pytest.mark.ros
 ROOT = Path(__file__).resolve().parents[1]
 W, H = 98, 56
 NS = "/vggt4d"
+
+
 def topics(ns: str = NS) -> dict:
     """Every output of a node whose private namespace is ``ns`` → (type, subscription QoS)."""
     return {

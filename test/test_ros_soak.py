@@ -44,7 +44,8 @@ def test_soak_30hz_vga_bounded_queue_memory_and_accounting():
         Parameter("model.checkpoint", value="random_tiny"), Parameter("model.device", value="cpu"),
         Parameter("model.image_width", value=126), Parameter("window.size", value=WINDOW),
         Parameter("window.stride", value=STRIDE), Parameter("queue_size", value=QUEUE),
-        Parameter("drop_policy", value="drop_oldest"), Parameter("camera_info.enabled", value=False),
+        Parameter("drop_policy", value="drop_oldest"),
+        Parameter("camera_info.enabled", value=False),
         Parameter("map.publish_period", value=1.0), Parameter("log_throttle", value=60.0)])
     probe = TopicProbe("soak_probe", context=ctx)
     probe.watch("/diagnostics", DiagnosticArray, qos_for())

@@ -37,6 +37,7 @@ from std_srvs.srv import Trigger
 from tf2_msgs.msg import TFMessage
 
 from vggt4d_ros.msg import Status
+from vggt4d_ros.stream.engine import FrameInput
 
 from . import params as P
 from .image_conv import ImageConversionError, array_to_image, image_to_rgb
@@ -388,7 +389,6 @@ class Vggt4dNode(Node):
                 self.node_dropped["queue_full"] += 1
             self.log.warn("queue_full", "inference queue full: newest frame dropped")
             return
-        from vggt4d_ros.stream.engine import FrameInput
         reason = self.engine.submit(FrameInput(stamp_ns=stamp, image=rgb, frame_id=frame_id))
         if reason is not None:
             self.log.warn(f"engine_{reason}", f"frame {stamp} ns dropped by the engine: {reason}")
@@ -396,7 +396,8 @@ class Vggt4dNode(Node):
         with self._lock:
             self._last_stamp, self._last_shape = stamp, rgb.shape[:2]
             self._pending[stamp] = _Pending(received)
-            if len(self._pending) > 4 * (self.settings["queue_size"] + self.settings["window.size"]):
+            bound = 4 * (self.settings["queue_size"] + self.settings["window.size"])
+            if len(self._pending) > bound:
                 for old in sorted(self._pending)[: len(self._pending) // 2]:
                     del self._pending[old]
         self._wake.set()

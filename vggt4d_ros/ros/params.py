@@ -52,8 +52,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               "'random_tiny' (tiny random weights: demos and tests only, outputs meaningless)"),
     ParamSpec("model.device", "auto", "inference device: auto (cuda if available, else cpu "
               "with a warning), cpu, cuda (error at start-up if unavailable)", choices=DEVICES),
-    ParamSpec("model.dtype", "auto", "inference dtype: auto (bfloat16/float16 on cuda, float32 "
-              "on cpu), float32, float16, bfloat16", choices=DTYPES),
+    ParamSpec("model.dtype", "auto", "inference dtype: auto (bfloat16 autocast on cuda, "
+              "float32 on cpu), float32, bfloat16, float16 (run as bfloat16 autocast)",
+              choices=DTYPES),
     ParamSpec("model.image_width", 518, "working width in pixels the predictor resizes to "
               "(multiple of 14)", lo=28, hi=1022, step=14),
     ParamSpec("model.seed", 0, "seed of 'random_tiny' weights", lo=0, hi=2**31 - 1),
@@ -281,3 +282,23 @@ def validate_change(current: dict[str, Any], params: Sequence[Parameter]) -> Set
         if reason:
             return SetParametersResult(successful=False, reason=reason)
     return SetParametersResult(successful=True)
+
+
+def markdown_table() -> str:
+    """Every parameter as a Markdown table (name, type, default, range/choices, runtime,
+    description), for the README."""
+    rows = ["| parameter | type | default | range / choices | runtime | description |",
+            "|---|---|---|---|---|---|"]
+    for p in PARAMS:
+        typ = {bool: "bool", int: "int", float: "double", str: "string", list: "double[]"}[
+            type(p.default)]
+        rng = ", ".join(p.choices) if p.choices else (
+            f"[{p.lo:g}, {p.hi:g}]" + (f" step {p.step:g}" if p.step else "")
+            if p.lo is not None else "")
+        rows.append(f"| `{p.name}` | {typ} | `{p.default}` | {rng} | "
+                    f"{'yes' if p.dynamic else 'no'} | {p.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
