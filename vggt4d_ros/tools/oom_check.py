@@ -3,9 +3,10 @@
 Steps (GPU):
 1. build the full-size VGGT-1B with random weights (or ``--tiny``) and the node's predictor
    (VGGT4D pipeline, ``Vggt4dWindowPredictor``) on ``--device``;
-2. run one ``--fit-frames`` window and measure its peak reserved memory;
-3. cap the process with ``torch.cuda.set_per_process_memory_fraction`` to that peak × ``--margin``
-   (so a ``--window``-frame window cannot fit, a ``--fit-frames`` one can);
+2. run one ``--fit-frames`` window and measure its peak allocated memory;
+3. measure a ``--window``-frame window too, then search a cap for
+   ``torch.cuda.set_per_process_memory_fraction`` (from halfway between the two peaks down)
+   under which the full window fails and a ``--fit-frames`` one runs (``--cap-gib`` sets it);
 4. stream ``--frames`` synthetic frames through ``StreamEngine`` (window ``--window``, stride
    ``--stride``) over ``AdaptiveWindowPredictor`` (min ``--min-window``): the first window OOMs
    for real, is retried smaller, and the stream carries on.
@@ -56,9 +57,10 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=64, help="engine window size, frames")
     p.add_argument("--stride", type=int, default=32, help="engine stride, frames")
     p.add_argument("--min-window", type=int, default=33, help="fallback minimum, frames")
-    p.add_argument("--fit-frames", type=int, default=40,
-                   help="window size whose measured peak sets the memory cap, frames")
-    p.add_argument("--margin", type=float, default=1.10, help="cap = fit peak x margin")
+    p.add_argument("--fit-frames", type=int, default=36,
+                   help="a window size that must fit under the cap, frames (the cap is set "
+                        "halfway between its measured peak and the full window's)")
+    p.add_argument("--cap-gib", type=float, default=0.0, help="explicit allocator cap, GiB")
     p.add_argument("--frames", type=int, default=160, help="frames streamed")
     p.add_argument("--simulate-limit", type=int, default=0,
                    help="CPU smoke test: fake an OOM above this many frames (no real cap)")
@@ -88,26 +90,67 @@ def _frames(args: argparse.Namespace) -> list[np.ndarray]:
     return [np.ascontiguousarray(base[:, 2 * i: 2 * i + args.width]) for i in range(args.frames)]
 
 
-def _cap_memory(pred, frames: list[np.ndarray], args: argparse.Namespace,
-                device: torch.device) -> dict[str, Any]:
-    """Measure a ``fit_frames`` window, then cap the allocator at its peak × margin."""
+def _peak_allocated(pred, frames: list[np.ndarray], n: int, key0: int,
+                    device: torch.device) -> Optional[int]:
+    """Peak allocated bytes of one ``n``-frame window (None if it does not fit at all)."""
+    from vggt4d_ros.stream.fallback import is_out_of_memory
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    n = args.fit_frames
-    pred.predict(np.stack(frames[:n]), list(range(10_000, 10_000 + n)))
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_reserved(device)
-    total = torch.cuda.get_device_properties(device).total_memory
-    fraction = min(1.0, peak * args.margin / total)
+    oom = False
+    try:
+        pred.predict(np.stack(frames[:n]), list(range(key0, key0 + n)))
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001 - only OOM is expected here
+        if not is_out_of_memory(exc):
+            raise
+        oom = True
     cache = getattr(pred, "_cache", None)
     if cache is not None:
-        cache.clear()                  # the measured window's tokens are not reused
+        cache.clear()                  # measured tokens are not reused by the stream
+    peak = torch.cuda.max_memory_allocated(device)
     torch.cuda.empty_cache()
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
-    return {"fit_frames": n, "fit_peak_reserved_gib": peak / 2**30,
-            "cap_gib": fraction * total / 2**30, "total_gib": total / 2**30,
-            "fraction": fraction}
+    return None if oom else peak
+
+
+def _cap_memory(pred, frames: list[np.ndarray], args: argparse.Namespace,
+                device: torch.device) -> dict[str, Any]:
+    """Find an allocator cap under which a ``window``-frame window fails and a ``fit_frames``
+    one runs, by trying caps from halfway between their uncapped peaks down towards the
+    small window's peak (cuDNN adapts its workspaces to the memory left, so measured peaks
+    alone do not tell). ``--cap-gib`` sets the cap directly. If the full window does not fit
+    even uncapped, no cap is needed: the OOM is natural."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    fit = _peak_allocated(pred, frames, args.fit_frames, 10_000, device)
+    full = _peak_allocated(pred, frames, args.window, 20_000, device)
+    info: dict[str, Any] = {"fit_frames": args.fit_frames, "total_gib": total / 2**30,
+                            "fit_peak_gib": None if fit is None else fit / 2**30,
+                            "window_peak_gib": None if full is None else full / 2**30}
+    if fit is None:
+        raise SystemExit(f"vggt4d-oom-check: even {args.fit_frames} frames do not fit on this "
+                         "device; lower --fit-frames/--min-window or --width")
+    if full is None and not args.cap_gib:
+        return info
+    if args.cap_gib:
+        candidates = [args.cap_gib * 2**30]
+    else:
+        gap = max(full - fit, 0)
+        candidates = [fit + f * gap for f in (0.5, 0.25, 0.1)] + [fit * 1.02, fit * 0.9,
+                                                                   fit * 0.8]
+    tried = []
+    for cap in candidates:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+        full_fits = _peak_allocated(pred, frames, args.window, 30_000, device) is not None
+        fit_fits = _peak_allocated(pred, frames, args.fit_frames, 40_000, device) is not None
+        tried.append({"cap_gib": cap / 2**30, "window_fits": full_fits, "fit_fits": fit_fits})
+        if not full_fits and fit_fits:
+            torch.cuda.reset_peak_memory_stats(device)
+            info.update(cap_gib=cap / 2**30, fraction=min(1.0, cap / total), caps_tried=tried)
+            return info
+    torch.cuda.set_per_process_memory_fraction(1.0, device)
+    info["caps_tried"] = tried
+    info["warning"] = "no cap separates the two window sizes; pass --cap-gib"
+    return info
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,6 +199,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parse(argv)
+    # fewer fragmentation surprises under a hard cap (read when CUDA initialises, i.e. later)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if not args.min_window > args.stride:
         print("vggt4d-oom-check: --min-window must be > --stride", file=sys.stderr)
         return 2
