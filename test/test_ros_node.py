@@ -75,7 +75,8 @@ class Harness:
                                             num_objects=1, seed=3))
         params = {"window.size": 4, "window.stride": 2, "model.checkpoint": "random_tiny",
                   "model.device": "cpu", "model.image_width": W,
-                  "map.publish_period": 0.2, "log_throttle": 0.0, "queue_size": 64}
+                  "map.publish_period": 0.2, "log_throttle": 0.0, "queue_size": 64,
+                  "qos.image.depth": 100}   # no frame lost off the wire on a loaded machine
         params.update(overrides)
 
         self.node = node_mod.Vggt4dNode(
@@ -262,6 +263,9 @@ def test_status_and_diagnostics(h, stamps):
     for key in node_mod.BAD_INPUT_CLASSES:
         assert f"bad_input.{key}" in d
     assert float(d["latency_p50_s"]) > 0 and d["gpu_memory_allocated_mb"].startswith("n/a")
+    # camera_info was sent with every frame: the focal cross-check ran (random weights: any
+    # positive ratio)
+    assert float(d["focal_ratio_model_over_camera_info"]) > 0
 
 
 def _call(h, name: str) -> Trigger.Response:

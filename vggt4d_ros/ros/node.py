@@ -225,6 +225,7 @@ class Vggt4dNode(Node):
         self._last_map_pub = 0.0
         self._frame_id_warned = False
         self._downscale_logged = False
+        self._focal_ratio = math.nan
         self._path = Path()
         self._path.header.frame_id = self.odom_frame
         self._infos: StampCache[CameraInfo] = StampCache(
@@ -517,6 +518,23 @@ class Vggt4dNode(Node):
             if pend is not None:
                 self.latencies.append(now - pend.received)
         self._last_output_stamp = out.stamp_ns
+        self._cross_check_focal(out.stamp_ns, out.intrinsic, mask.shape)
+
+    def _cross_check_focal(self, stamp_ns: int, intrinsic, shape_hw) -> None:
+        """Compare the model's focal length with the camera_info of the same stamp (scaled to
+        the output width); the ratio goes to /diagnostics, a large disagreement is logged."""
+        info = self._infos.match(stamp_ns)
+        if info is None or info.width <= 0:
+            return
+        fx_cam = float(info.k[0]) * shape_hw[1] / float(info.width)
+        fx_model = float(np.asarray(intrinsic)[0, 0])
+        if not (math.isfinite(fx_model) and fx_cam > 0):
+            return
+        self._focal_ratio = fx_model / fx_cam
+        if not 0.5 <= self._focal_ratio <= 2.0:
+            self.log.warn("focal_mismatch", f"model focal length {fx_model:.1f} px differs "
+                          f"from camera_info ({fx_cam:.1f} px at the output width) by a factor "
+                          f"{self._focal_ratio:.2f}")
 
     @staticmethod
     def _camera_info(intrinsic, shape_hw, stamp: Time, frame_id: str) -> CameraInfo:
@@ -602,6 +620,7 @@ class Vggt4dNode(Node):
                 ("latency_last_s", float(lat[-1])),
                 ("latency_p50_s", float(np.nanpercentile(lat, 50)) if self.latencies else "nan"),
                 ("latency_p99_s", float(np.nanpercentile(lat, 99)) if self.latencies else "nan"),
+                ("focal_ratio_model_over_camera_info", f"{self._focal_ratio:.4f}"),
             ]
             values += [(f"bad_input.{k}", v) for k, v in sorted(self.bad_input.items())]
             dropped = Counter(counters.dropped) + self.node_dropped
