@@ -57,7 +57,7 @@ def test_dynamic_refine_golden_reference(seq10):
 
 def test_dynamic_refine_golden_fast_kmeans(seq10):
     refined = refine_dynamic_mask(*_golden_inputs(seq10), RefineConfig(kmeans_backend="fast"))
-    assert _iou(refined, seq10["mask.refined"]) >= 0.9
+    assert _iou(refined, seq10["mask.refined"]) >= 0.99   # torch k-means = sklearn stream: 1.0
 
 
 # ------------------------------------------------------------------ building blocks

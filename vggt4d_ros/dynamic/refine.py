@@ -170,7 +170,7 @@ def _kmeans_points(points: Tensor, k: int, seed: int, backend: str) -> Tensor:
         lab = kmeans_reference(points.detach().double().cpu().numpy(), k, seed)
         return torch.from_numpy(lab).to(points.device)
     if backend == "fast":
-        return kmeans_torch(points.float(), k, seed)[0]
+        return kmeans_torch(points, k, seed)[0]
     raise ValueError(f"kmeans_backend must be 'reference' or 'fast', got {backend!r}")
 
 
