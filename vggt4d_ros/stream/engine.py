@@ -48,8 +48,9 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-import cv2
 import numpy as np
+from PIL import Image
+from scipy import ndimage
 
 from vggt4d_ros.geometry.sim3 import Sim3
 from vggt4d_ros.geometry.transforms import (invert_se3, pose_to_tqxyzw, rotation_angle,
@@ -473,7 +474,8 @@ class StreamEngine:
         """Input image -> predictor resolution (area interpolation; no-op if equal)."""
         if image.shape[:2] == hw:
             return image
-        return cv2.resize(image, (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
+        # PIL's BOX filter averages the covered source pixels (area interpolation).
+        return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BOX))
 
     def _static_points(self, pred: WindowPrediction, new_idx: Sequence[int],
                        new_frames: Sequence[QueuedFrame], depth_odom: np.ndarray,
@@ -486,8 +488,8 @@ class StreamEngine:
         k, h, w = len(idx), pred.depth.shape[1], pred.depth.shape[2]
         dyn = pred.mask[idx]
         if cfg.mask_dilation_px:
-            kernel = np.ones((2 * cfg.mask_dilation_px + 1,) * 2, np.uint8)
-            dyn = np.stack([cv2.dilate(m.astype(np.uint8), kernel) for m in dyn]).astype(bool)
+            size = 2 * cfg.mask_dilation_px + 1     # square dilation, per frame (axis 0 = 1)
+            dyn = ndimage.maximum_filter(dyn, size=(1, size, size), mode="constant", cval=False)
         conf = pred.depth_conf[idx]
         frame_ok = np.isfinite(pred.extrinsic[idx]).all(axis=(1, 2))
         ok = (valid_depth(depth_odom[idx]) & ~dyn & np.isfinite(conf)
