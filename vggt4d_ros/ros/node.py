@@ -55,7 +55,6 @@ STATE_CODES = {"WAITING": Status.WAITING, "TRACKING": Status.TRACKING, "LOST": S
 BAD_INPUT_CLASSES = ("unsupported_encoding", "zero_size", "truncated", "bad_step",
                      "image_size_changed", "stamp_backwards", "stamp_not_increasing",
                      "missing_camera_info", "invalid_camera_info", "inference_error")
-MAX_PATH_POSES = 10_000
 TWIST_VARIANCE = 1e6      # twist is not estimated: large but finite variance
 
 
@@ -478,7 +477,15 @@ class Vggt4dNode(Node):
         frame_id = out.frame_id or self.camera_frame
         odom_from_base = self.odom_from_world @ np.asarray(out.world_from_cam) @ \
             self.cam_from_base
-        # --- odometry + TF + path (odom frame)
+        if np.all(np.isfinite(odom_from_base)):
+            self._publish_pose(out, odom_from_base, stamp)
+        else:   # the engine holds the last pose instead; never publish NaN poses
+            self.log.warn("non_finite_pose", f"frame {out.stamp_ns} ns has a non-finite pose: "
+                          "odometry/TF/path skipped for it")
+        self._publish_images(out, stamp, frame_id)
+
+    def _publish_pose(self, out, odom_from_base: np.ndarray, stamp: Time) -> None:
+        """Odometry, TF odom -> base_link and the path (odom frame)."""
         odom = Odometry()
         odom.header.stamp, odom.header.frame_id = stamp, self.odom_frame
         odom.child_frame_id = self.base_frame
@@ -494,11 +501,14 @@ class Vggt4dNode(Node):
         ps.header = odom.header
         ps.pose = odom.pose.pose
         self._path.poses.append(ps)
-        if len(self._path.poses) > MAX_PATH_POSES:
-            del self._path.poses[: len(self._path.poses) - MAX_PATH_POSES]
+        max_poses = self.settings["path.max_poses"]
+        if len(self._path.poses) > max_poses:
+            del self._path.poses[: len(self._path.poses) - max_poses]
         self._path.header.stamp = stamp
         self.pub_path.publish(self._path)
-        # --- camera-aligned images (source frame_id)
+
+    def _publish_images(self, out, stamp: Time, frame_id: str) -> None:
+        """Mask (+ camera_info), depth, static depth, confidence in the source frame."""
         mask = np.asarray(out.mask, dtype=bool)
         depth = np.asarray(out.depth, dtype=np.float32)
         self.pub_mask.publish(array_to_image(mask.astype(np.uint8) * 255, "mono8",

@@ -108,7 +108,7 @@ PARAMS: tuple[ParamSpec, ...] = (
               "accepted, seconds", lo=0.0, hi=1.0, dynamic=True),
     ParamSpec("stamps.backwards_reset", 0.5, "a stamp older than the last one by more than "
               "this (seconds) starts a new sequence (reset); smaller steps back are dropped",
-              lo=0.0, hi=3600.0, dynamic=True),
+              lo=0.0, hi=3600.0),
     ParamSpec("log_throttle", 5.0, "seconds between repeated warnings of one kind",
               lo=0.0, hi=3600.0, dynamic=True),
     # map
@@ -119,6 +119,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("map.publish_period", 2.0, "seconds between ~/static_map publications "
               "(0 = only on save_map)", lo=0.0, hi=3600.0, dynamic=True),
     # files
+    ParamSpec("path.max_poses", 2000, "poses kept in ~/path (oldest dropped; the whole path "
+              "is republished every frame)", lo=1, hi=100_000, dynamic=True),
     ParamSpec("output_dir", "vggt4d_out", "directory for save_map outputs (PLY map, TUM "
               "trajectory); nothing is ever written outside it"),
 )
