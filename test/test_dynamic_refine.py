@@ -208,3 +208,11 @@ def test_dynamic_refine_boundary_sharpening_on_blurred_dilated_mask(synth_scene)
     assert score(boundary_f, sharp) >= score(boundary_f, plain) + 0.3
     assert score(mask_iou, sharp) >= score(mask_iou, plain) + 0.08
     assert not RefineConfig().boundary_sharpening          # default: released behaviour
+
+
+def test_ellipse_kernel_equals_opencv():
+    import cv2
+    from vggt4d_ros.dynamic.refine import ellipse_kernel
+    for size in range(1, 16):
+        ref = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)) > 0
+        assert np.array_equal(ellipse_kernel(size).numpy(), ref), size

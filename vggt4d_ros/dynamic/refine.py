@@ -39,6 +39,8 @@ hurts under-extended ones, and the default must reproduce the released code, it 
 """
 from __future__ import annotations
 
+import math
+
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -183,10 +185,24 @@ def _sample(img: Tensor, u: Tensor, v: Tensor, mode: str) -> Tensor:
 
 # ------------------------------------------------------------------------- morphology
 def ellipse_kernel(size: int) -> Tensor:
-    """OpenCV ``getStructuringElement(MORPH_ELLIPSE, (size, size))`` as a bool ``[size, size]``."""
-    import cv2
+    """OpenCV's ``getStructuringElement(MORPH_ELLIPSE, (size, size))`` as a bool ``[size, size]``.
 
-    return torch.from_numpy(cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)) > 0)
+    Same rule as OpenCV (row ``i`` spans ``c ± round(c·sqrt(1 - (i-r)²/r²))`` with ``r = c =
+    size // 2``), written out so the dynamic layer needs no OpenCV; a test checks equality.
+    """
+    if size < 1:
+        raise ValueError(f"kernel size must be >= 1, got {size}")
+    r = c = size // 2
+    kernel = torch.zeros(size, size, dtype=torch.bool)
+    for i in range(size):
+        dy = i - r
+        if r == 0:
+            dx = c
+        else:
+            # round half away from zero, as OpenCV's saturate_cast<int> (cvRound) does here
+            dx = int(math.floor(c * math.sqrt(max(r * r - dy * dy, 0) / (r * r)) + 0.5))
+        kernel[i, max(c - dx, 0):min(c + dx + 1, size)] = True
+    return kernel
 
 
 def _dilate(mask: Tensor, kernel: Tensor) -> Tensor:
