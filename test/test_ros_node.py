@@ -174,7 +174,11 @@ def h(tmp_path_factory):
 def stamps(h):
     """12 frames → every frame emitted (first window 4, then 4 windows of stride 2)."""
     s = h.send(12)
-    assert h.wait(lambda: len(h.probe.get(f"{NS}/odom")) >= 12), h.probe.counts()
+    per_frame = ("odom", "dynamic_mask", "dynamic_mask/camera_info", "depth", "depth_static",
+                 "confidence")
+    assert h.wait(lambda: all(len(h.probe.get(f"{NS}/{t}")) >= 12 for t in per_frame) and
+                  len(h.probe.get("/tf")) >= 12 and h.probe.get(f"{NS}/static_points") and
+                  len(h.probe.get(f"{NS}/path")) >= 12), h.probe.counts()
     assert h.wait(lambda: len(h.probe.get(f"{NS}/static_map")) >= 1)
     assert h.wait(lambda: len(h._own_diagnostics()) >= 1)
     return s
@@ -255,6 +259,9 @@ def test_tf_tree_has_one_parent_per_frame(h, stamps):
 
 
 def test_status_and_diagnostics(h, stamps):
+    # the status of a window follows its frames' outputs
+    assert h.wait(lambda: stamp_to_ns(h.probe.get(f"{NS}/status")[-1].header.stamp) ==
+                  stamps[-1])
     st = h.probe.get(f"{NS}/status")[-1]
     assert st.state == Status.TRACKING and st.state_name == "TRACKING"
     assert st.frames_processed >= 12 and st.windows >= 5 and st.header.frame_id == "odom"
@@ -483,3 +490,31 @@ def test_inference_exception_is_counted_and_the_node_lives():
         assert int(d["resets.inference_error"]) == 1
     finally:
         harness.close()
+
+
+def test_parameter_services_describe_and_refuse_like_ros2_param(h):
+    """What `ros2 param describe` / `ros2 param set` see, through the node's real services."""
+    from rcl_interfaces.msg import Parameter as ParamMsg, ParameterType, ParameterValue
+    from rcl_interfaces.srv import DescribeParameters, SetParameters
+
+    def call(srv_type, name, request):
+        cli = h.probe.create_client(srv_type, f"{h.ns}/{name}")
+        try:
+            assert cli.wait_for_service(timeout_sec=30)
+            fut = cli.call_async(request)
+            assert h.wait(fut.done)
+            return fut.result()
+        finally:
+            h.probe.destroy_client(cli)
+    desc = call(DescribeParameters, "describe_parameters",
+                DescribeParameters.Request(names=["window.size", "map.voxel_size",
+                                                  "drop_policy"])).descriptors
+    assert desc[0].type == ParameterType.PARAMETER_INTEGER and desc[0].read_only
+    assert (desc[0].integer_range[0].from_value, desc[0].integer_range[0].to_value) == (2, 128)
+    assert desc[1].floating_point_range[0].from_value > 0 and desc[1].description
+    assert not desc[2].read_only and "drop_newest" in desc[2].additional_constraints
+    bad = ParamMsg(name="drop_policy", value=ParameterValue(
+        type=ParameterType.PARAMETER_STRING, string_value="drop_all"))
+    res = call(SetParameters, "set_parameters", SetParameters.Request(parameters=[bad]))
+    assert not res.results[0].successful and "drop_oldest" in res.results[0].reason
+    assert h.node.get_parameter("drop_policy").value == "drop_oldest"
