@@ -253,3 +253,23 @@ def test_dynamic_pipeline_bad_input(tiny_model):
         Vggt4dConfig(cluster_backend="gpu")
     with pytest.raises(ValueError):
         Vggt4dConfig(min_frames=1)
+
+
+def test_execution_options_keep_results():
+    """pass-1 point head on/off and a forced attention kernel change nothing on CPU fp32;
+    bad option values are rejected."""
+    import torch
+    from vggt4d_ros.dynamic.pipeline import Vggt4dConfig, Vggt4dPipeline
+    from vggt4d_ros.model.config import VGGTConfig
+    from vggt4d_ros.model.vggt import VGGT
+    from vggt4d_ros.stream.factory import TINY_VGGT_CONFIG
+    torch.manual_seed(0)
+    model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+    images = torch.rand(4, 3, 28, 42)
+    base = Vggt4dPipeline(model, Vggt4dConfig(refine=False))(images)
+    for kw in ({"pass1_point_head": True}, {"attention_backend": "flash"}):
+        other = Vggt4dPipeline(model, Vggt4dConfig(refine=False, **kw))(images)
+        assert torch.equal(other.extrinsic, base.extrinsic) and torch.equal(other.depth, base.depth)
+    for bad in ({"head_dtype": "fp8"}, {"attention_backend": "xformers"}):
+        with pytest.raises(ValueError):
+            Vggt4dConfig(**bad)

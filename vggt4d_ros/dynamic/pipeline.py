@@ -88,6 +88,9 @@ class Vggt4dConfig:
     reuse_patch_tokens: bool = True         # pass 2 reuses pass-1 DINO patch tokens
     pass2_camera_only: bool = True          # pass 2 runs aggregator + camera head only
     autocast: str = "auto"                  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "off"
+    pass1_point_head: bool = False          # world points come from depth: the point head is idle
+    head_dtype: str = "fp32"                # DPT heads: "fp32" (official) | "bf16" (measured)
+    attention_backend: str = "auto"         # SDPA kernel: "auto" (PyTorch's pick) | "cudnn" | "flash"
     min_frames: int = 2
     points_pixel_offset: float = 0.0        # world points: official VGGT unprojection
 
@@ -97,6 +100,11 @@ class Vggt4dConfig:
                              f"got {self.cluster_backend!r}")
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
+        if self.head_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"head_dtype must be 'fp32' or 'bf16', got {self.head_dtype!r}")
+        if self.attention_backend not in ("auto", "cudnn", "flash"):
+            raise ValueError(f"attention_backend must be 'auto', 'cudnn' or 'flash', "
+                             f"got {self.attention_backend!r}")
         if self.refine_outlier_backend not in ("auto", "reference", "fast"):
             raise ValueError(f"refine_outlier_backend must be 'auto', 'reference' or 'fast', "
                              f"got {self.refine_outlier_backend!r}")
@@ -260,9 +268,11 @@ class Vggt4dPipeline:
                                           specs=cfg.saliency_specs())
             control = AttentionControl(capture=reducer.capture, on_qk=reducer.on_qk,
                                        encoder_features=True)
-        with timer("pass1"):
+        heads1 = ("camera", "depth", "point") if cfg.pass1_point_head else ("camera", "depth")
+        head_amp = torch.bfloat16 if cfg.head_dtype == "bf16" else None
+        with timer("pass1"), self._attention_kernels():
             out1 = self.model(images, control=control, patch_tokens=patch_tokens,
-                              autocast_dtype=amp)
+                              autocast_dtype=amp, heads=heads1, head_autocast_dtype=head_amp)
         ext1 = out1["extrinsic"][0].float()
         intr1 = out1["intrinsic"][0].float()
         depth1 = out1["depth"][0, ..., 0].float()
@@ -314,12 +324,25 @@ class Vggt4dPipeline:
                             token_mask=token_mask, threshold=thr, pass1_extrinsic=ext1,
                             fallback=fallback)
 
+    def _attention_kernels(self):
+        """Context forcing the configured fused-attention kernel (no-op for "auto")."""
+        if self.config.attention_backend == "auto":
+            return _null()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = {"cudnn": SDPBackend.CUDNN_ATTENTION,
+                   "flash": SDPBackend.FLASH_ATTENTION}[self.config.attention_backend]
+        # preferred first; efficient/math stay allowed for shapes the fused kernel rejects
+        # (masked frame blocks, CPU)
+        return sdpa_kernel([backend, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+                           set_priority=True)
+
     def _pass2(self, images: Tensor, control, out1: dict, amp: Optional[torch.dtype]) -> Tensor:
         """Second pass with key suppression -> extrinsic ``[S, 3, 4]`` float32."""
         tokens = out1["encoder_features"] if self.config.reuse_patch_tokens else None
-        if self.config.pass2_camera_only:
-            return self._camera_pass(images, control, tokens, amp)[0].float()
-        out2 = self.model(images, control=control, patch_tokens=tokens, autocast_dtype=amp)
+        with self._attention_kernels():
+            if self.config.pass2_camera_only:
+                return self._camera_pass(images, control, tokens, amp)[0].float()
+            out2 = self.model(images, control=control, patch_tokens=tokens, autocast_dtype=amp)
         return out2["extrinsic"][0].float()
 
 

@@ -73,7 +73,7 @@ def reference_vggt4d(model, images: torch.Tensor, amp: Optional[torch.dtype] = N
     from vggt4d_ros.dynamic.threshold import adaptive_threshold, upsample_map
     from vggt4d_ros.model.hooks import AttentionControl
 
-    cfg = cfg or Vggt4dConfig(cluster_backend="reference")
+    cfg = cfg or Vggt4dConfig(cluster_backend="reference", refine_outlier_backend="reference")
     s, _, h, w = images.shape
     p = model.config.num_special_tokens
     layers = set(needed_layers(cfg.saliency_specs()))
@@ -210,12 +210,19 @@ def ablation_steps() -> List[tuple]:
          ref(torch.bfloat16)),
         ("+streaming_gram", "Q/K of the 11 layers reduced as produced, sources averaged first "
          "(no token x token tensors per source/head)",
-         pipe(cluster_backend="reference", reuse_patch_tokens=False, pass2_camera_only=False)),
-        ("+gpu_cluster_threshold_refine", "torch k-means / multi-Otsu / refinement k-means on "
-         "the GPU", pipe(cluster_backend="fast", reuse_patch_tokens=False,
-                         pass2_camera_only=False)),
+         pipe(cluster_backend="reference", refine_outlier_backend="reference",
+              reuse_patch_tokens=False, pass2_camera_only=False, pass1_point_head=True)),
+        ("+gpu_cluster_threshold_refine", "torch k-means / multi-Otsu / kNN outlier removal / "
+         "refinement on the GPU", pipe(cluster_backend="fast", reuse_patch_tokens=False,
+                                       pass2_camera_only=False, pass1_point_head=True)),
         ("+pass2_camera_only_token_reuse", "pass 2 = aggregator + camera head, DINO tokens "
-         "reused from pass 1", pipe(cluster_backend="fast")),
+         "reused from pass 1", pipe(cluster_backend="fast", pass1_point_head=True)),
+        ("+pass1_no_point_head", "pass 1 skips the idle point head (points come from depth)",
+         pipe(cluster_backend="fast")),
+        ("+cudnn_attention", "cuDNN fused attention preferred over FlashAttention-2",
+         pipe(cluster_backend="fast", attention_backend="cudnn")),
+        ("+bf16_heads (numerics change)", "DPT depth head under bf16 autocast",
+         pipe(cluster_backend="fast", attention_backend="cudnn", head_dtype="bf16")),
     ]
 
 
