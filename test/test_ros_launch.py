@@ -130,3 +130,9 @@ def test_launcher_passes_extra_ros_arguments():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.rstrip().endswith("--log-level info -p log_throttle:=60.0")
+
+
+def test_ros_readme_parameter_table_is_current():
+    text = (ROOT / "vggt4d_ros" / "ros" / "README.md").read_text()
+    assert params.markdown_table() in text, \
+        "regenerate the table: python -m vggt4d_ros.ros.params"
