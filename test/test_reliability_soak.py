@@ -122,10 +122,10 @@ def test_soak_30hz_640x480_bounded_memory_queue_and_consistent_drops():
         out_stamps = sorted(m.header.stamp.sec * 10**9 + m.header.stamp.nanosec
                             for m in h.odoms())
         # every other container of the node and the predictor stays within its bound
-        bounds = {"node._pending": (len(h.node._pending), 4 * (QUEUE + WINDOW) + 1),
+        bounds = {"node._pending": (len(h.node._pending), node_mod.PENDING_STAMPS_MIN + 1),
                   "node.latencies": (len(h.node.latencies), h.node.latencies.maxlen),
                   "node camera_info cache": (len(h.node._infos), h.node._infos.capacity),
-                  "node._path.poses": (len(h.node._path.poses), node_mod.MAX_PATH_POSES),
+                  "node._path.poses": (len(h.node._path.poses), h.node.settings["path.max_poses"]),
                   "predictor token cache": (len(h.node.engine.predictor.inner._cache),
                                             max(64, WINDOW)),
                   "engine trajectory": (len(h.node.engine.trajectory_arrays()[0]),
@@ -179,5 +179,6 @@ def test_soak_30hz_640x480_bounded_memory_queue_and_consistent_drops():
     # window of frames received, and outputs are in stamp order without duplicates
     assert out_stamps[-1] >= sent_stamps[-(WINDOW + 5)], report
     assert len(set(out_stamps)) == len(out_stamps) == processed
-    # latency is reported for the published frames
-    assert len(latencies) > 0 and np.isfinite(latencies).all() and latencies.min() >= 0
+    # latency is measured for every published frame (up to the window of the last 500)
+    assert len(latencies) == min(processed, 500), report
+    assert np.isfinite(latencies).all() and latencies.min() >= 0

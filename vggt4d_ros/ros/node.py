@@ -55,6 +55,7 @@ STATE_CODES = {"WAITING": Status.WAITING, "TRACKING": Status.TRACKING, "LOST": S
 BAD_INPUT_CLASSES = ("unsupported_encoding", "zero_size", "truncated", "bad_step",
                      "image_size_changed", "stamp_backwards", "stamp_not_increasing",
                      "missing_camera_info", "invalid_camera_info", "inference_error")
+PENDING_STAMPS_MIN = 1000  # receive-time table bound (latency), entries
 TWIST_VARIANCE = 1e6      # twist is not estimated: large but finite variance
 
 
@@ -396,7 +397,10 @@ class Vggt4dNode(Node):
         with self._lock:
             self._last_stamp, self._last_shape = stamp, rgb.shape[:2]
             self._pending[stamp] = _Pending(received)
-            bound = 4 * (self.settings["queue_size"] + self.settings["window.size"])
+            # receive times of frames not yet published (stale ones go when a newer frame is
+            # published); the bound covers ~30 s of 30 Hz input waiting on one slow poll
+            bound = max(PENDING_STAMPS_MIN,
+                        4 * (self.settings["queue_size"] + self.settings["window.size"]))
             if len(self._pending) > bound:
                 for old in sorted(self._pending)[: len(self._pending) // 2]:
                     del self._pending[old]
@@ -527,6 +531,9 @@ class Vggt4dNode(Node):
             pend = self._pending.pop(out.stamp_ns, None)
             if pend is not None:
                 self.latencies.append(now - pend.received)
+            # frames are published in stamp order: older stamps still here were dropped
+            for stale in [t for t in self._pending if t < out.stamp_ns]:
+                del self._pending[stale]
         self._last_output_stamp = out.stamp_ns
         self._cross_check_focal(out.stamp_ns, out.intrinsic, mask.shape)
 
