@@ -135,8 +135,8 @@ def _cap_memory(pred, frames: list[np.ndarray], args: argparse.Namespace,
         candidates = [args.cap_gib * 2**30]
     else:
         gap = max(full - fit, 0)
-        candidates = [fit + f * gap for f in (0.5, 0.25, 0.1)] + [fit * 1.02, fit * 0.9,
-                                                                   fit * 0.8]
+        candidates = [fit + f * gap for f in (0.5, 0.25, 0.1)]
+        candidates += [fit * f for f in (1.02, 0.9, 0.8)]
     tried = []
     for cap in candidates:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
