@@ -318,10 +318,15 @@ def test_parameters_rejected_at_runtime_with_reason(h):
         "drop_policy": ("drop_everything", "drop_oldest"),
         "log_throttle": ("fast", ""),
     }
+    before = h.node.bad_input["invalid_parameter"]
     for name, (value, reason) in cases.items():
         res = h.node.set_parameters([Parameter(name, value=value)])[0]
         assert not res.successful, name
         assert reason in res.reason, (name, res.reason)
+    # each refusal is counted, also those rclpy makes itself (read-only, range, type)
+    assert h.node.bad_input["invalid_parameter"] == before + len(cases)
+    assert h.wait(lambda: int(h.diagnostics().get("bad_input.invalid_parameter", 0)) >=
+                  before + len(cases))
     assert h.node.get_parameter("window.size").value == 4
     ok = h.node.set_parameters([Parameter("map.publish_period", value=0.5)])[0]
     assert ok.successful and h.node.settings["map.publish_period"] == 0.5

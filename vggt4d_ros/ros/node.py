@@ -54,7 +54,8 @@ STATE_CODES = {"WAITING": Status.WAITING, "TRACKING": Status.TRACKING, "LOST": S
 #: Bad-input classes, each a counter in /diagnostics (always present, 0 when never seen).
 BAD_INPUT_CLASSES = ("unsupported_encoding", "zero_size", "truncated", "bad_step",
                      "image_size_changed", "stamp_backwards", "stamp_not_increasing",
-                     "missing_camera_info", "invalid_camera_info", "inference_error")
+                     "missing_camera_info", "invalid_camera_info", "inference_error",
+                     "invalid_parameter")
 PENDING_STAMPS_MIN = 1000  # receive-time table bound (latency), entries
 TWIST_VARIANCE = 1e6      # twist is not estimated: large but finite variance
 
@@ -193,6 +194,7 @@ class Vggt4dNode(Node):
         except BaseException:
             super().destroy_node()
             raise
+        self.add_pre_set_parameters_callback(self._count_invalid_parameters)
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
         s = self.settings
@@ -306,11 +308,18 @@ class Vggt4dNode(Node):
         self.pub_tf_static.publish(TFMessage(transforms=[t]))
 
     # ------------------------------------------------------------------ parameters
+    def _count_invalid_parameters(self, params):
+        """Pre-set hook: log + count every refused change, including those rclpy refuses
+        itself before the on-set callback (read-only, type, range). Changes nothing."""
+        result = P.validate_change({k: self.get_parameter(k).value for k in P.SPECS}, params)
+        if not result.successful and hasattr(self, "log"):
+            self._count_bad("invalid_parameter", f"rejected parameter change: {result.reason}")
+        return params
+
     def _on_set_parameters(self, params):
         current = {k: self.get_parameter(k).value for k in P.SPECS}
         result = P.validate_change(current, params)
         if not result.successful:
-            self.get_logger().warning(f"rejected parameter change: {result.reason}")
             return result
         for p in params:
             if p.name == "log_throttle":
@@ -620,7 +629,7 @@ class Vggt4dNode(Node):
         """Frames received but never published (caller holds self._lock)."""
         bad = sum(v for k, v in self.bad_input.items()
                   if k not in ("missing_camera_info", "invalid_camera_info", "inference_error",
-                               "stamp_backwards", "image_size_changed"))
+                               "stamp_backwards", "image_size_changed", "invalid_parameter"))
         return int(bad + sum(self.node_dropped.values()) + sum(counters.dropped.values()))
 
     def _publish_diagnostics(self) -> None:
