@@ -119,7 +119,12 @@ def test_forwarding_and_oom_classification():
     assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
     assert is_out_of_memory(WindowTooLargeError("too big"))
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] . "
+                                         "DefaultCPUAllocator: can't allocate memory: you tried "
+                                         "to allocate 1099511627776 bytes"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("out of memory"))
     with pytest.raises(ValueError):
         FallbackConfig(min_window_size=1)
 
@@ -135,3 +140,24 @@ def test_oom_check_cli_smoke_on_cpu(tmp_path, capsys):
     import json
     rep = json.loads(out.read_text())
     assert rep["oom_retries"] == 1 and rep["window_limit"] == 6 and rep["frames_out"] == 16
+
+
+def test_real_cpu_allocator_failure_triggers_the_fallback():
+    """Not an injected exception: the predictor really asks torch's CPU allocator for 1 PiB per
+    frame beyond 6 frames, and the allocator's own error drives the fallback."""
+    gt = _gt(40)
+
+    class Greedy:
+        def __init__(self):
+            self.sizes = []
+
+        def predict(self, images, frame_keys):
+            self.sizes.append(len(frame_keys))
+            if len(frame_keys) > 6:
+                torch.empty(len(frame_keys) * 2**50, dtype=torch.uint8)   # > address space
+            return gt.predict(images, frame_keys)
+    inner = Greedy()
+    pred = AdaptiveWindowPredictor(inner, FallbackConfig(min_window_size=5))
+    engine, outs = _run(pred, gt, 40)
+    assert inner.sizes[:2] == [8, 6] and pred.oom_retries == 1 and pred.limit == 6
+    assert "can't allocate memory" in pred.last_oom and len(outs) == 40

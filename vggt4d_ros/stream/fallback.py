@@ -2,8 +2,8 @@
 
 ``AdaptiveWindowPredictor(inner, FallbackConfig(min_window_size=9))`` behaves exactly like
 ``inner`` until ``inner.predict`` raises an out-of-memory error (``torch.cuda.OutOfMemoryError``,
-a predictor's own :class:`WindowTooLargeError`, or a ``RuntimeError`` whose message says
-"out of memory"). Then it
+a predictor's own :class:`WindowTooLargeError`, a ``MemoryError``, or a ``RuntimeError`` saying
+"out of memory" / "can't allocate memory" — the CPU allocator's words). Then it
 
 1. drops the exception (and with it the traceback that pins the failed window's tensors),
    runs ``gc.collect()`` and ``torch.cuda.empty_cache()`` (when CUDA is initialised);
@@ -74,9 +74,10 @@ class FallbackConfig:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for allocation failures: torch.cuda.OutOfMemoryError, WindowTooLargeError, and
-    RuntimeErrors whose message says "out of memory" (cuDNN / cuBLAS / older torch)."""
-    if isinstance(exc, WindowTooLargeError):
+    """True for allocation failures: torch.cuda.OutOfMemoryError, WindowTooLargeError (and any
+    MemoryError), RuntimeErrors whose message says "out of memory" (cuDNN / cuBLAS / older
+    torch) or "can't allocate memory" (torch's CPU allocator)."""
+    if isinstance(exc, MemoryError):
         return True
     try:
         import torch
@@ -84,7 +85,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
             return True
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text
+                                              or "can't allocate memory" in text)
 
 
 def free_accelerator_memory() -> None:
