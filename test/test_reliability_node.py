@@ -255,6 +255,8 @@ def test_sim_time_clock_jumps_forward_continue_backwards_reset():
     got = {m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m in h.odoms()}
     assert set(stamps[:10]) <= got            # the forward jump did not break the sequence
     assert _finite_odoms(h)
+    # every published frame got its latency sample, across both jumps
+    assert len(h.node.latencies) == h.node.frames_processed
 
 
 def test_device_auto_without_cuda_runs_on_cpu_with_a_warning():

@@ -540,9 +540,11 @@ class Vggt4dNode(Node):
             pend = self._pending.pop(out.stamp_ns, None)
             if pend is not None:
                 self.latencies.append(now - pend.received)
-            # frames are published in stamp order: older stamps still here were dropped
-            for stale in [t for t in self._pending if t < out.stamp_ns]:
-                del self._pending[stale]
+                # the engine emits frames in arrival order (FIFO, also across resets): frames
+                # received before this one and still unpublished were dropped
+                for stale in [t for t, p in self._pending.items()
+                              if p.received < pend.received]:
+                    del self._pending[stale]
         self._last_output_stamp = out.stamp_ns
         self._cross_check_focal(out.stamp_ns, out.intrinsic, mask.shape)
 
