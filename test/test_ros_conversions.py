@@ -204,19 +204,24 @@ def test_optical_to_body_convention():
     assert np.isclose(np.linalg.det(L[:3, :3]), 1.0)
 
 
-def test_odom_anchor_moves_base_forward_when_camera_moves_forward():
+def test_odom_frames_base_moves_forward_when_camera_moves_forward():
     base_from_cam = tr.matrix_from_xyz_rpy([0.2, 0, 0.5], [0, 0, 0]) @ tr.LINK_FROM_OPTICAL
-    anchor = tr.OdomAnchor(base_from_cam)
-    w_c0 = _random_pose()                      # the engine's gauge is arbitrary
-    np.testing.assert_allclose(anchor.odom_from_base(w_c0), np.eye(4), atol=1e-12)
+    frames = tr.OdomFrames(base_from_cam)
+    # the engine's first camera is at the identity: base_link starts at the odom origin
+    np.testing.assert_allclose(frames.odom_from_base(np.eye(4)), np.eye(4), atol=1e-12)
     step = np.eye(4)
     step[2, 3] = 1.0                            # 1 m along the optical axis
-    o_b = anchor.odom_from_base(w_c0 @ step)
+    o_b = frames.odom_from_base(step)
     np.testing.assert_allclose(o_b[:3, 3], [1, 0, 0], atol=1e-12)
     np.testing.assert_allclose(o_b[:3, :3], np.eye(3), atol=1e-12)
-    # a world point 2 m in front of the first camera lands 2 m ahead of the camera mount
-    p_w = (w_c0 @ [0, 0, 2, 1])[:3]
-    np.testing.assert_allclose(anchor.points_to_odom(p_w[None])[0], [2.2, 0, 0.5], atol=1e-5)
+    turn = np.eye(4)                            # camera yaws left = rotation about optical -y
+    turn[:3, :3] = tr.Rotation.from_euler("y", -np.pi / 2).as_matrix()
+    np.testing.assert_allclose(tr.Rotation.from_matrix(frames.odom_from_base(turn)[:3, :3])
+                               .as_euler("xyz"), [0, 0, np.pi / 2], atol=1e-9)
+    # a point 2 m in front of the first camera lands 2 m ahead of the camera mount
+    np.testing.assert_allclose(frames.points_to_odom(np.array([[0.0, 0.0, 2.0]]))[0],
+                               [2.2, 0, 0.5], atol=1e-6)
+    assert not np.all(np.isfinite(frames.odom_from_base(np.full((4, 4), np.nan))))
 
 
 def test_covariance_sanitised():

@@ -44,9 +44,9 @@ from .image_conv import ImageConversionError, array_to_image, image_to_rgb
 from .paths import PathEscapeError, confine
 from .pointcloud import points_to_cloud
 from .stamp_match import StampCache, stamp_to_ns
-from .transforms import (LINK_FROM_OPTICAL, invert, make_transform_stamped, matrix_from_xyz_rpy,
-                         matrix_to_pose, quat_xyzw_from_matrix, rotate_covariance,
-                         sanitize_covariance)
+from .transforms import (LINK_FROM_OPTICAL, OdomFrames, make_transform_stamped,
+                         matrix_from_xyz_rpy, matrix_to_pose, quat_xyzw_from_matrix,
+                         rotate_covariance, sanitize_covariance)
 
 NODE_NAME = "vggt4d"
 STATE_CODES = {"WAITING": Status.WAITING, "TRACKING": Status.TRACKING, "LOST": Status.LOST,
@@ -202,8 +202,7 @@ class Vggt4dNode(Node):
         self.camera_frame = s["frames.camera_frame"]
         self.base_from_cam = matrix_from_xyz_rpy(s["frames.camera_xyz"],
                                                  s["frames.camera_rpy"]) @ LINK_FROM_OPTICAL
-        self.cam_from_base = invert(self.base_from_cam)
-        self.odom_from_world = self.base_from_cam   # engine world = first camera, at identity
+        self.frames = OdomFrames(self.base_from_cam)
         self.log = ThrottledLogger(self.get_logger(), s["log_throttle"])
 
         # --- 2. state shared between callbacks and the worker
@@ -488,8 +487,7 @@ class Vggt4dNode(Node):
     def _publish_frame(self, out) -> None:
         stamp = ns_to_time(out.stamp_ns)
         frame_id = out.frame_id or self.camera_frame
-        odom_from_base = self.odom_from_world @ np.asarray(out.world_from_cam) @ \
-            self.cam_from_base
+        odom_from_base = self.frames.odom_from_base(out.world_from_cam)
         if np.all(np.isfinite(odom_from_base)):
             self._publish_pose(out, odom_from_base, stamp)
         else:   # the engine holds the last pose instead; never publish NaN poses
@@ -579,9 +577,7 @@ class Vggt4dNode(Node):
         return info
 
     def _to_odom(self, points: np.ndarray) -> np.ndarray:
-        p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-        m = self.odom_from_world
-        return (p @ m[:3, :3].T + m[:3, 3]).astype(np.float32)
+        return self.frames.points_to_odom(points)
 
     def _publish_window_points(self, window, stamp_ns: int) -> None:
         cloud = points_to_cloud(self._to_odom(window.static_points), window.colors,
@@ -710,7 +706,7 @@ class Vggt4dNode(Node):
             write_ply(ply, self._to_odom(arrays["points"]), arrays["colors"], arrays["counts"])
             lines = []
             for stamp_ns, w_c in traj:
-                o_b = self.odom_from_world @ np.asarray(w_c) @ self.cam_from_base
+                o_b = self.frames.odom_from_base(w_c)
                 q = quat_xyzw_from_matrix(o_b[:3, :3])
                 t = o_b[:3, 3]
                 lines.append(f"{stamp_ns / 1e9:.9f} {t[0]:.6f} {t[1]:.6f} {t[2]:.6f} "

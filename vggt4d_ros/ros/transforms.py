@@ -9,7 +9,7 @@ Frames: VGGT poses live in *optical* axes (x right, y down, z forward). Bodies i
 x forward, y left, z up (REP-103). ``LINK_FROM_OPTICAL`` rotates optical axes into body axes.
 The node's frames are ``odom -> base_link -> <camera optical frame>``; the engine's world is
 the optical frame of its first camera, mapped into ``odom`` so that base_link starts at the
-identity (see :class:`OdomAnchor`).
+identity (see :class:`OdomFrames`).
 """
 from __future__ import annotations
 
@@ -145,11 +145,12 @@ def sanitize_covariance(cov6: np.ndarray | None, floor: float = 1e-9,
     return off + np.diag(d)
 
 
-class OdomAnchor:
-    """Maps the engine's world (optical axes of its first camera) into the ``odom`` frame.
+class OdomFrames:
+    """The engine's world → the node's frames (REP-105).
 
-    ``odom_from_world = base_from_cam @ inv(world_from_cam(anchor))`` so that base_link is at
-    the identity of odom at the anchor frame (the first tracked frame after start or reset).
+    The engine's world is the optical frame of the first camera of the sequence, at the
+    identity; so ``odom_from_world = base_from_cam`` and base_link starts at the identity of
+    odom: ``odom_from_base = base_from_cam @ world_from_cam @ cam_from_base``.
 
     Args:
         base_from_cam: 4x4, pose of the camera *optical* frame in base_link.
@@ -158,23 +159,16 @@ class OdomAnchor:
     def __init__(self, base_from_cam: np.ndarray) -> None:
         self.base_from_cam = _as_se3(base_from_cam)
         self.cam_from_base = invert(self.base_from_cam)
-        self.odom_from_world: np.ndarray | None = None
-
-    def reset(self) -> None:
-        """Forget the anchor; the next frame becomes the new origin."""
-        self.odom_from_world = None
+        self.odom_from_world = self.base_from_cam
 
     def odom_from_base(self, world_from_cam: np.ndarray) -> np.ndarray:
-        """4x4 pose of base_link in odom for a camera pose from the engine (anchors once)."""
-        w_c = _as_se3(world_from_cam)
-        if self.odom_from_world is None:
-            self.odom_from_world = self.base_from_cam @ invert(w_c)
+        """4x4 pose of base_link in odom for a camera pose (world_from_cam) of the engine.
+        Non-finite input gives a non-finite result (callers check)."""
+        w_c = np.asarray(world_from_cam, dtype=np.float64).reshape(4, 4)
         return self.odom_from_world @ w_c @ self.cam_from_base
 
     def points_to_odom(self, points_world: np.ndarray) -> np.ndarray:
-        """``[M,3]`` engine-world points → odom (float32). Requires an anchor."""
-        if self.odom_from_world is None:
-            raise RuntimeError("no anchor yet: call odom_from_base first")
+        """``[M,3]`` engine-world points → odom, float32 ``[M,3]``."""
         p = np.asarray(points_world, dtype=np.float64).reshape(-1, 3)
         m = self.odom_from_world
         return (p @ m[:3, :3].T + m[:3, 3]).astype(np.float32)
