@@ -523,3 +523,43 @@ def test_parameter_services_describe_and_refuse_like_ros2_param(h):
     res = call(SetParameters, "set_parameters", SetParameters.Request(parameters=[bad]))
     assert not res.results[0].successful and "drop_oldest" in res.results[0].reason
     assert h.node.get_parameter("drop_policy").value == "drop_oldest"
+
+
+def test_odometry_follows_the_true_motion_in_rep105_axes():
+    """Frame conventions end to end: with a predictor that answers from the synthetic world
+    (tools.gt_predictor: no noise, random per-window scale), ~/odom must be the true
+    base_link motion expressed in odom (x forward, y left, z up; origin = first frame),
+    up to one global scale."""
+    from scipy.spatial.transform import Rotation
+
+    from vggt4d_ros.ros.transforms import LINK_FROM_OPTICAL, invert, pose_to_matrix
+    from vggt4d_ros.stream.engine import StreamEngine
+    from vggt4d_ros.tools.gt_predictor import GroundTruthPredictor
+    world = SynthWorld(SynthConfig(width=W, height=H, num_frames=200, num_objects=1, seed=3))
+
+    def factory(settings, device):     # the harness renders the same (deterministic) world
+        pred = GroundTruthPredictor(world, depth_noise=0.0, rot_noise_deg=0.0, trans_noise=0.0,
+                                    seed=2, index_of_key=lambda k: k)
+        return StreamEngine(pred, node_mod.stream_config(settings))
+    harness = Harness({"window.size": 6, "window.stride": 3}, namespace="/gt_test",
+                      engine_factory=factory)
+    try:
+        stamps = harness.send(15)
+        odom = f"{harness.ns}/odom"
+        assert harness.wait(lambda: len(harness.probe.get(odom)) == 15)
+        got = [pose_to_matrix(m.pose.pose) for m in harness.probe.get(odom)]
+        assert [stamp_to_ns(m.header.stamp) for m in harness.probe.get(odom)] == stamps
+        base_from_cam = LINK_FROM_OPTICAL            # default mount: no offset
+        w_c = [invert(world.render(i).cam_from_world) for i in range(15)]
+        want = [base_from_cam @ invert(w_c[0]) @ w @ invert(base_from_cam) for w in w_c]
+        for g, w in zip(got, want):
+            angle = Rotation.from_matrix(g[:3, :3].T @ w[:3, :3]).magnitude()
+            assert np.degrees(angle) < 1.0
+        t_got = np.array([g[:3, 3] for g in got])
+        t_want = np.array([w[:3, 3] for w in want])
+        scale = np.sum(t_got * t_want) / np.sum(t_want * t_want)
+        assert scale > 0
+        err = np.linalg.norm(t_got - scale * t_want, axis=1).max()
+        assert err < 0.05 * np.linalg.norm(scale * t_want, axis=1).max()
+    finally:
+        harness.close()
