@@ -462,6 +462,20 @@ def test_reset_service_starts_a_new_sequence(h, stamps):
                            for p in h.probe.get(f"{NS}/path")[-1].poses] == new[-3:])
 
 
+def test_publish_tf_toggles_at_runtime(h, stamps):
+    assert h.node.set_parameters([Parameter("publish_tf", value=False)])[0].successful
+    try:
+        new = h.send(4)
+        conf = f"{NS}/confidence"        # published after the frame's odometry and TF
+        assert h.wait(lambda: sum(stamp_to_ns(m.header.stamp) in new
+                                  for m in h.probe.get(conf)) >= 2)
+        tf_stamps = {stamp_to_ns(t.header.stamp) for m in h.probe.get("/tf")
+                     for t in m.transforms}
+        assert not tf_stamps & set(new)
+    finally:
+        assert h.node.set_parameters([Parameter("publish_tf", value=True)])[0].successful
+
+
 class FailingOncePredictor:
     """The real VGGT4D predictor, except that its second window raises (an injected fault,
     like a CUDA error inside the model)."""
