@@ -130,3 +130,32 @@ def test_batched_key_suppression_equals_per_sequence_runs() -> None:
     assert seen["shape"] == (2, 2, 3 * 11, 16)
     assert torch.allclose(both, torch.cat(singles), atol=1e-10)
     assert (both - plain).abs().max() > 1e-4
+
+
+def test_fused_block_path_is_bitwise_equal():
+    """The functional (compilable) block path gives the module path's outputs bit for bit,
+    with Q/K capture and key suppression active."""
+    import torch
+    from vggt4d_ros.model.config import VGGTConfig
+    from vggt4d_ros.model.hooks import AttentionControl
+    from vggt4d_ros.model.vggt import VGGT
+    from vggt4d_ros.stream.factory import TINY_VGGT_CONFIG
+    torch.manual_seed(0)
+    model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+    images = torch.rand(3, 3, 28, 42)
+    captured = {}
+
+    def control():
+        keep = torch.rand(1, 3, 5 + 6, generator=torch.Generator().manual_seed(1)) > 0.3
+        return AttentionControl(capture={"global": {0, 3}}, key_keep=keep,
+                                key_mask_layers={0, 1},
+                                on_qk=lambda kind, l, q, k: captured.setdefault(
+                                    (len(captured) >= 2, l), q.clone()))
+    with torch.no_grad():
+        plain = model(images, control=control())
+        model.use_fused_blocks(True)
+        fused = model(images, control=control())
+        model.use_fused_blocks(False)
+    for key in ("pose_enc", "depth", "world_points", "depth_conf"):
+        assert torch.equal(plain[key], fused[key]), key
+    assert torch.equal(captured[(False, 0)], captured[(True, 0)])

@@ -91,6 +91,7 @@ class Vggt4dConfig:
     pass1_point_head: bool = False          # world points come from depth: the point head is idle
     head_dtype: str = "fp32"                # DPT heads: "fp32" (official) | "bf16" (measured)
     attention_backend: str = "auto"         # SDPA kernel: "auto" (PyTorch's pick) | "cudnn" | "flash"
+    compile_blocks: bool = False            # torch.compile the transformer blocks (CUDA only)
     min_frames: int = 2
     points_pixel_offset: float = 0.0        # world points: official VGGT unprojection
 
@@ -196,6 +197,10 @@ class Vggt4dPipeline:
     def __init__(self, model: torch.nn.Module, config: Optional[Vggt4dConfig] = None) -> None:
         self.model = model
         self.config = config or Vggt4dConfig()
+        if self.config.compile_blocks and hasattr(model, "use_fused_blocks"):
+            on_cuda = any(p.is_cuda for p in model.parameters())
+            # compiled graphs are per window shape; the first window of a shape compiles
+            model.use_fused_blocks(True, compile=on_cuda)
 
     # ------------------------------------------------------------------ helpers
     def _autocast_dtype(self, device: torch.device) -> Optional[torch.dtype]:

@@ -48,6 +48,23 @@ class VGGT(nn.Module):
         self.point_head = _build_dpt(cfg, 4, "inv_log") if enable_point else None
         self.track_head = _build_track(cfg) if enable_track else None
 
+    # ------------------------------------------------------------------ speed options
+    def use_fused_blocks(self, enabled: bool = True, compile: bool = False,
+                         mode: Optional[str] = None) -> "VGGT":
+        """Run the aggregator's and the patch embed's blocks through ``layers/fused``.
+
+        ``compile`` wraps the two block functions in ``torch.compile`` (one graph per block
+        shape, shared by all blocks; the first forward per window shape pays the compile).
+        ``enabled=False`` restores the plain module path. Same maths either way.
+        """
+        from .layers.block import Block
+        from .layers.fused import FusedBlockFunctions
+        fns = FusedBlockFunctions(compile=compile, mode=mode) if enabled else None
+        for module in self.aggregator.modules():
+            if isinstance(module, Block):
+                module.fused = fns
+        return self
+
     # ------------------------------------------------------------------ helpers
     def needed_layers(self, with_track: bool = False, dense: bool = True) -> set[int]:
         """Aggregator layers the enabled heads read (the rest need not be kept).

@@ -155,13 +155,24 @@ def bench_attention_backends(model, images: torch.Tensor, warmup: int, repeats: 
     dev = images.device
     x = images[None]
     rows: Dict[str, object] = {}
-    for name in ("default", "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+    for name in ("default", "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION",
+                 "fused_blocks_eager", "fused_blocks_compiled"):
+        if name.startswith("fused"):
+            t0 = time.perf_counter()
+            model.use_fused_blocks(True, compile=name.endswith("compiled"))
+            with torch.inference_mode():
+                run_first = model.aggregator.run
+                with torch.autocast(dev.type, dtype=torch.bfloat16):
+                    run_first(x, keep_layers=[model.config.depth - 1])
+            synchronize(dev)
+            rows[name + "_first_call_s"] = time.perf_counter() - t0
+
         def run():
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 return model.aggregator.run(x, keep_layers=[model.config.depth - 1])
         try:
             with torch.inference_mode():
-                if name == "default":
+                if name == "default" or name.startswith("fused"):
                     t = time_fn(run, warmup, repeats, dev)
                 else:
                     with sdpa_kernel([getattr(SDPBackend, name)]):
@@ -171,6 +182,7 @@ def bench_attention_backends(model, images: torch.Tensor, warmup: int, repeats: 
         except Exception as exc:  # a backend may not support this shape / GPU
             rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             print(f"  aggregator with {name:20s} unavailable: {type(exc).__name__}", flush=True)
+    model.use_fused_blocks(False)
     return rows
 
 
@@ -221,8 +233,11 @@ def ablation_steps() -> List[tuple]:
          pipe(cluster_backend="fast")),
         ("+cudnn_attention", "cuDNN fused attention preferred over FlashAttention-2",
          pipe(cluster_backend="fast", attention_backend="cudnn")),
+        ("+compiled_blocks", "torch.compile'd block functions (LN/RoPE/LayerScale/GELU fused)",
+         pipe(cluster_backend="fast", attention_backend="cudnn", compile_blocks=True)),
         ("+bf16_heads (numerics change)", "DPT depth head under bf16 autocast",
-         pipe(cluster_backend="fast", attention_backend="cudnn", head_dtype="bf16")),
+         pipe(cluster_backend="fast", attention_backend="cudnn", compile_blocks=True,
+              head_dtype="bf16")),
     ]
 
 
@@ -230,6 +245,7 @@ def bench_ablation(model, images: torch.Tensor, warmup: int, repeats: int
                    ) -> List[Dict[str, object]]:
     rows = []
     for name, desc, factory in ablation_steps():
+        model.use_fused_blocks(False)          # each step sets its own block path
         fn = factory(model)
         slow = name.startswith("reference")
         torch.cuda.empty_cache() if images.is_cuda else None
@@ -240,6 +256,7 @@ def bench_ablation(model, images: torch.Tensor, warmup: int, repeats: int
         print(f"  {name:34s} {t.median_s * 1e3:9.1f} ms  peak {t.peak_bytes / 1e9:6.2f} GB",
               flush=True)
         rows.append(row)
+    model.use_fused_blocks(False)
     return rows
 
 

@@ -60,16 +60,22 @@ class Attention(nn.Module):
         if rope is not None:
             q = RotaryPositionEmbedding2D.apply(q, rope)
             k = RotaryPositionEmbedding2D.apply(k, rope)
-        if on_qk is not None:
-            on_qk(q, k)
-        mask = None
-        if keys is not None:
-            if keys.index is not None:
-                k, v = _gather_tokens(k, keys.index), _gather_tokens(v, keys.index)
-            else:
-                mask = keys.mask
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attend(q, k, v, on_qk, keys)
         return self.proj(out.transpose(1, 2).reshape(b, t, c))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, on_qk: Optional[QKCallback],
+           keys: Optional[KeySelection]) -> torch.Tensor:
+    """Hook, key selection and fused SDPA: q, k, v [B', heads, T, d] -> [B', heads, T, d]."""
+    if on_qk is not None:
+        on_qk(q, k)
+    mask = None
+    if keys is not None:
+        if keys.index is not None:
+            k, v = _gather_tokens(k, keys.index), _gather_tokens(v, keys.index)
+        else:
+            mask = keys.mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .attention import Attention, KeySelection, QKCallback
+from .attention import Attention, KeySelection, QKCallback, attend
+from .fused import FusedBlockFunctions
 from .layer_scale import LayerScale
 from .mlp import Mlp
 from .rope import RopeTables
@@ -31,8 +32,32 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=ffn_bias)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
 
+        self.fused: Optional[FusedBlockFunctions] = None   # set by VGGT.use_fused_blocks
+
     def forward(self, x: torch.Tensor, rope: Optional[RopeTables] = None,
                 on_qk: Optional[QKCallback] = None,
                 keys: Optional[KeySelection] = None) -> torch.Tensor:
+        if self.fused is not None:
+            return self._forward_fused(x, rope, on_qk, keys)
         x = x + self.ls1(self.attn(self.norm1(x), rope=rope, on_qk=on_qk, keys=keys))
         return x + self.ls2(self.mlp(self.norm2(x)))
+
+    def _forward_fused(self, x: torch.Tensor, rope: Optional[RopeTables],
+                       on_qk: Optional[QKCallback], keys: Optional[KeySelection]
+                       ) -> torch.Tensor:
+        """Same maths as ``forward`` through the (compilable) functions of ``layers/fused``."""
+        a, fn = self.attn, self.fused
+        qn = a.q_norm if isinstance(a.q_norm, nn.LayerNorm) else None
+        kn = a.k_norm if isinstance(a.k_norm, nn.LayerNorm) else None
+        q, k, v = fn.attention_inputs(
+            x, self.norm1.weight, self.norm1.bias, self.norm1.eps, a.qkv.weight, a.qkv.bias,
+            a.num_heads, qn.weight if qn else None, qn.bias if qn else None,
+            kn.weight if kn else None, kn.bias if kn else None, qn.eps if qn else 1e-5,
+            rope.cos if rope is not None else None, rope.sin if rope is not None else None)
+        out = attend(q, k, v, on_qk, keys)
+        g1 = self.ls1.gamma if isinstance(self.ls1, LayerScale) else None
+        g2 = self.ls2.gamma if isinstance(self.ls2, LayerScale) else None
+        return fn.attention_output_mlp(
+            x, out, a.proj.weight, a.proj.bias, g1, self.norm2.weight, self.norm2.bias,
+            self.norm2.eps, self.mlp.fc1.weight, self.mlp.fc1.bias, self.mlp.fc2.weight,
+            self.mlp.fc2.bias, g2)

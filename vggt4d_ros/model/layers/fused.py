@@ -1,0 +1,79 @@
+"""Functional form of a transformer block for ``torch.compile`` (speed path, same maths).
+
+``Block.forward`` calls module after module; every elementwise step (LayerNorm, RoPE,
+LayerScale, residual add, GELU, dtype casts under autocast) is a separate kernel that re-reads
+the activations. Here a block is split into two pure functions of tensors —
+:func:`attention_inputs` (norm1 -> qkv -> qk-norm -> RoPE) and :func:`attention_output_mlp`
+(proj -> LayerScale -> residual -> norm2 -> MLP -> LayerScale -> residual) — that
+``torch.compile`` fuses into few kernels. The attention itself (SDPA, with the VGGT4D Q/K hook
+and key selection) stays between them, outside the compiled regions.
+
+Parameters are passed as arguments (not captured through ``self``), so one compiled graph
+serves every block of the same shapes (frame blocks, global blocks, DINO blocks) instead of
+one recompilation per block instance. Called without compilation the functions give the same
+result as ``Block.forward`` (tested bit for bit on CPU).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _rotate_halves(x: Tensor) -> Tensor:
+    a, b, c, d = x.chunk(4, dim=-1)
+    return torch.cat([-b, a, -d, c], dim=-1)
+
+
+def attention_inputs(x: Tensor, norm_w: Tensor, norm_b: Tensor, norm_eps: float,
+                     qkv_w: Tensor, qkv_b: Optional[Tensor], num_heads: int,
+                     qn_w: Optional[Tensor], qn_b: Optional[Tensor],
+                     kn_w: Optional[Tensor], kn_b: Optional[Tensor], qk_eps: float,
+                     cos: Optional[Tensor], sin: Optional[Tensor]
+                     ) -> Tuple[Tensor, Tensor, Tensor]:
+    """x [B', T, C] -> q, k, v [B', heads, T, d] (qk-norm and RoPE applied to q and k)."""
+    b, t, c = x.shape
+    d = c // num_heads
+    h = F.layer_norm(x, (c,), norm_w, norm_b, norm_eps)
+    qkv = F.linear(h, qkv_w, qkv_b).reshape(b, t, 3, num_heads, d).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    if qn_w is not None:
+        q = F.layer_norm(q, (d,), qn_w, qn_b, qk_eps)
+        k = F.layer_norm(k, (d,), kn_w, kn_b, qk_eps)
+    if cos is not None:
+        cq, sq = cos.to(q.dtype), sin.to(q.dtype)
+        q = q * cq + _rotate_halves(q) * sq
+        ck, sk = cos.to(k.dtype), sin.to(k.dtype)
+        k = k * ck + _rotate_halves(k) * sk
+    return q, k, v
+
+
+def attention_output_mlp(x: Tensor, attn: Tensor, proj_w: Tensor, proj_b: Optional[Tensor],
+                         gamma1: Optional[Tensor], norm_w: Tensor, norm_b: Tensor,
+                         norm_eps: float, fc1_w: Tensor, fc1_b: Optional[Tensor],
+                         fc2_w: Tensor, fc2_b: Optional[Tensor], gamma2: Optional[Tensor]
+                         ) -> Tensor:
+    """x [B', T, C] residual stream, attn [B', heads, T, d] SDPA output -> block output."""
+    b, t, c = x.shape
+    y = F.linear(attn.transpose(1, 2).reshape(b, t, c), proj_w, proj_b)
+    x = x + (y * gamma1 if gamma1 is not None else y)
+    h = F.layer_norm(x, (c,), norm_w, norm_b, norm_eps)
+    y = F.linear(F.gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
+    return x + (y * gamma2 if gamma2 is not None else y)
+
+
+class FusedBlockFunctions:
+    """The two block functions, compiled or not; shared by every block of a model."""
+
+    def __init__(self, compile: bool = False, mode: Optional[str] = None) -> None:
+        self.compiled = compile
+        pre: Callable = attention_inputs
+        post: Callable = attention_output_mlp
+        if compile:
+            pre = torch.compile(pre, dynamic=False, mode=mode)
+            post = torch.compile(post, dynamic=False, mode=mode)
+        self.attention_inputs = pre
+        self.attention_output_mlp = post
