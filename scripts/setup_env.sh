@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 VENV=${1:-${VENV:-.venv}}
 PY=${PYTHON:-python3}
 STAMP="$VENV/.vggt4d_setup_stamp"
-HASH=$(cat requirements.txt requirements-ros.txt setup.py setup.cfg package.xml msg/*.msg scripts/setup_env.sh scripts/build_interfaces.sh 2>/dev/null | sha256sum | cut -d' ' -f1)
+HASH=$(cat requirements.txt requirements-ros.txt requirements-rosidl.txt CMakeLists.txt setup.py setup.cfg package.xml msg/*.msg scripts/setup_env.sh scripts/build_interfaces.sh 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] && [ -x "$VENV/bin/python" ]; then
   echo "[setup] environment $VENV is up to date"
   exit 0
