@@ -80,6 +80,7 @@ class Vggt4dConfig:
     refine_dilate_kernel: int = 3
     refine_pixel_offset: float = 0.5
     refine_outlier_backend: str = "auto"    # "auto" (torch kNN on CUDA, cKDTree on CPU) | ...
+    refine_backend: str = "auto"            # "auto" (batched refine_fast on CUDA) | "reference" | "fast"
     refine_boundary_sharpening: bool = False  # measured trade-off: see refine.py docstring
     refine_boundary_band: int = 4
     refine_boundary_threshold: float = 0.2
@@ -109,6 +110,9 @@ class Vggt4dConfig:
         if self.refine_outlier_backend not in ("auto", "reference", "fast"):
             raise ValueError(f"refine_outlier_backend must be 'auto', 'reference' or 'fast', "
                              f"got {self.refine_outlier_backend!r}")
+        if self.refine_backend not in ("auto", "reference", "fast"):
+            raise ValueError(f"refine_backend must be 'auto', 'reference' or 'fast', "
+                             f"got {self.refine_backend!r}")
         if self.min_frames < 2:
             raise ValueError("min_frames must be >= 2 (saliency needs a source frame)")
 
@@ -137,7 +141,8 @@ class Vggt4dConfig:
             boundary_sharpening=self.refine_boundary_sharpening,
             boundary_band=self.refine_boundary_band,
             boundary_threshold=self.refine_boundary_threshold,
-            boundary_keep_threshold=self.refine_boundary_keep_threshold)
+            boundary_keep_threshold=self.refine_boundary_keep_threshold,
+            backend=self.refine_backend)
 
 
 @dataclass

@@ -74,6 +74,7 @@ class RefineConfig:
     boundary_band: int = 4                 # pixels either side of the mask edge re-decided
     boundary_threshold: float = 0.2        # energy above which a band pixel OUTSIDE becomes dynamic
     boundary_keep_threshold: float = 0.2   # energy below which a band pixel INSIDE becomes static
+    backend: str = "reference"             # "reference" | "fast" (refine_fast.py) | "auto" (fast on CUDA)
 
 
 # ------------------------------------------------------------------------- geometry helpers
@@ -321,6 +322,11 @@ def refine_dynamic_mask(depth: Tensor, intrinsic: Tensor, cam_to_world: Tensor,
         images: ``[S, 3, H, W]`` RGB in [0, 1].
     """
     cfg = config or RefineConfig()
+    if cfg.backend not in ("reference", "fast", "auto"):
+        raise ValueError(f"backend must be 'reference', 'fast' or 'auto', got {cfg.backend!r}")
+    if cfg.backend == "fast" or (cfg.backend == "auto" and depth.device.type == "cuda"):
+        from .refine_fast import refine_dynamic_mask_fast   # batched, device-resident path
+        return refine_dynamic_mask_fast(depth, intrinsic, cam_to_world, coarse, images, cfg)
     if depth.dim() != 3:
         raise ValueError(f"depth must be [S, H, W], got {tuple(depth.shape)}")
     s, h, w = depth.shape

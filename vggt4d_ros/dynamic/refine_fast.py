@@ -1,0 +1,325 @@
+"""Batched, device-resident fast path of the mask refinement (VGGT4D spec §6).
+
+Same algorithm as :func:`vggt4d_ros.dynamic.refine.refine_dynamic_mask` (read its docstring
+for the rule), computed for all frames at once with padded tensors instead of per-frame /
+per-cluster Python loops. Everything stays on the input device; the only host
+synchronisation is ONE small read at the start (the largest per-frame number of coarse
+points, which sizes the padded query batch, and the number of non-finite pixels for the
+warning) - after it, no ``.item()``, ``bool(tensor)`` or data-dependent shape occurs (Python
+loops run only over fixed counts: kNN chunks, k-means++ steps, Lloyd iterations).
+
+Differences from the reference path (all documented approximations):
+
+1. **Statistical outlier removal** (Open3D rule, ``k = 20``, ``std_ratio = 2.5``). Exact kNN of
+   every coarse point against all ``H·W`` points of its frame is replaced, per frame, by a
+   fixed seeded random subsample ``R`` of ``ref_points`` finite points (default 8192):
+   ``a_i`` = mean distance of point i to its k nearest points OF ``R`` (the point itself counts,
+   at distance 0, when it belongs to ``R`` - as in Open3D, where it always does). The cloud
+   statistics (mean, Bessel std over the denominator of all sampled points, ``a_i = 0`` adding
+   0 to the sums) use the same rule applied to a seeded random sample of ``stats_points``
+   finite points of the frame (default 4096, ``None`` = all; ``cfg.outlier_stats_samples``
+   belongs to the reference path's torch-kNN option and is not used here) against the same
+   ``R``, so the threshold ``mean + 2.5·std`` is consistent with the queries' ``a_i`` (both
+   are inflated alike by the sparser ``R``; a query/sample lies in ``R`` with the same
+   probability). Inlier iff ``0 < a_i < threshold``. Exact (= Open3D / the reference) when
+   the frame has at most ``ref_points`` and at most ``stats_points`` finite points (or
+   ``stats_points=None``); a test checks equality. Cost: ``S·(stats_points + Q)·ref_points``
+   distances (Q = largest per-frame number of coarse points). Only coarse points get a decision (only they are
+   clustered).
+2. **k-means** (``k = 30``): batched k-means++ seeding (greedy, ``2 + ln k`` candidates per
+   step, drawn from a torch generator seeded with ``cfg.seed`` - NOT scikit-learn's random
+   stream), then ``kmeans_iters`` (default 30) Lloyd iterations without an early stop (no
+   sync); an empty cluster takes the point farthest from its centre (the e-th empty cluster
+   of a frame the e-th farthest point). Labels therefore differ from scikit-learn's; the
+   clustering is of similar quality. Frames with fewer inlier points than k use
+   ``k = number of points`` (extra centres inactive).
+3. Everything else (back-projection at pixel centres, projection into every other view,
+   nearest depth / bilinear mask and RGB sampling with ``align_corners=True`` normalisation,
+   in-bounds / ``z > 0`` / visibility-margin rules, the 5 % valid-fraction rule, the residual
+   threshold, pixel scatter, morphology) is the reference rule, evaluated for all
+   (target frame, source frame, point) triples at once and reduced per (frame, cluster) with
+   ``scatter_add``.
+
+Degenerate cases are those of refine.py: ``S == 1`` -> coarse mask (warning); empty coarse
+mask / no inlier -> empty frame; fewer points than clusters -> k = points; all-dynamic frames
+stay dynamic; non-finite depth -> those pixels are static and never count as visible samples
+(warning). Precision: float64 on CPU, float32 elsewhere (clouds are centred per frame first).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .refine import RefineConfig, backproject_to_world, boundary_sharpen, morphology_close_dilate
+
+REF_POINTS = 8192          # kNN reference subsample per frame
+STATS_POINTS = 4096        # per-frame sample for the outlier mean/std
+KMEANS_ITERS = 30          # fixed Lloyd iterations
+_FAR = 1e15                # coordinate of padded (invalid) reference points
+_FAR_TEST = 1e14           # kNN distances above this are "no neighbour"
+_CHUNK_ELEMS = 1 << 25     # distance-matrix entries per kNN chunk (all frames together)
+
+
+# ------------------------------------------------------------------------- helpers
+def _random_subset(valid: Tensor, count: int, gen: torch.Generator) -> Tuple[Tensor, Tensor]:
+    """Per row of ``valid [S, N]`` a random subset of ``count`` valid indices (static shape).
+
+    Returns ``(idx [S, count], ok [S, count])``; rows with fewer valid entries are padded with
+    invalid indices (``ok`` False). Rows with ``<= count`` valid entries get ALL of them.
+    """
+    keys = torch.rand(valid.shape, generator=gen, device=valid.device)
+    keys = torch.where(valid, keys, torch.full_like(keys, 2.0))
+    idx = keys.topk(count, dim=1, largest=False, sorted=False).indices
+    return idx, valid.gather(1, idx)
+
+
+def _gather_points(points: Tensor, idx: Tensor) -> Tensor:
+    """``points [S, N, 3]``, ``idx [S, Q]`` -> ``[S, Q, 3]``."""
+    return points.gather(1, idx[..., None].expand(-1, -1, points.shape[-1]))
+
+
+def _mean_knn_to_refs(queries: Tensor, refs: Tensor, k: int) -> Tensor:
+    """Mean distance of ``queries [S, Q, 3]`` to their k nearest ``refs [S, R, 3]``.
+
+    Padded references sit at ``_FAR`` and are ignored (fewer than k real ones -> mean over
+    those present). Chunked over queries; exact Euclidean differences (no matmul expansion,
+    whose cancellation would swamp the small neighbour distances in float32).
+    """
+    s, q, _ = queries.shape
+    r = refs.shape[1]
+    kk = min(k, r)
+    chunk = max(1, _CHUNK_ELEMS // max(1, s * r))
+    out = []
+    for i in range(0, q, chunk):
+        d = torch.cdist(queries[:, i:i + chunk], refs,
+                        compute_mode="donot_use_mm_for_euclid_dist")     # [S, c, R]
+        kv = d.topk(kk, dim=2, largest=False, sorted=False).values
+        present = kv < _FAR_TEST
+        out.append(torch.where(present, kv, torch.zeros_like(kv)).sum(2)
+                   / present.sum(2).clamp_min(1))
+    return torch.cat(out, dim=1) if out else queries.new_zeros(s, 0)
+
+
+def batched_statistical_inliers(points: Tensor, finite: Tensor, query_idx: Tensor,
+                                query_ok: Tensor, k: int = 20, std_ratio: float = 2.5,
+                                ref_points: int = REF_POINTS,
+                                stats_points: Optional[int] = None,
+                                gen: Optional[torch.Generator] = None) -> Tensor:
+    """Open3D-style inlier flags of the query points, all frames at once (see module doc).
+
+    Args:
+        points: ``[S, N, 3]`` per-frame clouds (non-finite entries allowed where ``finite``
+            is False; they are ignored).
+        finite: ``[S, N]`` bool, the points that form each frame's cloud.
+        query_idx / query_ok: ``[S, Q]`` indices into N and their validity (padding).
+        ref_points: size of the per-frame kNN reference subsample.
+        stats_points: per-frame sample for the mean/std (``None`` = every finite point).
+    Returns:
+        ``[S, Q]`` bool (False on padding).
+    """
+    s, n, _ = points.shape
+    if gen is None:
+        gen = torch.Generator(device=points.device)
+        gen.manual_seed(0)
+    pts = torch.where(finite[..., None], points, torch.zeros_like(points))
+    cnt = finite.sum(1, keepdim=True).clamp_min(1).to(pts.dtype)
+    pts = pts - (pts.sum(1, keepdim=True) / cnt[..., None])             # centred per frame
+    far = torch.full_like(pts, _FAR)
+    ref_idx, ref_ok = _random_subset(finite, min(ref_points, n), gen)
+    refs = torch.where(ref_ok[..., None], _gather_points(pts, ref_idx), far[:, :ref_idx.shape[1]])
+    n_stat = n if stats_points is None else min(stats_points, n)
+    st_idx, st_ok = _random_subset(finite, n_stat, gen)
+    queries = torch.cat([_gather_points(pts, st_idx), _gather_points(pts, query_idx)], dim=1)
+    a = _mean_knn_to_refs(queries, refs, k)
+    a_st, a_q = a[:, :n_stat], a[:, n_stat:]
+    m = st_ok.sum(1).to(pts.dtype)                                      # [S]
+    pos = st_ok & (a_st > 0)
+    mean = torch.where(pos, a_st, torch.zeros_like(a_st)).sum(1) / m.clamp_min(1)
+    dev = torch.where(pos, (a_st - mean[:, None]) ** 2, torch.zeros_like(a_st)).sum(1)
+    std = torch.sqrt(dev / (m - 1).clamp_min(1))
+    thr = torch.where(m >= 2, mean + std_ratio * std, torch.zeros_like(mean))  # < 2 points: none
+    return query_ok & (a_q > 0) & (a_q < thr[:, None])
+
+
+def _sq_dist(x: Tensor, c: Tensor) -> Tensor:
+    """``x [S, Q, 3]``, ``c [S, K, 3]`` -> squared distances ``[S, Q, K]``."""
+    return ((x[:, :, None] - c[:, None]) ** 2).sum(-1)
+
+
+def batched_kmeans(x: Tensor, valid: Tensor, k: int, gen: torch.Generator,
+                   iters: int = KMEANS_ITERS) -> Tuple[Tensor, Tensor]:
+    """k-means per frame on ``x [S, Q, 3]`` restricted to ``valid [S, Q]``.
+
+    Returns ``(labels [S, Q] int64, active [S, k] bool)``; frame f uses
+    ``min(k, #valid_f)`` centres (the others are inactive). Labels of padding are arbitrary.
+    """
+    s, q, _ = x.shape
+    dev, dt = x.device, x.dtype
+    w = valid.to(dt)
+    n = valid.sum(1)
+    active = torch.arange(k, device=dev)[None] < n[:, None]             # [S, k]
+    rows = torch.arange(s, device=dev)
+    # ---- greedy k-means++ (fixed k - 1 steps, batched over frames)
+    keys = torch.where(valid, torch.rand(s, q, generator=gen, device=dev),
+                       torch.full((s, q), 2.0, device=dev))
+    first = keys.argmin(1)                                              # [S]
+    centres = x.new_zeros(s, k, 3)
+    centres[:, 0] = x[rows, first]
+    closest = _sq_dist(x, centres[:, :1])[..., 0] * w                   # [S, Q]
+    trials = 2 + int(math.log(k)) if k > 1 else 1
+    for j in range(1, k):
+        cdf = closest.cumsum(1)
+        u = torch.rand(s, trials, generator=gen, device=dev).to(dt) * cdf[:, -1:]  # same stream any dt
+        cand = torch.searchsorted(cdf, u, right=True).clamp_max(q - 1)  # [S, T]
+        cand = torch.where(valid.gather(1, cand), cand, first[:, None].expand_as(cand))
+        xc = _gather_points(x, cand)                                    # [S, T, 3]
+        d_c = torch.minimum(_sq_dist(xc, x), closest[:, None])          # [S, T, Q]
+        best = (d_c * w[:, None]).sum(2).argmin(1)                      # [S]
+        closest = d_c[rows, best] * w
+        centres[:, j] = xc[rows, best]
+    # ---- Lloyd iterations (fixed count; no convergence test -> no host sync)
+    inf = torch.tensor(float("inf"), dtype=dt, device=dev)
+    lab_pad = torch.full((s, q), k, dtype=torch.long, device=dev)
+    kf = min(k, q)
+    for _ in range(iters):
+        d = torch.where(active[:, None], _sq_dist(x, centres), inf)     # [S, Q, k]
+        own, labels = d.min(2)
+        lab = torch.where(valid, labels, lab_pad)
+        sums = x.new_zeros(s, k + 1, 3).scatter_add_(1, lab[..., None].expand(-1, -1, 3), x)
+        counts = x.new_zeros(s, k + 1).scatter_add_(1, lab, torch.ones_like(w))
+        new = sums[:, :k] / counts[:, :k, None].clamp_min(1)
+        empty = active & (counts[:, :k] == 0)
+        # e-th empty cluster of a frame <- e-th farthest valid point from its centre
+        far = torch.where(valid, own, -inf).topk(kf, dim=1).indices    # [S, kf]
+        rank = (empty.long().cumsum(1) - 1).clamp(0, kf - 1)
+        relocated = _gather_points(x, far.gather(1, rank))              # [S, k, 3]
+        centres = torch.where(empty[..., None], relocated, new)
+    d = torch.where(active[:, None], _sq_dist(x, centres), inf)
+    return d.argmin(2), active
+
+
+def _sample_batched(img: Tensor, u: Tensor, v: Tensor, mode: str) -> Tensor:
+    """``img [B, C, H, W]`` at pixel coords ``u, v [B, P]`` -> ``[B, C, P]`` (align_corners)."""
+    h, w = img.shape[-2:]
+    grid = torch.stack([u / (w - 1) * 2 - 1, v / (h - 1) * 2 - 1], dim=-1)[:, None]
+    return F.grid_sample(img, grid, mode=mode, align_corners=True)[:, :, 0]
+
+
+def _dynamic_points(pts: Tensor, colors: Tensor, labels: Tensor, valid: Tensor,
+                    k: int, cam_from_world: Tensor, intrinsic: Tensor, depth: Tensor,
+                    coarse: Tensor, images: Tensor, cfg: RefineConfig) -> Tensor:
+    """Cross-view cluster test of all frames at once -> per-point dynamic flag ``[S, Q]``.
+
+    pts ``[S_t, Q, 3]`` world; colors ``[S_t, Q, 3]``; labels/valid ``[S_t, Q]``;
+    cam_from_world ``[S, 4, 4]``; intrinsic ``[S, 3, 3]``; depth ``[S, H, W]`` (NaN where not
+    finite); coarse ``[S, H, W]`` bool; images ``[S, 3, H, W]``.
+    """
+    s, q, _ = pts.shape
+    h, w = depth.shape[1:]
+    dt = pts.dtype
+    rot, trans = cam_from_world[:, :3, :3], cam_from_world[:, :3, 3]
+    cam = torch.einsum("aij,tqj->atqi", rot, pts) + trans[:, None, None]   # [S_s, S_t, Q, 3]
+    pix = torch.einsum("aij,atqj->atqi", intrinsic, cam)
+    z = cam[..., 2]
+    u = pix[..., 0] / z
+    v = pix[..., 1] / z
+    not_self = ~torch.eye(s, dtype=torch.bool, device=pts.device)[:, :, None]  # [S_s, S_t, 1]
+    inb = (u > 0) & (u < w) & (v > 0) & (v < h) & (z > 0) & not_self & valid[None]
+    u = torch.where(inb, u, torch.zeros_like(u)).reshape(s, s * q)
+    v = torch.where(inb, v, torch.zeros_like(v)).reshape(s, s * q)
+    d_s = _sample_batched(depth[:, None], u, v, "nearest")[:, 0].reshape(s, s, q)
+    m_s = _sample_batched(coarse[:, None].to(dt), u, v, "bilinear")[:, 0].reshape(s, s, q)
+    rgb_s = _sample_batched(images, u, v, "bilinear").reshape(s, 3, s, q)     # [S_s, 3, S_t, Q]
+    counted = inb & (z - cfg.visibility_margin < d_s) & ~(m_s > 0.5)
+    zero = torch.zeros_like(z)
+    depth_err = torch.where(counted, (z - d_s).abs(), zero).sum(0)           # [S_t, Q]
+    rgb_err = (colors.permute(2, 0, 1)[:, None] - rgb_s.transpose(0, 1)).abs().sum(0)
+    rgb_err = torch.where(counted, rgb_err, zero).sum(0)                    # [S_t, Q]
+    n_counted = counted.to(dt).sum(0)                                        # [S_t, Q]
+    lab = torch.where(valid, labels, torch.full_like(labels, k))
+    per = torch.stack([n_counted, depth_err, rgb_err, valid.to(dt)], 1)      # [S_t, 4, Q]
+    sums = pts.new_zeros(s, 4, k + 1).scatter_add_(2, lab[:, None].expand(-1, 4, -1), per)
+    cnt, dl, rl, size = sums[..., :k].unbind(1)                              # [S_t, k] each
+    too_few = cnt < cfg.min_valid_fraction * (s - 1) * size
+    denom = cnt.clamp_min(1)
+    residual = dl / denom + (rl / denom) / 3
+    dyn = too_few | (residual > cfg.residual_threshold)                      # [S_t, k]
+    return dyn.gather(1, labels.clamp_max(k - 1)) & valid
+
+
+# ------------------------------------------------------------------------- entry point
+def refine_dynamic_mask_fast(depth: Tensor, intrinsic: Tensor, cam_to_world: Tensor,
+                             coarse: Tensor, images: Tensor,
+                             cfg: Optional[RefineConfig] = None, *,
+                             ref_points: int = REF_POINTS,
+                             stats_points: Optional[int] = STATS_POINTS,
+                             kmeans_iters: int = KMEANS_ITERS,
+                             dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Refined dynamic mask ``[S, H, W]`` bool, batched over frames (see module docstring).
+
+    Arguments as :func:`vggt4d_ros.dynamic.refine.refine_dynamic_mask`; ``ref_points`` is
+    the per-frame kNN reference subsample, ``stats_points`` the per-frame sample for the
+    outlier statistics (``None`` = all points), ``kmeans_iters`` the fixed Lloyd count and
+    ``dtype`` the working precision (default float64 on CPU, float32 elsewhere).
+    """
+    cfg = cfg or RefineConfig()
+    if depth.dim() != 3:
+        raise ValueError(f"depth must be [S, H, W], got {tuple(depth.shape)}")
+    s, h, w = depth.shape
+    if coarse.shape != depth.shape or images.shape != (s, 3, h, w):
+        raise ValueError(f"coarse {tuple(coarse.shape)} / images {tuple(images.shape)} do not "
+                         f"match depth {tuple(depth.shape)} ([S,H,W] / [S,3,H,W])")
+    if intrinsic.shape != (s, 3, 3) or cam_to_world.shape[0] != s:
+        raise ValueError("intrinsic must be [S,3,3] and cam_to_world [S,4,4] or [S,3,4]")
+    dev = depth.device
+    coarse = coarse.to(dev).bool()
+    if s == 1:
+        warnings.warn("mask refinement needs >= 2 frames; returning the coarse mask",
+                      RuntimeWarning, stacklevel=2)
+        return coarse.clone()
+    dt = dtype or (torch.float64 if dev.type == "cpu" else torch.float32)
+    depth = depth.to(dt)
+    intr = intrinsic.to(dev, dt)
+    c2w = cam_to_world.to(dev, dt)
+    if c2w.shape[1:] == (3, 4):
+        c2w = torch.cat([c2w, c2w.new_tensor([0, 0, 0, 1]).expand(s, 1, 4)], dim=1)
+    imgs = images.to(dev, dt)
+    n = h * w
+    world = backproject_to_world(depth, intr, c2w, cfg.pixel_offset).reshape(s, n, 3)
+    finite = torch.isfinite(world).all(-1) & torch.isfinite(depth).reshape(s, n)
+    eligible = finite & coarse.reshape(s, n)
+    # the single host sync: padded query size (+ the warning's count)
+    q, n_bad = torch.stack([eligible.sum(1).max(), (~finite).sum()]).tolist()
+    if n_bad:
+        warnings.warn(f"{n_bad} pixels with non-finite depth/points are "
+                      "treated as static in mask refinement", RuntimeWarning, stacklevel=2)
+    if q == 0:
+        raw = torch.zeros(s, h, w, dtype=torch.bool, device=dev)
+    else:
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(cfg.seed)
+        # eligible pixels first (stable: row-major order), padded to q per frame
+        idx = torch.sort((~eligible).to(torch.uint8), dim=1, stable=True).indices[:, :q]
+        q_ok = eligible.gather(1, idx)
+        inl = batched_statistical_inliers(world, finite, idx, q_ok, cfg.outlier_neighbors,
+                                          cfg.outlier_std_ratio, ref_points,
+                                          stats_points, gen)
+        pts = torch.where(inl[..., None], _gather_points(world, idx), torch.zeros(
+            (), dtype=dt, device=dev))
+        centre = pts.sum(1, keepdim=True) / inl.sum(1).clamp_min(1)[:, None, None].to(dt)
+        labels, _ = batched_kmeans(pts - centre, inl, cfg.num_clusters, gen, kmeans_iters)
+        colors = imgs.reshape(s, 3, n).gather(2, idx[:, None].expand(-1, 3, -1)).transpose(1, 2)
+        depth_safe = torch.where(torch.isfinite(depth), depth,
+                                 torch.full_like(depth, float("nan")))
+        dyn = _dynamic_points(pts, colors, labels, inl, cfg.num_clusters,
+                              torch.linalg.inv(c2w), intr, depth_safe, coarse, imgs, cfg)
+        raw = torch.zeros(s, n, dtype=torch.bool, device=dev).scatter_(1, idx, dyn)
+        raw = raw.reshape(s, h, w)
+    if cfg.boundary_sharpening:
+        raw = boundary_sharpen(raw, depth, intr, c2w, imgs, cfg)
+    return morphology_close_dilate(raw, cfg.close_kernel, cfg.dilate_kernel)
