@@ -23,8 +23,9 @@ from vggt4d_ros.ros.image_conv import array_to_image
 from vggt4d_ros.ros.probe import TopicProbe, qos_for
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-#: one DDS domain per test process (pid-based, 150..229): parallel runs stay apart
-DOMAIN_ID = 150 + os.getpid() % 80
+#: one DDS domain per test process (pid-based, 200..229; other test files use 0 and 100..199):
+#: parallel runs stay apart; names are namespaced and /diagnostics is filtered by node too
+DOMAIN_ID = 200 + os.getpid() % 30
 
 TINY = {"window.size": 4, "window.stride": 2, "model.checkpoint": "random_tiny",
         "model.device": "cpu", "model.image_width": 56, "map.publish_period": 0.0,
@@ -90,13 +91,19 @@ class NodeHarness:
     def odoms(self) -> list[Odometry]:
         return self.probe.get(f"{self.ns}/odom")
 
+    def _own_diagnostics(self) -> list:
+        """This node's DiagnosticStatus messages, oldest first (others on /diagnostics skipped)."""
+        name = self.node.get_fully_qualified_name()
+        return [st for arr in self.probe.get("/diagnostics") for st in arr.status
+                if st.name.startswith(name + ":")]
+
     def diagnostics(self) -> dict[str, str]:
-        arrays = self.probe.get("/diagnostics")
-        return {kv.key: kv.value for kv in arrays[-1].status[0].values} if arrays else {}
+        own = self._own_diagnostics()
+        return {kv.key: kv.value for kv in own[-1].values} if own else {}
 
     def fresh_diagnostics(self) -> dict[str, str]:
-        n = len(self.probe.get("/diagnostics"))
-        assert wait_for(lambda: len(self.probe.get("/diagnostics")) > n)
+        n = len(self._own_diagnostics())
+        assert wait_for(lambda: len(self._own_diagnostics()) > n)
         return self.diagnostics()
 
     def call(self, name: str) -> Trigger.Response:
