@@ -102,3 +102,25 @@ def test_replay_survives_hostile_but_decodable_input(tmp_path):
     rows = (out / "frames.txt").read_text().split("\n")
     states = {r.split()[3] for r in rows if r.strip() and not r.startswith("#")}
     assert states <= {"TRACKING", "LOST", "RESET", "WAITING"}
+
+
+def test_replay_cuda_oom_is_one_line_failure_and_nothing_written(tmp_path, monkeypatch, capsys):
+    """The replay tool has no window fallback (yet): an OOM ends it with one line, exit 1,
+    and no partial output folder (the node, in contrast, shrinks the window)."""
+    import torch
+    from vggt4d_ros.tools.synth import SynthConfig, SynthWorld, write_outputs
+    world = SynthWorld(SynthConfig(width=56, height=42, num_frames=8, num_objects=1, seed=0))
+    scene = write_outputs(world, tmp_path / "scene", folder=True)
+
+    class Oom:
+        label = ""
+
+        def predict(self, images, frame_keys):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(rp, "make_predictor", lambda settings: Oom())
+    out = tmp_path / "out"
+    code = rp.main([str(scene), "--out", str(out), "--window", "4", "--stride", "2", "--quiet",
+                    "--no-viz"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 1 and len(err) == 1 and "OutOfMemoryError" in err[0]
+    assert not out.exists()
