@@ -161,3 +161,53 @@ def test_real_cpu_allocator_failure_triggers_the_fallback():
     engine, outs = _run(pred, gt, 40)
     assert inner.sizes[:2] == [8, 6] and pred.oom_retries == 1 and pred.limit == 6
     assert "can't allocate memory" in pred.last_oom and len(outs) == 40
+
+
+def test_oom_check_cap_search_with_a_fake_allocator(monkeypatch):
+    """The GPU script's cap search, on a simulated device: memory = 10 GiB + 1 GiB per frame,
+    a cap set by set_per_process_memory_fraction; the search must find a cap where 64 frames
+    fail and 36 run, and the stream must then continue at fewer than 64 frames."""
+    import argparse
+    from vggt4d_ros.tools import oom_check
+    gib = 2**30
+    total = 80 * gib
+
+    class FakeCuda:
+        cap = total
+        peak = 0
+
+    def predict_cost(n):
+        need = 10 * gib + n * gib
+        FakeCuda.peak = max(FakeCuda.peak, need)
+        if need > FakeCuda.cap:
+            raise torch.cuda.OutOfMemoryError(f"fake: {need / gib:.0f} GiB > cap")
+
+    class FakePredictor:
+        _cache: dict = {}
+
+        def predict(self, images, frame_keys):
+            predict_cost(len(frame_keys))
+            return gt.predict(images, frame_keys)
+    gt = _gt(160)
+    props = type("P", (), {"total_memory": total})()
+    for name, fn in {"synchronize": lambda *a: None, "empty_cache": lambda *a: None,
+                     "reset_peak_memory_stats": lambda *a: setattr(FakeCuda, "peak", 0),
+                     "max_memory_allocated": lambda *a: FakeCuda.peak,
+                     "max_memory_reserved": lambda *a: FakeCuda.peak,
+                     "get_device_properties": lambda *a: props,
+                     "get_device_name": lambda *a: "fake",
+                     "set_per_process_memory_fraction":
+                         lambda f, *a: setattr(FakeCuda, "cap", f * total)}.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    monkeypatch.setattr(oom_check, "_predictor", lambda args, device: FakePredictor())
+    monkeypatch.setattr(oom_check, "_frames",
+                        lambda args: [gt.render(i).image for i in range(args.frames)])
+    args = argparse.Namespace(device="cuda", tiny=True, width=48, height=32, window=64,
+                              stride=32, min_window=33, fit_frames=36, cap_gib=0.0,
+                              frames=160, simulate_limit=0)
+    rep = oom_check.run(args)
+    assert rep["fit_peak_gib"] == 46 and rep["window_peak_gib"] == 74
+    assert rep["cap_gib"] == 60 and rep["caps_tried"][0] == {
+        "cap_gib": 60.0, "window_fits": False, "fit_fits": True}
+    assert rep["pass"] and rep["oom_retries"] == 1 and rep["window_limit"] == 48
+    assert rep["frames_out"] == 160 and rep["error"] == ""
