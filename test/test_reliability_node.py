@@ -286,3 +286,26 @@ def test_invalid_oom_floor_is_refused_at_startup():
                                                          {**TINY, "window.min_size": bad}.items()])
     finally:
         rclpy.try_shutdown(context=ctx)
+
+
+def test_inf_in_camera_info_distortion_is_ignored_and_counted():
+    """Inf in D (NaN in K is in test_ros_node): the info is ignored and counted; the images of
+    the same stamps are still processed (reported as missing camera_info)."""
+    from sensor_msgs.msg import CameraInfo
+    h = NodeHarness({"camera_info.enabled": True}, namespace="/rel_info")
+    try:
+        assert wait_for(lambda: h.pub_info.get_subscription_count() >= 1)
+        for img, stamp in synth_frames(6):
+            info = CameraInfo()
+            info.header.stamp = rclpy.time.Time(nanoseconds=stamp).to_msg()
+            info.header.frame_id = "camera_optical_frame"
+            info.height, info.width = img.shape[:2]
+            info.k = [40.0, 0.0, 28.0, 0.0, 40.0, 21.0, 0.0, 0.0, 1.0]
+            info.d = [0.0, float("inf"), 0.0, 0.0, 0.0]
+            h.pub_info.publish(info)
+            h.send(img, stamp)
+        assert wait_for(lambda: len(h.odoms()) >= 6)
+        assert wait_for(lambda: h.node.bad_input["invalid_camera_info"] == 6)
+    finally:
+        h.close()
+    assert _finite_odoms(h)
