@@ -88,9 +88,15 @@ def test_cuda_oom_in_the_node_shrinks_the_window_reports_and_continues(monkeypat
             h.send(img, stamp)
         assert wait_for(lambda: len(h.odoms()) >= 10)
         d = h.fresh_diagnostics()
+        status = h._own_diagnostics()[-1]
     finally:
         h.close()
     assert injected[0].sizes[:2] == [4, 3] and max(injected[0].sizes[2:]) == 3
+    # the operator sees it: WARN (never OK) while windows are cut
+    from diagnostic_msgs.msg import DiagnosticStatus
+    assert status.level == DiagnosticStatus.WARN
+    if d["state"] == "TRACKING":
+        assert "cut to 3 frames (CUDA OOM)" in status.message
     assert d["oom.oom_retries"] == "1" and d["oom.window_limit"] == "3"
     assert d["bad_input.inference_error"] == "0" and d["frames_processed"] == "10"
     assert _finite_odoms(h)

@@ -652,13 +652,17 @@ class Vggt4dNode(Node):
             values += [(f"resets.{k}", v) for k, v in sorted(counters.resets.items())]
         values += self._gpu_memory()
         stats = getattr(getattr(self.engine, "predictor", None), "stats", None)
-        values += [(f"oom.{k}", v) for k, v in (stats() if callable(stats) else {}).items()]
+        oom = stats() if callable(stats) else {}
+        values += [(f"oom.{k}", v) for k, v in oom.items()]
         state = self.engine.state
         st = DiagnosticStatus()
         st.name = f"{self.get_fully_qualified_name()}: tracking"
         st.hardware_id = self.camera_frame
         if self.bad_input["inference_error"] and state != "TRACKING":
             st.level, st.message = DiagnosticStatus.ERROR, "inference errors"
+        elif state == "TRACKING" and oom.get("window_limit", "none") != "none":
+            st.level = DiagnosticStatus.WARN
+            st.message = f"tracking with windows cut to {oom['window_limit']} frames (CUDA OOM)"
         elif state == "TRACKING":
             st.level, st.message = DiagnosticStatus.OK, "tracking"
         else:
