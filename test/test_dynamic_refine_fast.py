@@ -64,7 +64,8 @@ def test_refine_fast_synthetic_agrees_with_reference(synth_small):
     ref = refine_dynamic_mask(depth, intr, c2w, coarse, images)
     fast = refine_dynamic_mask_fast(depth, intr, c2w, coarse, images)
     iou = _iou(fast, ref)
-    # measured: IoU(fast, ref) 0.977; vs GT: see the report in the test output
+    # measured (seed 0): IoU(fast, ref) 0.980; vs GT: coarse 0.638, ref 0.659, fast 0.651
+    # (seeds 1/2: 0.968/0.968; 224×168×8 seeds 0-2: 0.965/0.962/0.957)
     assert ref.any() and iou >= 0.93, iou
     assert _iou(fast, gt) >= _iou(ref, gt) - 0.03
     assert _iou(fast, gt) > _iou(coarse, gt)         # still refines the dilated mask
@@ -76,7 +77,9 @@ def test_refine_fast_float32_agrees(synth_small):
     a = refine_dynamic_mask_fast(depth, intr, c2w, coarse, images)
     b = refine_dynamic_mask_fast(depth.float(), intr.float(), c2w.float(), coarse,
                                  images.float(), dtype=torch.float32)
-    assert _iou(a, b) >= 0.99, _iou(a, b)
+    assert _iou(a, b) >= 0.99, _iou(a, b)           # measured 1.000
+    c2w34 = refine_dynamic_mask_fast(depth, intr, c2w[:, :3], coarse, images)
+    assert torch.equal(c2w34, a)                    # [S,3,4] poses accepted
 
 
 # ------------------------------------------------------------------ building blocks
@@ -232,3 +235,28 @@ def test_refine_backend_hook(synth_small):
     assert Vggt4dConfig(refine_backend="fast").refine_config().backend == "fast"
     with pytest.raises(ValueError):
         Vggt4dConfig(refine_backend="gpu")
+
+
+# ------------------------------------------------------------------ CUDA (skipped without a GPU)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_refine_fast_cuda_agrees_and_syncs_once(seq10):
+    """On the GPU: same masks as the reference path, output on the device, and at most the
+    one documented host sync (counted with torch.cuda.set_sync_debug_mode)."""
+    g, args = seq10
+    dev = torch.device("cuda")
+    cuda_args = [a.to(dev) for a in args]
+    refine_dynamic_mask_fast(*cuda_args)                         # warm-up (lazy inits)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = refine_dynamic_mask_fast(*cuda_args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert out.device.type == "cuda" and out.dtype == torch.bool
+    assert len(syncs) <= 1, syncs
+    assert _iou(out.cpu(), g["mask.refined"]) >= 0.97
+    via_hook = refine_dynamic_mask(*cuda_args, RefineConfig(backend="auto"))
+    assert _iou(via_hook, out) >= 0.999        # auto = fast on CUDA (atomics: ~deterministic)

@@ -28,6 +28,11 @@ Degenerate cases (undefined in the released code; our definitions):
 * non-finite depth / points (NaN, inf) -> those pixels are excluded from the clouds (static),
   and they never count as visible samples in other views; a warning is issued.
 
+Backends (``RefineConfig.backend``): ``"reference"`` (this module, per-frame loops; default
+and the golden path), ``"fast"`` (:mod:`.refine_fast`: batched over frames and clusters on
+the input device, subsampled outlier statistics and its own seeded k-means - masks agree
+with this path to IoU ~0.99 on the golden case), ``"auto"`` (fast on CUDA, reference else).
+
 Optional ``boundary_sharpening`` (default OFF): a per-pixel projection-gradient + photometric
 energy (:func:`boundary_energy`) re-decides pixels within 4 px of the cluster-level mask edge
 before the morphology. Measured on the synthetic world (exact geometry, 224×168, 8 frames,

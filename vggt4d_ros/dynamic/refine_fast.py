@@ -47,6 +47,7 @@ stay dynamic; non-finite depth -> those pixels are static and never count as vis
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Optional, Tuple
@@ -55,14 +56,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .refine import RefineConfig, backproject_to_world, boundary_sharpen, morphology_close_dilate
+from ..geometry.unproject import depth_to_world_points
+from .refine import RefineConfig, _dilate, _erode, boundary_sharpen, ellipse_kernel
 
 REF_POINTS = 8192          # kNN reference subsample per frame
 STATS_POINTS = 4096        # per-frame sample for the outlier mean/std
 KMEANS_ITERS = 30          # fixed Lloyd iterations
 _FAR = 1e15                # coordinate of padded (invalid) reference points
 _FAR_TEST = 1e14           # kNN distances above this are "no neighbour"
-_CHUNK_ELEMS = 1 << 25     # distance-matrix entries per kNN chunk (all frames together)
+_CHUNK_ELEMS = 1 << 26     # distance-matrix entries per kNN chunk (all frames together)
 
 
 # ------------------------------------------------------------------------- helpers
@@ -83,25 +85,44 @@ def _gather_points(points: Tensor, idx: Tensor) -> Tensor:
     return points.gather(1, idx[..., None].expand(-1, -1, points.shape[-1]))
 
 
+@contextlib.contextmanager
+def _full_fp32_matmul():
+    """Disable TF32 for the distance matmuls (restored afterwards; process-global flag)."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
 def _mean_knn_to_refs(queries: Tensor, refs: Tensor, k: int) -> Tensor:
     """Mean distance of ``queries [S, Q, 3]`` to their k nearest ``refs [S, R, 3]``.
 
     Padded references sit at ``_FAR`` and are ignored (fewer than k real ones -> mean over
-    those present). Chunked over queries; exact Euclidean differences (no matmul expansion,
-    whose cancellation would swamp the small neighbour distances in float32).
+    those present). Chunked over queries. The k nearest are SELECTED on squared distances
+    from one batched matmul (``|q|² + |r|² − 2 q·r``, TF32 off; cancellation can only swap
+    near-ties at the k-th neighbour) and their distances are then RECOMPUTED exactly from
+    coordinate differences (a point's distance to itself is exactly 0).
     """
     s, q, _ = queries.shape
     r = refs.shape[1]
     kk = min(k, r)
     chunk = max(1, _CHUNK_ELEMS // max(1, s * r))
+    # [q, 1] · [−2r, |r|²] = |r|² − 2 q·r  (= squared distance − |q|², same ranking per row)
+    ref_aug = torch.cat([-2.0 * refs, (refs * refs).sum(-1, keepdim=True)], -1).transpose(1, 2)
+    q_aug = torch.cat([queries, torch.ones_like(queries[..., :1])], -1)
     out = []
-    for i in range(0, q, chunk):
-        d = torch.cdist(queries[:, i:i + chunk], refs,
-                        compute_mode="donot_use_mm_for_euclid_dist")     # [S, c, R]
-        kv = d.topk(kk, dim=2, largest=False, sorted=False).values
-        present = kv < _FAR_TEST
-        out.append(torch.where(present, kv, torch.zeros_like(kv)).sum(2)
-                   / present.sum(2).clamp_min(1))
+    with _full_fp32_matmul():
+        for i in range(0, q, chunk):
+            qc = queries[:, i:i + chunk]                                  # [S, c, 3]
+            d2 = torch.bmm(q_aug[:, i:i + chunk], ref_aug)                # [S, c, R]
+            nn = d2.topk(kk, dim=2, largest=False, sorted=False).indices  # [S, c, kk]
+            nb = _gather_points(refs, nn.reshape(s, -1)).reshape(s, -1, kk, 3)
+            kv = (nb - qc[:, :, None]).norm(dim=-1)
+            present = kv < _FAR_TEST
+            out.append(torch.where(present, kv, torch.zeros_like(kv)).sum(2)
+                       / present.sum(2).clamp_min(1))
     return torch.cat(out, dim=1) if out else queries.new_zeros(s, 0)
 
 
@@ -183,24 +204,32 @@ def batched_kmeans(x: Tensor, valid: Tensor, k: int, gen: torch.Generator,
         closest = d_c[rows, best] * w
         centres[:, j] = xc[rows, best]
     # ---- Lloyd iterations (fixed count; no convergence test -> no host sync)
-    inf = torch.tensor(float("inf"), dtype=dt, device=dev)
     lab_pad = torch.full((s, q), k, dtype=torch.long, device=dev)
     kf = min(k, q)
+    x_aug = torch.cat([x, torch.ones_like(x[..., :1])], -1)            # [S, Q, 4]
+    x_sq = (x * x).sum(-1)
+
+    def assign(c: Tensor) -> Tuple[Tensor, Tensor]:
+        # |x−c|² = |x|² + (|c|² − 2 x·c): one bmm [S, Q, k] (TF32 off; inactive -> +inf)
+        c_aug = torch.cat([-2.0 * c, (c * c).sum(-1, keepdim=True)], -1).transpose(1, 2)
+        with _full_fp32_matmul():
+            d = torch.bmm(x_aug, c_aug).masked_fill(~active[:, None], float("inf"))
+        best, lab = d.min(2)
+        return best + x_sq, lab
+
     for _ in range(iters):
-        d = torch.where(active[:, None], _sq_dist(x, centres), inf)     # [S, Q, k]
-        own, labels = d.min(2)
+        own, labels = assign(centres)
         lab = torch.where(valid, labels, lab_pad)
         sums = x.new_zeros(s, k + 1, 3).scatter_add_(1, lab[..., None].expand(-1, -1, 3), x)
         counts = x.new_zeros(s, k + 1).scatter_add_(1, lab, torch.ones_like(w))
         new = sums[:, :k] / counts[:, :k, None].clamp_min(1)
         empty = active & (counts[:, :k] == 0)
         # e-th empty cluster of a frame <- e-th farthest valid point from its centre
-        far = torch.where(valid, own, -inf).topk(kf, dim=1).indices    # [S, kf]
+        far = own.masked_fill(~valid, float("-inf")).topk(kf, dim=1).indices  # [S, kf]
         rank = (empty.long().cumsum(1) - 1).clamp(0, kf - 1)
         relocated = _gather_points(x, far.gather(1, rank))              # [S, k, 3]
         centres = torch.where(empty[..., None], relocated, new)
-    d = torch.where(active[:, None], _sq_dist(x, centres), inf)
-    return d.argmin(2), active
+    return assign(centres)[1], active
 
 
 def _sample_batched(img: Tensor, u: Tensor, v: Tensor, mode: str) -> Tensor:
@@ -286,13 +315,18 @@ def refine_dynamic_mask_fast(depth: Tensor, intrinsic: Tensor, cam_to_world: Ten
     depth = depth.to(dt)
     intr = intrinsic.to(dev, dt)
     c2w = cam_to_world.to(dev, dt)
-    if c2w.shape[1:] == (3, 4):
-        c2w = torch.cat([c2w, c2w.new_tensor([0, 0, 0, 1]).expand(s, 1, 4)], dim=1)
+    if c2w.shape[1:] == (3, 4):           # bottom row built on the device (no host copy)
+        c2w = torch.cat([c2w, F.pad(torch.zeros_like(c2w[:, :1, :3]), (0, 1), value=1.0)], 1)
     imgs = images.to(dev, dt)
     n = h * w
-    world = backproject_to_world(depth, intr, c2w, cfg.pixel_offset).reshape(s, n, 3)
+    w2c = torch.linalg.inv_ex(c2w).inverse              # inv_ex: no error check -> no sync
+    world = depth_to_world_points(depth, intr, w2c, pixel_offset=cfg.pixel_offset)
+    world = world.reshape(s, n, 3)                      # = refine.backproject_to_world
     finite = torch.isfinite(world).all(-1) & torch.isfinite(depth).reshape(s, n)
     eligible = finite & coarse.reshape(s, n)
+    # morphology kernels on the device before the sync (a host->device copy blocks)
+    ell = ellipse_kernel(cfg.close_kernel).to(dev)
+    square = torch.ones(cfg.dilate_kernel, cfg.dilate_kernel, dtype=torch.bool, device=dev)
     # the single host sync: padded query size (+ the warning's count)
     q, n_bad = torch.stack([eligible.sum(1).max(), (~finite).sum()]).tolist()
     if n_bad:
@@ -309,17 +343,17 @@ def refine_dynamic_mask_fast(depth: Tensor, intrinsic: Tensor, cam_to_world: Ten
         inl = batched_statistical_inliers(world, finite, idx, q_ok, cfg.outlier_neighbors,
                                           cfg.outlier_std_ratio, ref_points,
                                           stats_points, gen)
-        pts = torch.where(inl[..., None], _gather_points(world, idx), torch.zeros(
-            (), dtype=dt, device=dev))
+        pts = _gather_points(world, idx).masked_fill(~inl[..., None], 0.0)
         centre = pts.sum(1, keepdim=True) / inl.sum(1).clamp_min(1)[:, None, None].to(dt)
         labels, _ = batched_kmeans(pts - centre, inl, cfg.num_clusters, gen, kmeans_iters)
         colors = imgs.reshape(s, 3, n).gather(2, idx[:, None].expand(-1, 3, -1)).transpose(1, 2)
         depth_safe = torch.where(torch.isfinite(depth), depth,
                                  torch.full_like(depth, float("nan")))
         dyn = _dynamic_points(pts, colors, labels, inl, cfg.num_clusters,
-                              torch.linalg.inv(c2w), intr, depth_safe, coarse, imgs, cfg)
+                              w2c, intr, depth_safe, coarse, imgs, cfg)
         raw = torch.zeros(s, n, dtype=torch.bool, device=dev).scatter_(1, idx, dyn)
         raw = raw.reshape(s, h, w)
     if cfg.boundary_sharpening:
         raw = boundary_sharpen(raw, depth, intr, c2w, imgs, cfg)
-    return morphology_close_dilate(raw, cfg.close_kernel, cfg.dilate_kernel)
+    # = refine.morphology_close_dilate, with the kernels already on the device
+    return _dilate(_erode(_dilate(raw, ell), ell), square)
