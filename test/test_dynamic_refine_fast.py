@@ -223,7 +223,13 @@ def test_refine_fast_nan_depth(synth_small):
 def test_refine_backend_hook(synth_small):
     depth, intr, c2w, coarse, images, _ = synth_small
     args = (depth[:3], intr[:3], c2w[:3], coarse[:3], images[:3])
-    fast = refine_dynamic_mask_fast(*args)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        fast = refine_dynamic_mask_fast(*args)
+        assert torch.backends.cuda.matmul.allow_tf32      # the TF32 guard restores the flag
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
     assert torch.equal(refine_dynamic_mask(*args, RefineConfig(backend="fast")), fast)
     ref = refine_dynamic_mask(*args)
     assert torch.equal(refine_dynamic_mask(*args, RefineConfig(backend="auto")), ref)  # CPU
