@@ -237,7 +237,9 @@ def test_refine_backend_hook(synth_small):
         refine_dynamic_mask(*args, RefineConfig(backend="gpu"))
     assert RefineConfig().backend == "reference"
     assert Vggt4dConfig().refine_backend == "auto"
-    assert Vggt4dConfig().refine_config(torch.device("cpu")).backend == "auto"
+    assert Vggt4dConfig().refine_config(torch.device("cpu")).backend == "reference"
+    assert Vggt4dConfig().refine_config(torch.device("cuda")).backend == "fast"
+    assert Vggt4dConfig().refine_config().backend == "reference"      # no device: reference
     assert Vggt4dConfig(refine_backend="fast").refine_config().backend == "fast"
     with pytest.raises(ValueError):
         Vggt4dConfig(refine_backend="gpu")

@@ -129,6 +129,9 @@ class Vggt4dConfig:
         outlier = self.refine_outlier_backend
         if outlier == "auto":
             outlier = "fast" if device is not None and device.type == "cuda" else "reference"
+        backend = self.refine_backend                  # same rule: no device -> reference
+        if backend == "auto":
+            backend = "fast" if device is not None and device.type == "cuda" else "reference"
         return RefineConfig(
             outlier_backend=outlier,
             outlier_neighbors=self.refine_outlier_neighbors,
@@ -142,7 +145,7 @@ class Vggt4dConfig:
             boundary_band=self.refine_boundary_band,
             boundary_threshold=self.refine_boundary_threshold,
             boundary_keep_threshold=self.refine_boundary_keep_threshold,
-            backend=self.refine_backend)
+            backend=backend)
 
 
 @dataclass
