@@ -123,6 +123,24 @@ def test_refine_fast_outliers_exact_on_small_clouds(synth_small):
         assert torch.equal(got[f], exp), f
 
 
+def test_refine_fast_grouped_knn_selection_is_exact():
+    """Two-stage (block minima) kNN selection = one topk over all references."""
+    from vggt4d_ros.dynamic.refine_fast import _knn_indices, _mean_knn_to_refs
+
+    g = torch.Generator().manual_seed(0)
+    d2 = torch.rand(4, 300, 1024, generator=g, dtype=torch.float64)
+    for group in (8, 16, 32):
+        a = _knn_indices(d2, 20, group).sort(-1).values
+        b = d2.topk(20, -1, largest=False).indices.sort(-1).values
+        assert torch.equal(a, b), group
+    for r in (8192, 1000, 33, 7):
+        q = torch.randn(2, 500, 3, generator=g, dtype=torch.float64)
+        refs = torch.randn(2, r, 3, generator=g, dtype=torch.float64)
+        refs[1, : r // 2] = 1e15                                   # padded references
+        torch.testing.assert_close(_mean_knn_to_refs(q, refs, 20, grouped=True),
+                                   _mean_knn_to_refs(q, refs, 20, grouped=False))
+
+
 def test_refine_fast_outliers_subsampled_close_to_exact():
     """Large clouds (subsample active): flags agree with the exact rule almost everywhere."""
     rng = np.random.default_rng(0)

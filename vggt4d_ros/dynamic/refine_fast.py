@@ -69,6 +69,7 @@ from .refine import RefineConfig, _dilate, _erode, boundary_sharpen, ellipse_ker
 
 REF_POINTS = 8192          # kNN reference subsample per frame
 STATS_POINTS = 4096        # per-frame sample for the outlier mean/std
+KNN_GROUPED = True         # two-stage exact kNN selection (see _knn_indices)
 KMEANS_ITERS = 30          # fixed Lloyd iterations
 _FAR = 1e15                # coordinate of padded (invalid) reference points
 _FAR_TEST = 1e14           # kNN distances above this are "no neighbour"
@@ -110,18 +111,48 @@ def _full_fp32_matmul():
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
-def _mean_knn_to_refs(queries: Tensor, refs: Tensor, k: int) -> Tensor:
+def _knn_indices(d2: Tensor, kk: int, group: int) -> Tensor:
+    """Indices ``[..., kk]`` of the kk smallest entries of ``d2 [..., R]`` (any order).
+
+    ``group > 1`` (``R`` a multiple of it, ``R / group > kk``): exact two-stage selection -
+    the minimum of every block of ``group`` columns, the kk blocks with the smallest minima
+    (any block holding one of the kk smallest entries has its minimum among the kk smallest
+    entries, so at most kk blocks qualify), then the kk smallest of those ``kk·group``
+    candidates. Same result as one ``topk`` over R (up to ties), on ~R/4 columns.
+    """
+    if group <= 1:
+        return d2.topk(kk, dim=-1, largest=False, sorted=False).indices
+    lead, r = d2.shape[:-1], d2.shape[-1]
+    blocks = d2.reshape(*lead, r // group, group)
+    gsel = blocks.amin(-1).topk(kk, dim=-1, largest=False, sorted=False).indices  # [..., kk]
+    cand = blocks.gather(-2, gsel[..., None].expand(*lead, kk, group))           # [..., kk, G]
+    sub = cand.reshape(*lead, kk * group).topk(kk, dim=-1, largest=False, sorted=False).indices
+    return gsel.gather(-1, sub // group) * group + sub % group
+
+
+def _mean_knn_to_refs(queries: Tensor, refs: Tensor, k: int,
+                      grouped: Optional[bool] = None) -> Tensor:
     """Mean distance of ``queries [S, Q, 3]`` to their k nearest ``refs [S, R, 3]``.
 
     Padded references sit at ``_FAR`` and are ignored (fewer than k real ones -> mean over
     those present). Chunked over queries. The k nearest are SELECTED on squared distances
     from one batched matmul (``|q|² + |r|² − 2 q·r``, TF32 off; cancellation can only swap
-    near-ties at the k-th neighbour) and their distances are then RECOMPUTED exactly from
-    coordinate differences (a point's distance to itself is exactly 0).
+    near-ties at the k-th neighbour; ``grouped``: two-stage exact selection, see
+    :func:`_knn_indices`) and their distances are then RECOMPUTED exactly from coordinate
+    differences (a point's distance to itself is exactly 0).
     """
     s, q, _ = queries.shape
     r = refs.shape[1]
     kk = min(k, r)
+    group = 1
+    if KNN_GROUPED if grouped is None else grouped:
+        group = 1 << max(0, int(math.log2(max(1, r // (4 * kk)))))   # ~4·kk blocks
+        if group > 1:
+            pad = (-r) % group
+            refs = torch.cat([refs, refs.new_full((s, pad, 3), _FAR)], 1) if pad else refs
+            r = refs.shape[1]
+            if r // group <= kk:
+                group = 1
     chunk = max(1, _CHUNK_ELEMS // max(1, s * r))
     # [q, 1] · [−2r, |r|²] = |r|² − 2 q·r  (= squared distance − |q|², same ranking per row)
     ref_aug = torch.cat([-2.0 * refs, (refs * refs).sum(-1, keepdim=True)], -1).transpose(1, 2)
@@ -131,7 +162,7 @@ def _mean_knn_to_refs(queries: Tensor, refs: Tensor, k: int) -> Tensor:
         for i in range(0, q, chunk):
             qc = queries[:, i:i + chunk]                                  # [S, c, 3]
             d2 = torch.bmm(q_aug[:, i:i + chunk], ref_aug)                # [S, c, R]
-            nn = d2.topk(kk, dim=2, largest=False, sorted=False).indices  # [S, c, kk]
+            nn = _knn_indices(d2, kk, group)                              # [S, c, kk]
             nb = _gather_points(refs, nn.reshape(s, -1)).reshape(s, -1, kk, 3)
             kv = (nb - qc[:, :, None]).norm(dim=-1)
             present = kv < _FAR_TEST
@@ -371,3 +402,75 @@ def refine_dynamic_mask_fast(depth: Tensor, intrinsic: Tensor, cam_to_world: Ten
         raw = boundary_sharpen(raw, depth, intr, c2w, imgs, cfg)
     # = refine.morphology_close_dilate, with the kernels already on the device
     return _dilate(_erode(_dilate(raw, ell), ell), square)
+
+
+# ------------------------------------------------------------------------- benchmark
+def _bench() -> None:
+    """``python -m vggt4d_ros.dynamic.refine_fast [--device cuda] [--frames 16] ...``
+
+    Times the fast path (and once the reference path) on a synthetic scene with exact depth
+    and poses (coarse mask = GT dilated by ``--dilate`` px) and prints the IoU between them.
+    """
+    import argparse
+    import time
+
+    import numpy as np
+
+    from ..tools.synth import SynthConfig, SynthWorld
+    from .refine import refine_dynamic_mask
+
+    ap = argparse.ArgumentParser(description=_bench.__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--width", type=int, default=518)
+    ap.add_argument("--height", type=int, default=294)
+    ap.add_argument("--dilate", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--ref-points", type=int, nargs="+", default=[REF_POINTS])
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--knn-plain", action="store_true", help="one topk over all refs")
+    a = ap.parse_args()
+    global KNN_GROUPED
+    KNN_GROUPED = not a.knn_plain
+    dev = torch.device(a.device)
+    seq = SynthWorld(SynthConfig(width=a.width, height=a.height, num_frames=a.frames,
+                                 seed=0, fps=10.0)).render_all()
+    kernel = torch.ones(1, 1, 2 * a.dilate + 1, 2 * a.dilate + 1)
+    gt = torch.from_numpy(seq.mask.astype(np.float32))[:, None]
+    coarse = (F.conv2d(gt, kernel, padding=a.dilate)[:, 0] > 0).to(dev)
+    args = (torch.from_numpy(seq.depth).float().to(dev),
+            torch.from_numpy(seq.intrinsic).float().to(dev),
+            torch.linalg.inv(torch.from_numpy(seq.cam_from_world).double()).float().to(dev),
+            coarse, torch.from_numpy(seq.image).permute(0, 3, 1, 2).float().div(255).to(dev))
+
+    def timed(fn):
+        best, out = float("inf"), None
+        for _ in range(a.repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            out = fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            best = min(best, time.perf_counter() - t0)
+        return best, out
+
+    print(f"device {dev}, {a.frames} frames {a.width}x{a.height}, coarse fraction "
+          f"{float(coarse.float().mean()):.3f}")
+    ref = None
+    if not a.no_reference:
+        outlier = "fast" if dev.type == "cuda" else "reference"
+        t0 = time.perf_counter()
+        ref = refine_dynamic_mask(*args, RefineConfig(outlier_backend=outlier))
+        print(f"reference (outlier {outlier}): {1e3 * (time.perf_counter() - t0):.1f} ms")
+    for rp in a.ref_points:
+        t, out = timed(lambda: refine_dynamic_mask_fast(*args, ref_points=rp))
+        msg = f"fast ref_points={rp}: {1e3 * t:.1f} ms (best of {a.repeats})"
+        if ref is not None:
+            iou = float((out & ref).sum()) / max(float((out | ref).sum()), 1.0)
+            msg += f", IoU vs reference {iou:.4f}"
+        print(msg)
+
+
+if __name__ == "__main__":
+    _bench()
