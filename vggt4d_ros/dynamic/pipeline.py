@@ -80,7 +80,7 @@ class Vggt4dConfig:
     refine_dilate_kernel: int = 3
     refine_pixel_offset: float = 0.5
     refine_outlier_backend: str = "auto"    # "auto" (torch kNN on CUDA, cKDTree on CPU) | ...
-    refine_backend: str = "auto"            # "auto" (batched refine_fast on CUDA) | "reference" | "fast"
+    refine_backend: str = "auto"            # "auto" (refine_fast on CUDA) | "reference" | "fast"
     refine_boundary_sharpening: bool = False  # measured trade-off: see refine.py docstring
     refine_boundary_band: int = 4
     refine_boundary_threshold: float = 0.2

@@ -79,7 +79,7 @@ class RefineConfig:
     boundary_band: int = 4                 # pixels either side of the mask edge re-decided
     boundary_threshold: float = 0.2        # energy above which a band pixel OUTSIDE becomes dynamic
     boundary_keep_threshold: float = 0.2   # energy below which a band pixel INSIDE becomes static
-    backend: str = "reference"             # "reference" | "fast" (refine_fast.py) | "auto" (fast on CUDA)
+    backend: str = "reference"             # | "fast" (refine_fast.py) | "auto" (fast on CUDA)
 
 
 # ------------------------------------------------------------------------- geometry helpers

@@ -24,8 +24,8 @@ Differences from the reference path (all documented approximations):
    probability). Inlier iff ``0 < a_i < threshold``. Exact (= Open3D / the reference) when
    the frame has at most ``ref_points`` and at most ``stats_points`` finite points (or
    ``stats_points=None``); a test checks equality. Cost: ``S·(stats_points + Q)·ref_points``
-   distances (Q = largest per-frame number of coarse points). Only coarse points get a decision (only they are
-   clustered).
+   distances (Q = largest per-frame number of coarse points). Only coarse points get a
+   decision (only they are clustered).
 2. **k-means** (``k = 30``): batched k-means++ seeding (greedy, ``2 + ln k`` candidates per
    step, drawn from a torch generator seeded with ``cfg.seed`` - NOT scikit-learn's random
    stream), then ``kmeans_iters`` (default 30) Lloyd iterations without an early stop (no
@@ -240,7 +240,8 @@ def batched_kmeans(x: Tensor, valid: Tensor, k: int, gen: torch.Generator,
     trials = 2 + int(math.log(k)) if k > 1 else 1
     for j in range(1, k):
         cdf = closest.cumsum(1)
-        u = torch.rand(s, trials, generator=gen, device=dev).to(dt) * cdf[:, -1:]  # same stream any dt
+        # float32 draws whatever dt is: the same random stream in float32 and float64
+        u = torch.rand(s, trials, generator=gen, device=dev).to(dt) * cdf[:, -1:]
         cand = torch.searchsorted(cdf, u, right=True).clamp_max(q - 1)  # [S, T]
         cand = torch.where(valid.gather(1, cand), cand, first[:, None].expand_as(cand))
         xc = _gather_points(x, cand)                                    # [S, T, 3]
