@@ -223,21 +223,28 @@ def ablation_steps() -> List[tuple]:
         ("+streaming_gram", "Q/K of the 11 layers reduced as produced, sources averaged first "
          "(no token x token tensors per source/head)",
          pipe(cluster_backend="reference", refine_outlier_backend="reference",
-              reuse_patch_tokens=False, pass2_camera_only=False, pass1_point_head=True)),
-        ("+gpu_cluster_threshold_refine", "torch k-means / multi-Otsu / kNN outlier removal / "
-         "refinement on the GPU", pipe(cluster_backend="fast", reuse_patch_tokens=False,
-                                       pass2_camera_only=False, pass1_point_head=True)),
+              refine_backend="reference", reuse_patch_tokens=False, pass2_camera_only=False,
+              pass1_point_head=True)),
+        ("+gpu_cluster_threshold_knn", "torch k-means / multi-Otsu / kNN outlier removal on "
+         "the GPU (per-frame refinement loop)",
+         pipe(cluster_backend="fast", refine_backend="reference", reuse_patch_tokens=False,
+              pass2_camera_only=False, pass1_point_head=True)),
         ("+pass2_camera_only_token_reuse", "pass 2 = aggregator + camera head, DINO tokens "
-         "reused from pass 1", pipe(cluster_backend="fast", pass1_point_head=True)),
+         "reused from pass 1", pipe(cluster_backend="fast", refine_backend="reference",
+                                    pass1_point_head=True)),
         ("+pass1_no_point_head", "pass 1 skips the idle point head (points come from depth)",
-         pipe(cluster_backend="fast")),
+         pipe(cluster_backend="fast", refine_backend="reference")),
+        ("+batched_gpu_refine", "refinement batched over frames and clusters on the GPU "
+         "(refine_fast: subsampled outlier rule, batched k-means, one sync)",
+         pipe(cluster_backend="fast", refine_backend="fast")),
         ("+cudnn_attention", "cuDNN fused attention preferred over FlashAttention-2",
-         pipe(cluster_backend="fast", attention_backend="cudnn")),
+         pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn")),
         ("+compiled_blocks", "torch.compile'd block functions (LN/RoPE/LayerScale/GELU fused)",
-         pipe(cluster_backend="fast", attention_backend="cudnn", compile_blocks=True)),
+         pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
+              compile_blocks=True)),
         ("+bf16_heads (numerics change)", "DPT depth head under bf16 autocast",
-         pipe(cluster_backend="fast", attention_backend="cudnn", compile_blocks=True,
-              head_dtype="bf16")),
+         pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
+              compile_blocks=True, head_dtype="bf16")),
     ]
 
 
