@@ -195,7 +195,7 @@ def test_oom_check_cap_search_with_a_fake_allocator(monkeypatch):
                      "max_memory_allocated": lambda *a: FakeCuda.peak,
                      "max_memory_reserved": lambda *a: FakeCuda.peak,
                      "get_device_properties": lambda *a: props,
-                     "get_device_name": lambda *a: "fake",
+                     "get_device_name": lambda *a: "fake", "current_device": lambda: 0,
                      "set_per_process_memory_fraction":
                          lambda f, *a: setattr(FakeCuda, "cap", f * total)}.items():
         monkeypatch.setattr(torch.cuda, name, fn)

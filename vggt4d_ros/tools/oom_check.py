@@ -120,6 +120,8 @@ def _cap_memory(pred, frames: list[np.ndarray], args: argparse.Namespace,
     small window's peak (cuDNN adapts its workspaces to the memory left, so measured peaks
     alone do not tell). ``--cap-gib`` sets the cap directly. If the full window does not fit
     even uncapped, no cap is needed: the OOM is natural."""
+    if device.index is None:   # the allocator API wants an explicit device index
+        device = torch.device(device.type, torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory
     fit = _peak_allocated(pred, frames, args.fit_frames, 10_000, device)
     full = _peak_allocated(pred, frames, args.window, 20_000, device)
