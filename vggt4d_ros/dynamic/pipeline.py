@@ -92,7 +92,10 @@ class Vggt4dConfig:
     pass1_point_head: bool = False          # world points come from depth: the point head is idle
     head_dtype: str = "fp32"                # DPT heads: "fp32" (official) | "bf16" (measured)
     attention_backend: str = "auto"         # SDPA kernel: "auto" (PyTorch's pick) | "cudnn" | "flash"
-    compile_blocks: bool = False            # torch.compile the transformer blocks (CUDA only)
+    # torch.compile the transformer blocks on CUDA (measured 165 -> 99 ms for the 16-frame
+    # aggregator on an H200; the first window of each shape compiles, ~18 s). On CPU the same
+    # functions run uncompiled (bit-identical to the module path).
+    compile_blocks: bool = True
     min_frames: int = 2
     points_pixel_offset: float = 0.0        # world points: official VGGT unprojection
 

@@ -213,6 +213,7 @@ def ablation_steps() -> List[tuple]:
         return lambda model: (lambda x: reference_vggt4d(model, x, amp=amp))
 
     def pipe(**kw):
+        kw.setdefault("compile_blocks", False)      # switched on by its own step
         return lambda model: Vggt4dPipeline(model, Vggt4dConfig(**kw))
 
     return [
