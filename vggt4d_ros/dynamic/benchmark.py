@@ -125,7 +125,8 @@ def run(frames: int, height: int, width: int, repeats: int, warmup: int, tiny: b
     return report
 
 
-def golden_check(golden_dir: str, device: Optional[str] = None) -> Dict[str, object]:
+def golden_check(golden_dir: str, device: Optional[str] = None,
+                 backends: tuple = ("reference", "fast")) -> Dict[str, object]:
     """Run the golden ``vggt4d/case_seq10`` on ``device`` in fp32 and with bf16 autocast.
 
     Reports, per mode, the max abs error of saliency / pass-2 extrinsics vs the golden data
@@ -152,18 +153,21 @@ def golden_check(golden_dir: str, device: Optional[str] = None) -> Dict[str, obj
         return float((a & b).sum()) / max(float((a | b).sum()), 1.0)
 
     out: Dict[str, object] = {"device": str(dev)}
-    for mode in ("off", "bf16"):
-        for backend in ("reference", "fast"):
-            cfg = Vggt4dConfig(autocast=mode, cluster_backend=backend)
-            res = Vggt4dPipeline(model, cfg)(images)
-            out[f"{mode}_{backend}"] = {
-                "saliency_max_err": float((res.saliency.cpu() - g["saliency.dyn_map"]).abs().max()),
-                "pass2_extrinsic_max_err": float((res.extrinsic.cpu()
-                                                  - g["pass2.extrinsic"]).abs().max()),
-                "depth_max_err": float((res.depth.cpu() - g["pass1.depth"][..., 0]).abs().max()),
-                "coarse_iou": iou(res.coarse_mask, g["mask.coarse"]),
-                "refined_iou": iou(res.mask, g["mask.refined"]),
-                "timings": res.timings}
+    runs = [(mode, backend, compiled) for mode in ("off", "bf16") for backend in backends
+            for compiled in ((False, True) if dev.type == "cuda" else (False,))]
+    for mode, backend, compiled in runs:
+        cfg = Vggt4dConfig(autocast=mode, cluster_backend=backend, compile_blocks=compiled)
+        model.use_fused_blocks(False)
+        res = Vggt4dPipeline(model, cfg)(images)
+        out[f"{mode}_{backend}{'_compiled' if compiled else ''}"] = {
+            "saliency_max_err": float((res.saliency.cpu() - g["saliency.dyn_map"]).abs().max()),
+            "pass2_extrinsic_max_err": float((res.extrinsic.cpu()
+                                              - g["pass2.extrinsic"]).abs().max()),
+            "depth_max_err": float((res.depth.cpu() - g["pass1.depth"][..., 0]).abs().max()),
+            "coarse_iou": iou(res.coarse_mask, g["mask.coarse"]),
+            "refined_iou": iou(res.mask, g["mask.refined"]),
+            "timings": res.timings}
+    model.use_fused_blocks(False)
     return out
 
 
@@ -175,6 +179,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--tiny", action="store_true", help="small random model (CPU smoke run)")
+    ap.add_argument("--golden-backends", default="reference,fast",
+                    help="comma list of cluster backends for --golden")
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="write the report here as well")
     ap.add_argument("--golden", default=None,
@@ -185,7 +191,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     report = run(a.frames, a.height, a.width, a.repeats, a.warmup, a.tiny, a.device)
     if a.golden:
-        report["golden_check"] = golden_check(a.golden, a.device)
+        report["golden_check"] = golden_check(a.golden, a.device,
+                                              tuple(a.golden_backends.split(",")))
     text = json.dumps(report, indent=1)
     print(text)
     if a.json:
