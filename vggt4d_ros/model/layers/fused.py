@@ -73,7 +73,20 @@ class FusedBlockFunctions:
         pre: Callable = attention_inputs
         post: Callable = attention_output_mlp
         if compile:
+            # One graph per (block kind, window size): frame/global/DINO blocks of pass 1 and 2
+            # at every window size the stream meets (regular, OOM-shrunk, final flush).
+            # Dynamo's default of 8 graphs per function falls back to eager after two or
+            # three window sizes (seen on the device); allow more.
+            _raise_recompile_limit(64)
             pre = torch.compile(pre, dynamic=False, mode=mode)
             post = torch.compile(post, dynamic=False, mode=mode)
         self.attention_inputs = pre
         self.attention_output_mlp = post
+
+
+def _raise_recompile_limit(limit: int) -> None:
+    """Let dynamo keep up to ``limit`` graphs per compiled function (never lowers it)."""
+    import torch._dynamo.config as dynamo_config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < limit:
+            setattr(dynamo_config, name, limit)
