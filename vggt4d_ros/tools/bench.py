@@ -362,7 +362,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     for s in args.frames:
         images = torch.rand(s, 3, args.height, args.width, device=dev, generator=gen)
         if "plain" not in args.skip:
+            model.use_fused_blocks(False)          # the official recipe: eager modules
             row = bench_plain(model, images, args.warmup, args.repeats)
+            model.use_fused_blocks(True, compile=dev.type == "cuda")
+            with torch.inference_mode():
+                comp = time_fn(lambda: model(images, autocast_dtype=torch.bfloat16),
+                               args.warmup, args.repeats, dev)
+            row["full_compiled_blocks"] = comp.as_dict()
             report["plain"].append(row)
             print(f"plain S={s:3d}: embed {row['patch_embed']['median_s'] * 1e3:7.1f} ms | "
                   f"aggregator {row['aggregator']['median_s'] * 1e3:7.1f} ms "
@@ -370,8 +376,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"{100 * row['aggregator_mfu']:.0f}% of {H100_BF16_DENSE_TFLOPS:.0f}) | "
                   f"heads {row['heads']['median_s'] * 1e3:7.1f} ms | full "
                   f"{row['full']['median_s'] * 1e3:7.1f} ms peak "
-                  f"{row['full']['peak_gb']:.2f} GB", flush=True)
+                  f"{row['full']['peak_gb']:.2f} GB | full, compiled blocks "
+                  f"{comp.median_s * 1e3:7.1f} ms", flush=True)
         if "vggt4d" not in args.skip:
+            model.use_fused_blocks(True, compile=dev.type == "cuda")   # as the pipeline sets
             r = bench_pipeline(pipe, images, args.warmup, args.repeats)
             r["frames"] = s
             plain = next((p for p in report["plain"] if p["frames"] == s), None)
@@ -387,6 +395,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             torch.cuda.empty_cache()
     images = torch.rand(args.ablation_frames, 3, args.height, args.width, device=dev,
                         generator=gen)
+    model.use_fused_blocks(False)
     if "attention" not in args.skip and dev.type == "cuda":
         print(f"attention backends at S={args.ablation_frames}:", flush=True)
         report["attention_backends"] = bench_attention_backends(model, images, args.warmup,
