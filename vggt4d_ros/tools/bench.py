@@ -31,13 +31,13 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
-from vggt4d_ros.tools.bench_util import (H100_BF16_DENSE_TFLOPS, Timing, synchronize, tflops,
-                                         time_fn, vggt_flops)
+from vggt4d_ros.tools.bench_util import (H100_BF16_DENSE_TFLOPS, synchronize, tflops, time_fn,
+                                         vggt_flops)
 
 RANDOM_LABEL = "random weights: geometry is meaningless"
 
@@ -133,7 +133,7 @@ def bench_plain(model, images: torch.Tensor, warmup: int, repeats: int) -> Dict[
                 model.depth_head(tokens, images=x, patch_start_idx=agg.patch_start_idx)
                 model.point_head(tokens, images=x, patch_start_idx=agg.patch_start_idx)
         t_heads = time_fn(heads, warmup, repeats, dev)
-        del agg, tokens
+        agg = tokens = None        # free the kept layers before the full forward
         t_full = time_fn(lambda: model(images, autocast_dtype=amp), warmup, repeats, dev)
     fl = vggt_flops(s, h, w, cfg.embed_dim, cfg.depth, cfg.patch_embed.embed_dim,
                     cfg.patch_embed.depth)

@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from vggt4d_ros.tools.atomic import atomic_output_dir
 from vggt4d_ros.tools import metrics as M
 
 
@@ -263,18 +261,10 @@ def evaluate(pred_dir: Path, gt: GroundTruth, out_dir: Path, opt: EvalOptions) -
                                             if any(w in k.lower() for w in keep)}
         except (json.JSONDecodeError, TypeError):
             pass
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_output_dir(out_dir) as tmp:
         _evaluate_into(pred_dir, gt, tmp, opt, result)
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2, default=_json_default))
         (tmp / "report.md").write_text(_report_markdown(result))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 

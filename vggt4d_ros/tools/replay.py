@@ -56,9 +56,7 @@ import argparse
 import io
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import zipfile
 from collections import Counter, deque
@@ -69,6 +67,7 @@ from typing import Any, Callable, Sequence
 import cv2
 import numpy as np
 
+from vggt4d_ros.tools.atomic import atomic_output_dir
 from vggt4d_ros.tools.datasets import Frame, FrameSource, InputError, open_source, SOURCE_KINDS
 
 RANDOM_WEIGHTS_NOTE = "random weights: geometry is meaningless"
@@ -425,16 +424,8 @@ def run_replay(source: FrameSource, out_dir: str | Path, settings: ReplaySetting
     """
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_output_dir(out) as tmp:
         summary = _ReplayRun(source, tmp, settings, predictor, weights_note, progress).run()
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ReplayResult(out, summary)
 
 

@@ -35,10 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -646,15 +643,14 @@ def write_outputs(world: SynthWorld, out_dir: str | Path, folder: bool = True,
     ``out_dir`` at the end. ``out_dir`` must not exist or be empty (unless ``overwrite``).
     """
     from vggt4d_ros.tools import rosbag_io as bio
+    from vggt4d_ros.tools.atomic import atomic_output_dir
     from vggt4d_ros.tools.metrics import write_tum
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {out} exists and is not empty (use --overwrite)")
     if not folder and not bags:
         raise ValueError("nothing to write: folder disabled and no bag storage given")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_output_dir(out) as tmp:
         writers = [bio.BagWriter(tmp / f"bag_{st}", st) for st in bags]
         if folder:
             for sub in ("rgb", "depth", "masks"):
@@ -688,12 +684,6 @@ def write_outputs(world: SynthWorld, out_dir: str | Path, folder: bool = True,
             (tmp / "camera.json").write_text(json.dumps(
                 {"width": world.config.width, "height": world.config.height, "K": K.tolist(),
                  "fps": world.config.fps, "frame_id": CAMERA_FRAME_ID, "config": cfg}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
