@@ -65,7 +65,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..geometry.unproject import depth_to_world_points
-from .refine import RefineConfig, _dilate, _erode, boundary_sharpen, ellipse_kernel
+from .refine import (RefineConfig, _dilate, _erode, boundary_sharpen, check_refine_inputs,
+                     ellipse_kernel)
 
 REF_POINTS = 8192          # kNN reference subsample per frame
 STATS_POINTS = 4096        # per-frame sample for the outlier mean/std
@@ -343,14 +344,7 @@ def refine_dynamic_mask_fast(depth: Tensor, intrinsic: Tensor, cam_to_world: Ten
     ``dtype`` the working precision (default float64 on CPU, float32 elsewhere).
     """
     cfg = cfg or RefineConfig()
-    if depth.dim() != 3:
-        raise ValueError(f"depth must be [S, H, W], got {tuple(depth.shape)}")
-    s, h, w = depth.shape
-    if coarse.shape != depth.shape or images.shape != (s, 3, h, w):
-        raise ValueError(f"coarse {tuple(coarse.shape)} / images {tuple(images.shape)} do not "
-                         f"match depth {tuple(depth.shape)} ([S,H,W] / [S,3,H,W])")
-    if intrinsic.shape != (s, 3, 3) or cam_to_world.shape[0] != s:
-        raise ValueError("intrinsic must be [S,3,3] and cam_to_world [S,4,4] or [S,3,4]")
+    s, h, w = check_refine_inputs(depth, intrinsic, cam_to_world, coarse, images)
     dev = depth.device
     coarse = coarse.to(dev).bool()
     if s == 1:

@@ -5,7 +5,7 @@ pixel centres (the ``align_corners=True`` convention of ``grid_sample``).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
