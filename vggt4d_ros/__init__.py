@@ -1,8 +1,8 @@
 """vggt4d_ros: VGGT4D 4D perception (poses, depth, dynamic masks, static maps) for ROS 2.
 
-Layers (imports only point downwards): ``model`` (VGGT) → ``dynamic`` (VGGT4D) →
-``geometry`` → ``stream`` (sliding-window engine) → ``ros`` (the only rclpy user) and
-``tools`` (CLIs over the same engine).
+Layers, each importing only those before it: ``geometry`` and ``model`` (VGGT) at the base,
+``dynamic`` (VGGT4D) on both, ``stream`` (sliding-window engine) on those, then ``ros`` (the
+only rclpy user) and ``tools`` (CLIs over the same engine), which do not import each other.
 """
 
 __version__ = "0.1.0"
