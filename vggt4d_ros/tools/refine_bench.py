@@ -20,6 +20,22 @@ from vggt4d_ros.dynamic.refine_fast import REF_POINTS, refine_dynamic_mask_fast
 from vggt4d_ros.tools.synth import SynthConfig, SynthWorld
 
 
+def count_syncs(args) -> int:
+    """Host synchronisations of one (warmed-up) fast refinement on CUDA, counted with
+    ``torch.cuda.set_sync_debug_mode`` (the batched path documents exactly one)."""
+    import warnings
+    refine_dynamic_mask_fast(*args)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            refine_dynamic_mask_fast(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def main() -> None:
     """Parse the arguments, run both paths, print times and IoU."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -32,6 +48,8 @@ def main() -> None:
     ap.add_argument("--ref-points", type=int, nargs="+", default=[REF_POINTS])
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--knn-plain", action="store_true", help="one topk over all refs")
+    ap.add_argument("--sync-check", action="store_true",
+                    help="count host synchronisations of one fast call (CUDA; documented: 1)")
     a = ap.parse_args()
     refine_fast.KNN_GROUPED = not a.knn_plain
     dev = torch.device(a.device)
@@ -57,6 +75,8 @@ def main() -> None:
             best = min(best, time.perf_counter() - t0)
         return best, out
 
+    if a.sync_check and dev.type == "cuda":
+        print(f"host syncs in one refine_dynamic_mask_fast call: {count_syncs(args)}")
     print(f"device {dev}, {a.frames} frames {a.width}x{a.height}, coarse fraction "
           f"{float(coarse.float().mean()):.3f}")
     ref = None
