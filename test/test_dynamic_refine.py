@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from vggt4d_ros.dynamic.refine import (RefineConfig, morphology_close_dilate,
                                        refine_dynamic_mask, statistical_inliers,
                                        statistical_inliers_torch)
-from vggt4d_ros.tools.synth import SynthConfig, SynthWorld
+
+from refine_scenes import dilated_mask_scene, golden_inputs, iou
 
 
 @pytest.fixture(scope="module")
@@ -21,30 +22,14 @@ def seq10(golden_dir):
     return load_file(str(golden_dir / "vggt4d" / "case_seq10.safetensors"))
 
 
-def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a & b).sum()) / max(float((a | b).sum()), 1.0)
-
-
-def _golden_inputs(g):
-    return (g["pass1.depth"][..., 0], g["pass1.intrinsic"], g["pass2.cam2world"],
-            g["mask.coarse"], g["in.images"].float() / 255)
+_iou = iou
+_golden_inputs = golden_inputs
 
 
 @pytest.fixture(scope="module")
 def synth_scene():
     """8 frames 224×168 with exact depth/poses; coarse mask = GT dilated by 5 px."""
-    world = SynthWorld(SynthConfig(width=224, height=168, num_frames=8, num_objects=2, seed=0,
-                                   fps=10.0))
-    seq = world.render_all()
-    gt = torch.from_numpy(seq.mask)
-    kernel = np.ones((11, 11), np.uint8)
-    coarse = torch.from_numpy(np.stack([cv2.dilate(m.astype(np.uint8), kernel)
-                                        for m in seq.mask]) > 0)
-    depth = torch.from_numpy(seq.depth).double()
-    intr = torch.from_numpy(seq.intrinsic).double()
-    c2w = torch.linalg.inv(torch.from_numpy(seq.cam_from_world).double())
-    images = torch.from_numpy(seq.image).permute(0, 3, 1, 2).double() / 255
-    return depth, intr, c2w, coarse, images, gt
+    return dilated_mask_scene(224, 168, 8, 5)
 
 
 # ------------------------------------------------------------------ golden

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import warnings
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -16,35 +15,23 @@ from vggt4d_ros.dynamic.refine import (RefineConfig, backproject_to_world,
                                        refine_dynamic_mask, statistical_inliers)
 from vggt4d_ros.dynamic.refine_fast import (batched_kmeans, batched_statistical_inliers,
                                             refine_dynamic_mask_fast)
-from vggt4d_ros.tools.synth import SynthConfig, SynthWorld
+
+from refine_scenes import dilated_mask_scene, golden_inputs, iou
 
 
-def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a & b).sum()) / max(float((a | b).sum()), 1.0)
+_iou = iou
 
 
 @pytest.fixture(scope="module")
 def seq10(golden_dir):
     g = load_file(str(golden_dir / "vggt4d" / "case_seq10.safetensors"))
-    return g, (g["pass1.depth"][..., 0], g["pass1.intrinsic"], g["pass2.cam2world"],
-               g["mask.coarse"], g["in.images"].float() / 255)
+    return g, golden_inputs(g)
 
 
 @pytest.fixture(scope="module")
 def synth_small():
     """6 frames 160×120, exact depth/poses; coarse mask = GT dilated by 4 px."""
-    world = SynthWorld(SynthConfig(width=160, height=120, num_frames=6, num_objects=2, seed=0,
-                                   fps=10.0))
-    seq = world.render_all()
-    gt = torch.from_numpy(seq.mask)
-    kernel = np.ones((9, 9), np.uint8)
-    coarse = torch.from_numpy(np.stack([cv2.dilate(m.astype(np.uint8), kernel)
-                                        for m in seq.mask]) > 0)
-    depth = torch.from_numpy(seq.depth).double()
-    intr = torch.from_numpy(seq.intrinsic).double()
-    c2w = torch.linalg.inv(torch.from_numpy(seq.cam_from_world).double())
-    images = torch.from_numpy(seq.image).permute(0, 3, 1, 2).double() / 255
-    return depth, intr, c2w, coarse, images, gt
+    return dilated_mask_scene(160, 120, 6, 4)
 
 
 # ------------------------------------------------------------------ agreement
