@@ -38,15 +38,15 @@ from tf2_msgs.msg import TFMessage
 
 from vggt4d_ros.msg import Status
 from vggt4d_ros.stream.engine import FrameInput
+from vggt4d_ros.stream.odom import LINK_FROM_OPTICAL, OdomFrames, covariance_in_base
 
 from . import params as P
 from .image_conv import ImageConversionError, array_to_image, image_to_rgb
 from .paths import PathEscapeError, confine
 from .pointcloud import points_to_cloud
 from .stamp_match import StampCache, stamp_to_ns
-from .transforms import (LINK_FROM_OPTICAL, OdomFrames, make_transform_stamped,
-                         matrix_from_xyz_rpy, matrix_to_pose, quat_xyzw_from_matrix,
-                         rotate_covariance, sanitize_covariance)
+from .transforms import (make_transform_stamped, matrix_from_xyz_rpy, matrix_to_pose,
+                         quat_xyzw_from_matrix)
 
 NODE_NAME = "vggt4d"
 STATE_CODES = {"WAITING": Status.WAITING, "TRACKING": Status.TRACKING, "LOST": Status.LOST,
@@ -501,8 +501,8 @@ class Vggt4dNode(Node):
         odom.header.stamp, odom.header.frame_id = stamp, self.odom_frame
         odom.child_frame_id = self.base_frame
         odom.pose.pose = matrix_to_pose(odom_from_base)
-        cov = rotate_covariance(sanitize_covariance(out.covariance), self.base_from_cam[:3, :3])
-        odom.pose.covariance = [float(v) for v in sanitize_covariance(cov).ravel()]
+        cov = covariance_in_base(out.covariance, self.base_from_cam)
+        odom.pose.covariance = [float(v) for v in cov.ravel()]
         odom.twist.covariance = [float(v) for v in (np.eye(6) * TWIST_VARIANCE).ravel()]
         self.pub_odom.publish(odom)
         if self.settings["publish_tf"]:

@@ -9,7 +9,7 @@ Frames: VGGT poses live in *optical* axes (x right, y down, z forward). Bodies i
 x forward, y left, z up (REP-103). ``LINK_FROM_OPTICAL`` rotates optical axes into body axes.
 The node's frames are ``odom -> base_link -> <camera optical frame>``; the engine's world is
 the optical frame of its first camera, mapped into ``odom`` so that base_link starts at the
-identity (see :class:`OdomFrames`).
+identity (see :class:`vggt4d_ros.stream.odom.OdomFrames`).
 """
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ import numpy as np
 from geometry_msgs.msg import Pose, Quaternion, Transform, TransformStamped, Vector3
 from scipy.spatial.transform import Rotation
 
-#: Rotation (4x4) from camera optical axes (x right, y down, z fwd) to camera body axes
-#: (x fwd, y left, z up): ``camera_link_from_camera_optical``.
-LINK_FROM_OPTICAL = np.array([[0.0, 0.0, 1.0, 0.0],
-                              [-1.0, 0.0, 0.0, 0.0],
-                              [0.0, -1.0, 0.0, 0.0],
-                              [0.0, 0.0, 0.0, 1.0]])
+# The frame and covariance conventions are ROS-free (shared with the offline replay); re-exported
+# here for the node and its tests.
+from vggt4d_ros.stream.odom import (LINK_FROM_OPTICAL, OdomFrames, rotate_covariance,
+                                    sanitize_covariance)
 
+__all__ = ["LINK_FROM_OPTICAL", "OdomFrames", "rotate_covariance", "sanitize_covariance",
+           "invert", "quat_xyzw_from_matrix", "matrix_from_quat_xyzw", "matrix_from_xyz_rpy",
+           "matrix_to_pose", "pose_to_matrix", "matrix_to_transform", "transform_to_matrix",
+           "make_transform_stamped"]
 
 def _as_se3(mat: np.ndarray) -> np.ndarray:
     m = np.asarray(mat, dtype=np.float64)
@@ -112,63 +114,3 @@ def make_transform_stamped(parent_from_child: np.ndarray, parent: str, child: st
     msg.child_frame_id = child
     msg.transform = matrix_to_transform(parent_from_child)
     return msg
-
-
-def rotate_covariance(cov6: np.ndarray, rot: np.ndarray) -> np.ndarray:
-    """Express a 6x6 (translation, rotation) covariance in a frame rotated by ``rot``
-    (3x3, new_from_old): ``A cov A^T`` with ``A = diag(rot, rot)``."""
-    a = np.zeros((6, 6))
-    a[:3, :3] = rot
-    a[3:, 3:] = rot
-    return a @ np.asarray(cov6, dtype=np.float64) @ a.T
-
-
-def sanitize_covariance(cov6: np.ndarray | None, floor: float = 1e-9,
-                        ceiling: float = 1e6) -> np.ndarray:
-    """A usable 6x6 covariance: symmetric, finite, diagonal clamped to ``[floor, ceiling]``.
-
-    Never returns an all-zero matrix (claims perfect certainty) nor 1e308-style sentinels
-    (breaks filters): non-finite or missing input becomes ``ceiling`` on the diagonal.
-    """
-    if cov6 is None:
-        return np.eye(6) * ceiling
-    c = np.asarray(cov6, dtype=np.float64).reshape(6, 6)
-    if not np.all(np.isfinite(c)):
-        return np.eye(6) * ceiling
-    c = np.clip(c, -ceiling, ceiling)
-    c = 0.5 * (c + c.T)
-    d = np.clip(np.diag(c), floor, ceiling)
-    off = c - np.diag(np.diag(c))
-    # keep off-diagonals consistent with the clamped diagonal (|c_ij| <= sqrt(c_ii c_jj))
-    lim = np.sqrt(np.outer(d, d))
-    off = np.clip(off, -lim, lim)
-    return off + np.diag(d)
-
-
-class OdomFrames:
-    """The engine's world → the node's frames (REP-105).
-
-    The engine's world is the optical frame of the first camera of the sequence, at the
-    identity; so ``odom_from_world = base_from_cam`` and base_link starts at the identity of
-    odom: ``odom_from_base = base_from_cam @ world_from_cam @ cam_from_base``.
-
-    Args:
-        base_from_cam: 4x4, pose of the camera *optical* frame in base_link.
-    """
-
-    def __init__(self, base_from_cam: np.ndarray) -> None:
-        self.base_from_cam = _as_se3(base_from_cam)
-        self.cam_from_base = invert(self.base_from_cam)
-        self.odom_from_world = self.base_from_cam
-
-    def odom_from_base(self, world_from_cam: np.ndarray) -> np.ndarray:
-        """4x4 pose of base_link in odom for a camera pose (world_from_cam) of the engine.
-        Non-finite input gives a non-finite result (callers check)."""
-        w_c = np.asarray(world_from_cam, dtype=np.float64).reshape(4, 4)
-        return self.odom_from_world @ w_c @ self.cam_from_base
-
-    def points_to_odom(self, points_world: np.ndarray) -> np.ndarray:
-        """``[M,3]`` engine-world points → odom, float32 ``[M,3]``."""
-        p = np.asarray(points_world, dtype=np.float64).reshape(-1, 3)
-        m = self.odom_from_world
-        return (p @ m[:3, :3].T + m[:3, 3]).astype(np.float32)

@@ -67,6 +67,8 @@ from typing import Any, Callable, Sequence
 import cv2
 import numpy as np
 
+from vggt4d_ros.geometry.transforms import invert_se3
+from vggt4d_ros.stream.odom import LINK_FROM_OPTICAL, OdomFrames, covariance_in_base
 from vggt4d_ros.tools.atomic import atomic_output_dir
 from vggt4d_ros.tools.datasets import Frame, FrameSource, InputError, open_source, SOURCE_KINDS
 
@@ -82,11 +84,6 @@ TOPICS = {
 STATUS_CODES = {"WAITING": 0, "TRACKING": 1, "LOST": 2, "RESET": 3}
 MAX_PATH_POSES = 10_000          # node: the Path keeps the last 10 000 poses
 TWIST_VARIANCE = 1e6             # node: twist is not estimated, large finite variance
-# camera_link_from_camera_optical: optical (x right, y down, z fwd) → body (x fwd, y left, z up)
-LINK_FROM_OPTICAL = np.array([[0.0, 0.0, 1.0, 0.0], [-1.0, 0.0, 0.0, 0.0],
-                              [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
-
-
 class ReplayError(Exception):
     """Internal failure of a replay (not the input's fault)."""
 
@@ -123,63 +120,6 @@ class ReplaySettings:
 
 
 # --------------------------------------------------------------------------- helpers
-def _se3_inv(t: np.ndarray) -> np.ndarray:
-    """Inverse of a rigid 4x4 transform."""
-    out = np.eye(4)
-    out[:3, :3] = t[:3, :3].T
-    out[:3, 3] = -t[:3, :3].T @ t[:3, 3]
-    return out
-
-
-class OdomFrame:
-    """Engine world → odom, as the node does it: the engine's world is the optical frame of the
-    first camera of the sequence (at the identity), so ``odom_from_world = base_from_cam`` and
-    base_link starts at the identity of odom. ``base_from_cam``: camera optical frame in
-    base_link (4x4; node parameters frames.camera_xyz/rpy, default camera at the base origin)."""
-
-    def __init__(self, base_from_cam: np.ndarray = LINK_FROM_OPTICAL) -> None:
-        self.base_from_cam = np.asarray(base_from_cam, np.float64)
-        self.cam_from_base = _se3_inv(self.base_from_cam)
-        self.odom_from_world = self.base_from_cam
-
-    def odom_from_cam(self, world_from_cam: np.ndarray) -> np.ndarray:
-        """Camera optical frame in odom."""
-        return self.odom_from_world @ world_from_cam
-
-    def odom_from_base(self, world_from_cam: np.ndarray) -> np.ndarray:
-        """base_link in odom."""
-        return self.odom_from_cam(world_from_cam) @ self.cam_from_base
-
-    def points(self, pts_world: np.ndarray) -> np.ndarray:
-        """[M,3] engine-world points → odom, float32."""
-        p = np.asarray(pts_world, np.float64).reshape(-1, 3)
-        m = self.odom_from_world
-        return (p @ m[:3, :3].T + m[:3, 3]).astype(np.float32)
-
-
-def sanitize_covariance(cov6: np.ndarray | None, floor: float = 1e-9,
-                        ceiling: float = 1e6) -> np.ndarray:
-    """Usable 6x6 covariance (same rule as the node): symmetric, finite, diagonal clamped to
-    [floor, ceiling], off-diagonals bounded by the diagonal; missing/non-finite → ceiling·I."""
-    if cov6 is None:
-        return np.eye(6) * ceiling
-    c = np.asarray(cov6, np.float64).reshape(6, 6)
-    if not np.all(np.isfinite(c)):
-        return np.eye(6) * ceiling
-    c = np.clip(c, -ceiling, ceiling)
-    c = 0.5 * (c + c.T)
-    d = np.clip(np.diag(c), floor, ceiling)
-    lim = np.sqrt(np.outer(d, d))
-    return np.clip(c - np.diag(np.diag(c)), -lim, lim) + np.diag(d)
-
-
-def covariance_in_base(cov_cam: np.ndarray | None, base_from_cam: np.ndarray) -> np.ndarray:
-    """Engine covariance (camera axes, x y z rx ry rz) → base_link axes, sanitised (node rule)."""
-    a = np.zeros((6, 6))
-    a[:3, :3] = a[3:, 3:] = base_from_cam[:3, :3]
-    return sanitize_covariance(a @ sanitize_covariance(cov_cam) @ a.T)
-
-
 def save_npz_deterministic(path: Path, **arrays: np.ndarray) -> None:
     """``np.savez_compressed`` with fixed zip timestamps, so equal arrays give equal bytes."""
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -348,7 +288,7 @@ class GroundTruthOutput:
             save_npz_deterministic(self.root / "gt.npz",
                                    stamps_ns=np.asarray(self.stamps, np.int64),
                                    intrinsics=np.stack(self.intr),
-                                   cam_from_world=np.stack([_se3_inv(t) for t in wfc]))
+                                   cam_from_world=invert_se3(wfc))
             self.any = True
         return self.any
 
@@ -452,7 +392,7 @@ class _ReplayRun:
             weights_note = RANDOM_WEIGHTS_NOTE
         self.predictor, self.weights_note = predictor, weights_note
         self.engine = make_engine(predictor, settings)
-        self.odom = OdomFrame()
+        self.odom = OdomFrames(LINK_FROM_OPTICAL)
         (root / "masks").mkdir()
         (root / "depth").mkdir()
         self.bag = BagOutput(root / "bag", settings) if settings.bag else None
@@ -580,7 +520,7 @@ class _ReplayRun:
                     self.window_stages[stage] += float(sec)
             if self.bag is not None and outs:
                 self.timer.run("write", self.bag.window, outs[-1].stamp_ns,
-                               self.odom.points(win.static_points),
+                               self.odom.points_to_odom(win.static_points),
                                np.asarray(win.colors, np.uint8).reshape(-1, 3),
                                np.asarray(win.confidence, np.float32).reshape(-1))
         state = self.engine.state
@@ -599,7 +539,7 @@ class _ReplayRun:
         from vggt4d_ros.tools.metrics import write_tum
         root, t0 = self.root, time.perf_counter()
         arr = self.engine.static_map.to_arrays()
-        map_pts = self.odom.points(arr["points"])
+        map_pts = self.odom.points_to_odom(arr["points"])
         map_cols = np.asarray(arr["colors"], np.uint8).reshape(-1, 3)
         write_ply(root / "static_map.ply", map_pts, map_cols, arr.get("counts"))
         if self.traj:
