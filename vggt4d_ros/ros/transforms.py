@@ -17,6 +17,7 @@ import numpy as np
 from geometry_msgs.msg import Pose, Quaternion, Transform, TransformStamped, Vector3
 from scipy.spatial.transform import Rotation
 
+from vggt4d_ros.geometry.transforms import invert_se3
 # The frame and covariance conventions are ROS-free (shared with the offline replay); re-exported
 # here for the node and its tests.
 from vggt4d_ros.stream.odom import (LINK_FROM_OPTICAL, OdomFrames, rotate_covariance,
@@ -38,12 +39,7 @@ def _as_se3(mat: np.ndarray) -> np.ndarray:
 
 def invert(a_from_b: np.ndarray) -> np.ndarray:
     """Inverse of a rigid (or similarity-free) 4x4 transform: ``b_from_a``."""
-    m = _as_se3(a_from_b)
-    r, t = m[:3, :3], m[:3, 3]
-    out = np.eye(4)
-    out[:3, :3] = r.T
-    out[:3, 3] = -r.T @ t
-    return out
+    return invert_se3(_as_se3(a_from_b))
 
 
 def quat_xyzw_from_matrix(rot: np.ndarray) -> np.ndarray:

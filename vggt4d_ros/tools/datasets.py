@@ -98,6 +98,8 @@ from typing import Any, Iterator, Sequence
 import cv2
 import numpy as np
 
+from vggt4d_ros.geometry.transforms import invert_se3, to_homogeneous
+
 __all__ = [
     "Frame", "FrameSource", "InputError", "open_source", "detect_kind", "list_sequences",
     "DATASET_KINDS", "SOURCE_KINDS", "image_msg_to_rgb", "quat_to_rot", "read_sintel_cam",
@@ -208,12 +210,7 @@ def _intrinsic(fx: float, fy: float, cx: float, cy: float, skew: float = 0.0) ->
 
 def _se3_inverse(t: np.ndarray) -> np.ndarray:
     """Inverse of a rigid 4x4 (or 3x4) transform, returned as 4x4 float64."""
-    m = np.eye(4)
-    m[:3, :4] = np.asarray(t, dtype=np.float64)[:3, :4]
-    out = np.eye(4)
-    out[:3, :3] = m[:3, :3].T
-    out[:3, 3] = -m[:3, :3].T @ m[:3, 3]
-    return out
+    return invert_se3(to_homogeneous(np.asarray(t, dtype=np.float64)[:3, :4]))
 
 
 def quat_to_rot(qx: float, qy: float, qz: float, qw: float) -> np.ndarray:
