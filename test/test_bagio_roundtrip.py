@@ -158,3 +158,15 @@ def test_custom_msg_dir_registers_types(tmp_path: Path) -> None:
     p = bio.write_bag(tmp_path / "bag", [("/foo", 3, m)], storage="mcap", typestore=store)
     (_, s, back), = list(bio.read_bag(p, typestore=store))
     assert s == 3 and back.state == 2 and back.text == "hi"
+
+
+def test_image_to_rgb_8uc3_is_bgr_and_16bit_keeps_high_byte() -> None:
+    rgb = np.random.default_rng(1).integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    m = bio.image_msg(rgb[..., ::-1].copy(), 0, "cam", "bgr8")
+    m.encoding = "8UC3"                       # cv_bridge reads 8UC3 as BGR
+    assert np.array_equal(bio.image_to_rgb(m), rgb)
+    grey = np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000
+    out = bio.image_to_rgb(bio.image_msg(grey, 0, "cam", "16UC1"))
+    assert np.array_equal(out[..., 2], (grey >> 8).astype(np.uint8))
+    with pytest.raises(ValueError, match="unsupported image encoding '32FC1'"):
+        bio.image_to_rgb(bio.image_msg(grey.astype(np.float32), 0, "cam"))

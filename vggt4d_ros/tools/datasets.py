@@ -99,6 +99,7 @@ import cv2
 import numpy as np
 
 from vggt4d_ros.geometry.transforms import invert_se3, to_homogeneous
+from vggt4d_ros.tools.rosbag_io import RGB_ENCODINGS, image_to_rgb
 
 __all__ = [
     "Frame", "FrameSource", "InputError", "open_source", "detect_kind", "list_sequences",
@@ -396,47 +397,24 @@ class VideoSource(FrameSource):
 
 
 # --------------------------------------------------------------------------- rosbag2
-_YUV_CODES = {"yuv422": cv2.COLOR_YUV2RGB_UYVY, "uyvy": cv2.COLOR_YUV2RGB_UYVY,
-              "yuv422_yuy2": cv2.COLOR_YUV2RGB_YUY2, "yuyv": cv2.COLOR_YUV2RGB_YUY2}
-SUPPORTED_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "8UC1", "8UC3", "mono16",
-                       "16UC1") + tuple(_YUV_CODES)
+SUPPORTED_ENCODINGS = RGB_ENCODINGS
 
 
 def image_msg_to_rgb(msg: Any) -> np.ndarray:
-    """sensor_msgs/Image (or CompressedImage) → [H,W,3] uint8 RGB.
+    """sensor_msgs/Image (or CompressedImage) → [H,W,3] uint8 RGB (``rosbag_io.image_to_rgb``).
 
     Honours ``step`` (row padding) and ``is_bigendian`` (16-bit). Raises InputError for
     unsupported encodings or inconsistent sizes.
     """
-    if hasattr(msg, "format") and not hasattr(msg, "encoding"):       # CompressedImage
-        bgr = cv2.imdecode(np.frombuffer(bytes(msg.data), np.uint8), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise InputError(f"cannot decode CompressedImage (format '{msg.format}')")
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    enc, h, w, step = str(msg.encoding), int(msg.height), int(msg.width), int(msg.step)
-    chans = {"rgb8": 3, "bgr8": 3, "8UC3": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "8UC1": 1}
-    data = np.frombuffer(bytes(msg.data), dtype=np.uint8)
-    if h <= 0 or w <= 0 or len(data) < h * step:
-        raise InputError(f"image message {w}x{h} step {step} has {len(data)} bytes (corrupt)")
-    rows = data[: h * step].reshape(h, step)
-    if enc in chans:
-        c = chans[enc]
-        img = rows[:, : w * c].reshape(h, w, c)
-        if c == 1:
-            return cv2.cvtColor(np.ascontiguousarray(img[:, :, 0]), cv2.COLOR_GRAY2RGB)
-        code = {"rgb8": None, "8UC3": cv2.COLOR_BGR2RGB, "bgr8": cv2.COLOR_BGR2RGB,
-                "rgba8": cv2.COLOR_RGBA2RGB, "bgra8": cv2.COLOR_BGRA2RGB}[enc]
-        img = np.ascontiguousarray(img)
-        return img.copy() if code is None else cv2.cvtColor(img, code)
-    if enc in ("mono16", "16UC1"):
-        dt = ">u2" if msg.is_bigendian else "<u2"
-        grey = np.ascontiguousarray(rows[:, : w * 2]).view(dt).reshape(h, w)
-        return cv2.cvtColor((grey >> 8).astype(np.uint8), cv2.COLOR_GRAY2RGB)
-    if enc in _YUV_CODES:
-        return cv2.cvtColor(np.ascontiguousarray(rows[:, : w * 2]).reshape(h, w, 2),
-                            _YUV_CODES[enc])
-    raise InputError(f"unsupported image encoding '{enc}' (supported: "
-                     f"{', '.join(SUPPORTED_ENCODINGS)}, CompressedImage)")
+    if hasattr(msg, "encoding"):
+        h, w, step = int(msg.height), int(msg.width), int(msg.step)
+        if h <= 0 or w <= 0 or len(msg.data) < h * step:
+            raise InputError(f"image message {w}x{h} step {step} has {len(msg.data)} bytes "
+                             "(corrupt)")
+    try:
+        return image_to_rgb(msg)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _stamp_of(msg: Any, bag_ns: int) -> int:

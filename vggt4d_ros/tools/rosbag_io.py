@@ -36,7 +36,11 @@ IMAGE_ENCODINGS: dict[str, tuple[str, int]] = {
     "rgb8": ("u1", 3), "bgr8": ("u1", 3), "rgba8": ("u1", 4), "bgra8": ("u1", 4),
     "mono8": ("u1", 1), "8UC1": ("u1", 1), "8UC3": ("u1", 3),
     "mono16": ("u2", 1), "16UC1": ("u2", 1), "32FC1": ("f4", 1),
+    # packed 4:2:2, two bytes per pixel: UYVY (ROS "yuv422") and YUYV ("yuv422_yuy2")
+    "yuv422": ("u1", 2), "uyvy": ("u1", 2), "yuv422_yuy2": ("u1", 2), "yuyv": ("u1", 2),
 }
+#: Encodings :func:`image_to_rgb` turns into RGB (everything but float depth).
+RGB_ENCODINGS = tuple(e for e in IMAGE_ENCODINGS if e != "32FC1")
 # sensor_msgs/PointField datatypes
 _PF_DTYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 8: "f8"}
 _PF_FLOAT32 = 7
@@ -185,20 +189,34 @@ def image_to_numpy(msg) -> np.ndarray:
 
 
 def image_to_rgb(msg) -> np.ndarray:
-    """[H,W,3] uint8 RGB of an rgb8 / bgr8 / rgba8 / bgra8 / mono8 Image."""
-    a = image_to_numpy(msg)
+    """[H,W,3] uint8 RGB of an Image in any of ``RGB_ENCODINGS`` (8UC3 read as BGR, as
+    cv_bridge does; 16-bit grey keeps its high byte) or of a CompressedImage (PNG/JPEG).
+
+    ValueError for unsupported encodings, undecodable or too-short data.
+    """
+    import cv2  # lazy: only colour conversions need OpenCV
+
+    if hasattr(msg, "format") and not hasattr(msg, "encoding"):        # CompressedImage
+        bgr = cv2.imdecode(np.frombuffer(bytes(msg.data), np.uint8), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"cannot decode CompressedImage (format '{msg.format}')")
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     enc = msg.encoding
-    if enc in ("rgb8", "8UC3"):
+    if enc not in RGB_ENCODINGS:
+        raise ValueError(f"unsupported image encoding '{enc}' (supported: "
+                         f"{', '.join(RGB_ENCODINGS)}, CompressedImage)")
+    a = image_to_numpy(msg)
+    if enc == "rgb8":
         return a
-    if enc == "bgr8":
-        return np.ascontiguousarray(a[..., ::-1])
-    if enc == "rgba8":
-        return np.ascontiguousarray(a[..., :3])
-    if enc == "bgra8":
-        return np.ascontiguousarray(a[..., 2::-1])
-    if enc in ("mono8", "8UC1"):
+    if enc in ("mono16", "16UC1"):
+        a = (a >> 8).astype(np.uint8)
+    if a.ndim == 2:
         return np.repeat(a[..., None], 3, axis=2)
-    raise ValueError(f"image encoding {enc!r} is not a colour/mono 8-bit encoding")
+    code = {"bgr8": cv2.COLOR_BGR2RGB, "8UC3": cv2.COLOR_BGR2RGB, "rgba8": cv2.COLOR_RGBA2RGB,
+            "bgra8": cv2.COLOR_BGRA2RGB, "yuv422": cv2.COLOR_YUV2RGB_UYVY,
+            "uyvy": cv2.COLOR_YUV2RGB_UYVY, "yuv422_yuy2": cv2.COLOR_YUV2RGB_YUY2,
+            "yuyv": cv2.COLOR_YUV2RGB_YUY2}[enc]
+    return cv2.cvtColor(np.ascontiguousarray(a), code)
 
 
 def camera_info_msg(K: np.ndarray, width: int, height: int, stamp_ns: int, frame_id: str,
