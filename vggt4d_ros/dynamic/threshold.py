@@ -13,7 +13,8 @@ maximum between-class variance), so it differs only on numerical near-ties.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+import math
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,15 +33,25 @@ def upsample_map(x: Tensor, size: Tuple[int, int]) -> Tensor:
                          align_corners=False)[:, 0]
 
 
-def _class_score(values: Tensor, thresholds: Tensor) -> float:
-    """Population variance of the class means / sqrt(n) (empty classes are skipped)."""
-    cls = torch.bucketize(values, thresholds, right=True)  # == np.digitize(values, thr)
+def _class_score(values: Tensor, thresholds: Tensor) -> Tensor:
+    """Population variance of the class means / sqrt(n) (empty classes are skipped).
+
+    ``values`` [M] float, ``thresholds`` [n-1] ascending. A value v is in class
+    ``#{t <= v}`` (= ``np.digitize(values, thresholds)``). Returns a 0-dim float64 tensor on
+    the values' device; no host synchronisation (per-class masked sums, no atomics).
+    """
     n = thresholds.numel() + 1
-    counts = torch.bincount(cls, minlength=n).double()
-    sums = torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(
-        0, cls, values.double())
-    means = sums[counts > 0] / counts[counts > 0]
-    return float(means.var(unbiased=False) / np.sqrt(n))
+    cls = (values[:, None] >= thresholds[None, :]).sum(1)
+    v64 = values.double()
+    zero = torch.zeros((), dtype=torch.float64, device=values.device)
+    counts = torch.stack([(cls == c).sum() for c in range(n)]).double()
+    sums = torch.stack([torch.where(cls == c, v64, zero).sum() for c in range(n)])
+    present = counts > 0
+    means = sums / counts.clamp_min(1)
+    k = present.sum().double()
+    centre = torch.where(present, means, zero).sum() / k
+    var = torch.where(present, (means - centre) ** 2, zero).sum() / k
+    return var / math.sqrt(n)
 
 
 def multiotsu_reference(values: np.ndarray, classes: int, nbins: int = OTSU_BINS) -> np.ndarray:
@@ -50,20 +61,25 @@ def multiotsu_reference(values: np.ndarray, classes: int, nbins: int = OTSU_BINS
     return np.asarray(threshold_multiotsu(values, classes=classes, nbins=nbins))
 
 
-def multiotsu_torch(values: Tensor, classes: int, nbins: int = OTSU_BINS) -> Tensor:
-    """Multi-Otsu thresholds ``[classes-1]`` from a torch histogram, exact DP over bins.
+def _histogram(v: Tensor, lo: Tensor, hi: Tensor, nbins: int) -> Tensor:
+    """``nbins`` equal-width bin counts of ``v`` over ``[lo, hi]`` (0-dim tensors, no sync),
+    the last bin closed (``np.histogram`` / ``torch.histc`` convention). float64 ``[nbins]``."""
+    width = (hi - lo).clamp_min(torch.finfo(v.dtype).tiny)
+    idx = ((v - lo) / width * nbins).floor().long().clamp_(0, nbins - 1)
+    return torch.bincount(idx, minlength=nbins).double()
 
-    Histogram: ``nbins`` equal bins over ``[min, max]``; thresholds are bin centres of the last
-    bin of each lower class (scikit-image convention). Maximises ``Σ_k w_k μ_k²`` (equivalent
-    to the between-class variance) over all contiguous partitions with non-empty bin ranges.
+
+def _multiotsu_cuts(hist: Tensor, classes: Sequence[int]) -> List[Tensor]:
+    """Optimal multi-Otsu cuts for every class count, one dynamic programme over bins.
+
+    Maximises ``Σ_k w_k μ_k²`` (= the between-class variance) over all contiguous partitions
+    of the bins into non-empty bin ranges. Returns, per entry of ``classes``, the ``n-1``
+    ascending cut positions (the first bin of each upper class) as a long tensor; no host
+    synchronisation (back-tracking by tensor indexing).
     """
-    v = values.reshape(-1).float()
-    lo, hi = float(v.min()), float(v.max())
-    if not hi > lo:
-        raise ValueError("multi-Otsu needs at least two distinct values")
-    hist = torch.histc(v, bins=nbins, min=lo, max=hi).double()
-    p = hist / hist.sum()
-    idx = torch.arange(nbins, dtype=torch.float64, device=v.device)
+    nbins = hist.numel()
+    p = hist / hist.sum().clamp_min(1)
+    idx = torch.arange(nbins, dtype=torch.float64, device=hist.device)
     c0 = torch.cat([p.new_zeros(1), p.cumsum(0)])            # [nbins+1] prefix weights
     c1 = torch.cat([p.new_zeros(1), (p * idx).cumsum(0)])    # prefix first moments
     # cost[a, b] for the half-open bin range [a, b): (Σ p x)^2 / Σ p
@@ -73,49 +89,89 @@ def multiotsu_torch(values: Tensor, classes: int, nbins: int = OTSU_BINS) -> Ten
     invalid = torch.ones_like(cost, dtype=torch.bool).triu(1).logical_not()  # need a < b
     cost = cost.masked_fill(invalid, float("-inf"))
     best = cost[0].clone()                                   # one class covering [0, b)
-    back = []
-    for _ in range(classes - 1):
+    back: List[Tensor] = []
+    for _ in range(max(classes) - 1):
         total = best[:, None] + cost                         # [a, b]
         best, arg = total.max(dim=0)
         back.append(arg)
-    # backtrack from b = nbins
-    cuts = []
-    b = nbins
-    for arg in reversed(back):
-        a = int(arg[b])
-        cuts.append(a)
-        b = a
-    cuts = sorted(cuts)
-    centres = lo + (torch.arange(nbins, device=v.device, dtype=torch.float64) + 0.5) \
-        * (hi - lo) / nbins
-    return centres[torch.tensor(cuts, device=v.device) - 1].float()
+    out = []
+    for n in classes:
+        b = torch.tensor(nbins, device=hist.device)
+        cuts = []
+        for arg in reversed(back[:n - 1]):
+            b = arg[b]
+            cuts.append(b)
+        out.append(torch.stack(cuts[::-1]) if cuts else b.new_zeros(0))
+    return out
+
+
+def _bin_centres(lo: Tensor, hi: Tensor, nbins: int) -> Tensor:
+    """Centres ``[nbins]`` float64 of the equal-width bins over ``[lo, hi]``."""
+    i = torch.arange(nbins, dtype=torch.float64, device=lo.device)
+    return lo.double() + (i + 0.5) * (hi.double() - lo.double()) / nbins
+
+
+def multiotsu_torch(values: Tensor, classes: int, nbins: int = OTSU_BINS) -> Tensor:
+    """Multi-Otsu thresholds ``[classes-1]`` from a torch histogram, exact DP over bins.
+
+    Histogram: ``nbins`` equal bins over ``[min, max]``; thresholds are bin centres of the last
+    bin of each lower class (scikit-image convention). Raises ValueError on a constant input.
+    """
+    v = values.reshape(-1).float()
+    lo, hi = torch.aminmax(v)
+    if not float(hi) > float(lo):
+        raise ValueError("multi-Otsu needs at least two distinct values")
+    cuts = _multiotsu_cuts(_histogram(v, lo, hi, nbins), (classes,))[0]
+    return _bin_centres(lo, hi, nbins)[cuts - 1].float()
 
 
 def adaptive_threshold(values: Tensor, classes: Sequence[int] = OTSU_CLASSES,
-                       nbins: int = OTSU_BINS, backend: str = "reference") -> float:
+                       nbins: int = OTSU_BINS, backend: str = "reference",
+                       as_tensor: bool = False) -> Union[float, Tensor]:
     """Spec §4 adaptive threshold over all pixels of ``values`` (any shape).
 
-    Returns the highest threshold of the best-scoring class count. A constant map has no
-    threshold: returns +inf (nothing is dynamic).
+    Returns the highest threshold of the best-scoring class count (ties: the smaller count).
+    A constant map has no threshold: +inf (nothing is dynamic). ``as_tensor`` returns a 0-dim
+    float32 tensor on the values' device instead of a float; with ``backend="fast"`` the whole
+    computation then runs without a host synchronisation (input validation included: a
+    non-finite input gives a NaN threshold instead of the ValueError of the float form).
     """
+    if backend not in ("reference", "fast"):
+        raise ValueError(f"threshold backend must be 'reference' or 'fast', got {backend!r}")
     v = values.reshape(-1).float()
-    if v.numel() == 0 or not bool(torch.isfinite(v).all()):
+    if v.numel() == 0:
         raise ValueError("threshold input must be non-empty and finite")
-    if float(v.max()) <= float(v.min()):
-        return float("inf")
+    if backend == "fast":
+        thr = _adaptive_threshold_fast(v, tuple(classes), nbins)
+        if as_tensor:
+            return thr
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError("threshold input must be non-empty and finite")
+        return float(thr)
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError("threshold input must be non-empty and finite")
     best_score, best_thr = -np.inf, float("inf")
-    v_np = v.detach().cpu().numpy() if backend == "reference" else None
-    for n in classes:
-        if backend == "reference":
+    if float(v.max()) > float(v.min()):
+        v_np = v.detach().cpu().numpy()
+        for n in classes:
             try:
                 thr = torch.from_numpy(multiotsu_reference(v_np, n, nbins)).to(v.device).float()
             except ValueError:  # fewer distinct histogram values than classes
                 continue
-        elif backend == "fast":
-            thr = multiotsu_torch(v, n, nbins)
-        else:
-            raise ValueError(f"threshold backend must be 'reference' or 'fast', got {backend!r}")
-        score = _class_score(v, thr)
-        if score > best_score:
-            best_score, best_thr = score, float(thr.max())
-    return best_thr
+            score = float(_class_score(v, thr))
+            if score > best_score:
+                best_score, best_thr = score, float(thr.max())
+    return torch.tensor(best_thr, device=v.device) if as_tensor else best_thr
+
+
+def _adaptive_threshold_fast(v: Tensor, classes: Tuple[int, ...], nbins: int) -> Tensor:
+    """Sync-free fast backend of :func:`adaptive_threshold` (0-dim float32 tensor)."""
+    lo, hi = torch.aminmax(v)
+    centres = _bin_centres(lo, hi, nbins)
+    all_cuts = _multiotsu_cuts(_histogram(v, lo, hi, nbins), classes)
+    thresholds = [centres[cuts - 1].float() for cuts in all_cuts]
+    scores = torch.stack([_class_score(v, t) for t in thresholds])
+    best = torch.stack([t.max() for t in thresholds])[scores.argmax()]   # first max wins
+    bad = ~torch.isfinite(v).all()
+    return torch.where(hi > lo, best, torch.full_like(best, float("inf"))).masked_fill(
+        bad, float("nan"))
