@@ -42,65 +42,69 @@ def kmeans_reference(points: np.ndarray, k: int, seed: int = KMEANS_SEED) -> np.
     return km.labels_.astype(np.int64)
 
 
-def _sq_dists(x: Tensor, c: Tensor) -> Tensor:
-    """Squared Euclidean distances ``[M, K]`` (float64) between ``x [M, C]`` and ``c [K, C]``."""
-    x = x.double()
-    c = c.double()
-    d = (x * x).sum(1, keepdim=True) - 2.0 * x @ c.T + (c * c).sum(1)[None]
+def _sq_dists(x: Tensor, c: Tensor, x_sq: Optional[Tensor] = None) -> Tensor:
+    """Squared Euclidean distances ``[M, K]`` (float64) between ``x [M, C]`` and ``c [K, C]``
+    (both float64; ``x_sq`` = precomputed ``|x|²`` per row)."""
+    if x_sq is None:
+        x_sq = (x * x).sum(1)
+    d = x_sq[:, None] - (x @ c.T) * 2.0 + (c * c).sum(1)[None]
     return d.clamp_min_(0.0)
 
 
 def kmeans_plusplus_torch(x: Tensor, k: int, rng: np.random.RandomState,
-                          n_local_trials: Optional[int] = None) -> Tensor:
+                          n_local_trials: Optional[int] = None,
+                          x_sq: Optional[Tensor] = None,
+                          host_dtype: Optional[np.dtype] = None) -> Tensor:
     """Greedy k-means++ seeding -> indices ``[k]`` of the chosen rows of ``x [M, C]``.
 
     The first centre is ``rng.choice(M)`` (uniform weights); every further step draws
     ``2 + ln k`` candidates with probability proportional to the squared distance to the
     closest centre (inverse CDF of the running potential) and keeps the candidate that lowers
-    the potential most. Random numbers come from the numpy ``RandomState`` on the host (a few
-    scalars per step) and the cumulative sum is taken on the host in the input precision, so
+    the potential most. Random numbers come from the numpy ``RandomState`` (drawn up front: the
+    same stream as one draw per step) and the cumulative sum is taken on the host in
+    ``host_dtype`` (the input precision, default float32 unless x is float64 without one), so
     the draws are those scikit-learn makes for the same seed; distances are computed in
-    float64 on ``x``'s device.
+    float64 on ``x``'s device. One small device->host copy per step (the running distances).
     """
     m = x.shape[0]
-    host_dtype = np.float64 if x.dtype == torch.float64 else np.float32
+    if host_dtype is None:
+        host_dtype = np.float64 if x.dtype == torch.float64 else np.float32
+    x = x.double()
+    if x_sq is None:
+        x_sq = (x * x).sum(1)
     trials = n_local_trials or (2 + int(np.log(k)))
     weights = np.ones(m, dtype=host_dtype)
     first = int(rng.choice(m, p=weights / weights.sum()))
-    chosen = [first]
-    closest = _sq_dists(x[first:first + 1], x)[0]
-    potential = float(closest.sum())
-    for _ in range(1, k):
-        draws = rng.uniform(size=trials) * potential
-        cdf = np.cumsum(closest.cpu().numpy().astype(host_dtype))
-        cand = np.minimum(np.searchsorted(cdf, draws), m - 1)
-        cand_t = torch.from_numpy(cand).to(x.device)
-        d_cand = torch.minimum(_sq_dists(x[cand_t], x), closest[None])      # [trials, M]
-        pots = d_cand.sum(1)
-        best = int(torch.argmin(pots))
-        potential = float(pots[best])
-        closest = d_cand[best]
-        chosen.append(int(cand[best]))
-    return torch.tensor(chosen, device=x.device)
+    uniforms = rng.uniform(size=(max(k - 1, 0), trials))
+    closest = _sq_dists(x, x[first:first + 1], x_sq)[:, 0]
+    # device state [M + 1]: running closest distances, then the potential (one copy per step)
+    state = torch.cat([closest, closest.sum()[None]])
+    chosen = [torch.tensor(first, device=x.device)]
+    for step in range(1, k):
+        host = state.cpu().numpy()                            # the step's one host sync
+        draws = uniforms[step - 1] * float(host[m])
+        cand = np.minimum(np.searchsorted(np.cumsum(host[:m].astype(host_dtype)), draws), m - 1)
+        cand_t = torch.from_numpy(cand).to(x.device, non_blocking=True)
+        d_cand = torch.minimum(_sq_dists(x, x[cand_t], x_sq), state[:m, None])   # [M, T]
+        pots = d_cand.sum(0)                                            # [trials]
+        best = torch.argmin(pots)
+        state = torch.cat([d_cand[:, best], pots[best, None]])
+        chosen.append(cand_t[best])
+    return torch.stack(chosen)
 
 
-def _lloyd_update(x: Tensor, labels: Tensor, dist: Tensor, k: int) -> Tensor:
-    """New centres ``[k, C]`` (float64) from assignments; empty clusters take the points
-    farthest from their centre (each such point leaves its old cluster)."""
-    sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
-    sums.index_add_(0, labels, x)
-    counts = torch.bincount(labels, minlength=k).to(torch.float64)
+def _relocate_empty(x: Tensor, labels: Tensor, dist: Tensor, sums: Tensor,
+                    counts: Tensor) -> None:
+    """Empty clusters take the points farthest from their centre, in place (rare path)."""
     empty = torch.nonzero(counts == 0).flatten()
-    if empty.numel():
-        own = dist.gather(1, labels[:, None]).squeeze(1)
-        far = torch.argsort(own, descending=True)[:empty.numel()]
-        for e, p in zip(empty.tolist(), far.tolist()):
-            old = int(labels[p])
-            sums[old] -= x[p]
-            counts[old] -= 1
-            sums[e] = x[p]
-            counts[e] = 1
-    return sums / counts.clamp_min(1)[:, None]
+    own = dist.gather(1, labels[:, None]).squeeze(1)
+    far = torch.argsort(own, descending=True)[:empty.numel()]
+    for e, p in zip(empty.tolist(), far.tolist()):
+        old = int(labels[p])
+        sums[old] -= x[p]
+        counts[old] -= 1
+        sums[e] = x[p]
+        counts[e] = 1
 
 
 def kmeans_torch(x: Tensor, k: int, seed: int = KMEANS_SEED, max_iter: int = 300,
@@ -112,30 +116,43 @@ def kmeans_torch(x: Tensor, k: int, seed: int = KMEANS_SEED, max_iter: int = 300
     the squared centre shift <= ``tol`` × mean feature variance, then a final assignment), with
     distances and centres in float64. Labels therefore equal scikit-learn's except where float
     rounding flips a near-tie (none in the tests). Centres are returned in x's dtype.
+
+    Cost: cluster sums are one matrix product with the one-hot assignment (deterministic, no
+    atomics); each Lloyd iteration reads its stopping tests (strict convergence, the previous
+    centre shift, empty clusters) in ONE small device->host copy.
     """
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"expected points [M>0, C], got {tuple(x.shape)}")
     in_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    host_dtype = np.float64 if in_dtype == torch.float64 else np.float32
     x = x.to(in_dtype)
+    abs_tol = x.var(dim=0, unbiased=False).mean().double() * tol
     x = (x - x.mean(dim=0)).double()              # centred, as scikit-learn does
     m = x.shape[0]
     k = min(k, m)
+    x_sq = (x * x).sum(1)
     rng = np.random.RandomState(seed)
-    centres = x[kmeans_plusplus_torch(x.to(in_dtype), k, rng)].clone()
-    abs_tol = float(x.to(in_dtype).var(dim=0, unbiased=False).mean()) * tol
+    centres = x[kmeans_plusplus_torch(x, k, rng, x_sq=x_sq, host_dtype=host_dtype)]
     previous: Optional[Tensor] = None
+    shift = torch.full((), float("inf"), dtype=torch.float64, device=x.device)
+    rows = torch.arange(k, device=x.device)[:, None]
     labels = torch.zeros(m, dtype=torch.long, device=x.device)
-    for _ in range(max_iter):
-        dist = _sq_dists(x, centres)
+    for it in range(max_iter + 1):
+        dist = _sq_dists(x, centres, x_sq)
         labels = dist.argmin(1)
-        if previous is not None and torch.equal(labels, previous):
-            break                                     # strict convergence
-        new = _lloyd_update(x, labels, dist, k)
-        shift = float(((new - centres) ** 2).sum())
+        onehot = (rows == labels[None]).double()                        # [k, M]
+        counts = onehot.sum(1)
+        same = ((labels == previous).all() if previous is not None
+                else torch.zeros((), dtype=torch.bool, device=x.device))
+        flags = torch.stack([shift <= abs_tol, same, (counts == 0).any()]).tolist()
+        if flags[0] or flags[1] or it == max_iter:
+            break                     # shift: labels of the new centres; same: converged
+        sums = onehot @ x
+        if flags[2]:
+            _relocate_empty(x, labels, dist, sums, counts)
+        new = sums / counts.clamp_min(1)[:, None]
+        shift = ((new - centres) ** 2).sum()
         centres, previous = new, labels
-        if shift <= abs_tol:
-            labels = _sq_dists(x, centres).argmin(1)
-            break
     return labels, centres.to(in_dtype)
 
 
