@@ -48,7 +48,7 @@ import math
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -329,6 +329,31 @@ def check_refine_inputs(depth: Tensor, intrinsic: Tensor, cam_to_world: Tensor,
     return s, h, w
 
 
+def _use_fast_backend(cfg: "RefineConfig", device: torch.device) -> bool:
+    if cfg.backend not in ("reference", "fast", "auto"):
+        raise ValueError(f"backend must be 'reference', 'fast' or 'auto', got {cfg.backend!r}")
+    return cfg.backend == "fast" or (cfg.backend == "auto" and device.type == "cuda")
+
+
+def prepare_refinement(depth: Tensor, intrinsic: Tensor, coarse: Tensor, images: Tensor,
+                       config: Optional[RefineConfig] = None) -> Callable[[Tensor], Tensor]:
+    """The refinement in two steps: the pose-free work now, the rest once the poses exist.
+
+    Returns ``finish(cam_to_world) -> mask [S, H, W]`` with
+    ``finish(c2w) == refine_dynamic_mask(depth, intrinsic, c2w, coarse, images, config)``.
+    The fast backend does its outlier removal and clustering here (camera-frame clouds: both
+    depend only on distances within a frame, which the rigid pose does not change); the
+    reference backend defers everything to ``finish``.
+    """
+    cfg = config or RefineConfig()
+    if _use_fast_backend(cfg, depth.device):
+        from .refine_fast import finish_refine_fast, prepare_refine_fast
+        prep = prepare_refine_fast(depth, intrinsic, coarse, images, cfg)
+        return lambda cam_to_world: finish_refine_fast(prep, cam_to_world)
+    return lambda cam_to_world: refine_dynamic_mask(depth, intrinsic, cam_to_world, coarse,
+                                                    images, cfg)
+
+
 def refine_dynamic_mask(depth: Tensor, intrinsic: Tensor, cam_to_world: Tensor,
                         coarse: Tensor, images: Tensor,
                         config: Optional[RefineConfig] = None) -> Tensor:
@@ -342,9 +367,7 @@ def refine_dynamic_mask(depth: Tensor, intrinsic: Tensor, cam_to_world: Tensor,
         images: ``[S, 3, H, W]`` RGB in [0, 1].
     """
     cfg = config or RefineConfig()
-    if cfg.backend not in ("reference", "fast", "auto"):
-        raise ValueError(f"backend must be 'reference', 'fast' or 'auto', got {cfg.backend!r}")
-    if cfg.backend == "fast" or (cfg.backend == "auto" and depth.device.type == "cuda"):
+    if _use_fast_backend(cfg, depth.device):
         from .refine_fast import refine_dynamic_mask_fast   # batched, device-resident path
         return refine_dynamic_mask_fast(depth, intrinsic, cam_to_world, coarse, images, cfg)
     s, h, w = check_refine_inputs(depth, intrinsic, cam_to_world, coarse, images)

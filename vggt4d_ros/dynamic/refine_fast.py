@@ -32,8 +32,10 @@ Differences from the reference path (all documented approximations):
 2. **k-means** (``k = 30``): batched k-means++ seeding (greedy, ``2 + ln k`` candidates per
    step, drawn from a torch generator seeded with ``cfg.seed`` - NOT scikit-learn's random
    stream), then ``kmeans_iters`` (default 30) Lloyd iterations without an early stop (no
-   sync); an empty cluster takes the point farthest from its centre (the e-th empty cluster
-   of a frame the e-th farthest point). Labels therefore differ from scikit-learn's; the
+   sync); an empty cluster takes a point far from its centre (the first empty cluster of a
+   frame the farthest point; the e-th the farthest point of the e-th of k blocks of points,
+   blocks ranked by their farthest point - ``_block_farthest``, cheaper than a top-k per
+   iteration). Labels therefore differ from scikit-learn's; the
    clustering is of similar quality. Frames with fewer inlier points than k use
    ``k = number of points`` (extra centres inactive).
 3. Everything else (back-projection at pixel centres, projection into every other view,
@@ -61,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -134,44 +137,103 @@ def _knn_indices(d2: Tensor, kk: int, group: int) -> Tensor:
     return gsel.gather(-1, sub // group) * group + sub % group
 
 
+def _block_min_sq_dists(queries: Tensor, ref_blocks: Tensor) -> Tensor:
+    """``[S, Q, B]``: per query, the smallest squared distance to each block of references.
+
+    CUDA: one Triton kernel over all queries (``_knn_triton``; the ``[S, Q, R]`` distance
+    matrix is never stored). Elsewhere (or without Triton): ``cdist`` on exact coordinate
+    differences, in chunks.
+    """
+    s, q, _ = queries.shape
+    b, g = ref_blocks.shape[1:3]
+    if queries.is_cuda:
+        try:
+            from ._knn_triton import block_min_sq_dists
+        except ImportError:           # a CUDA build without Triton: the portable path below
+            pass
+        else:
+            return block_min_sq_dists(queries, ref_blocks)
+    flat = ref_blocks.flatten(1, 2)
+    chunk = max(1, (_CHUNK_ELEMS // 16) // max(1, s * b * g))
+    out = []
+    for i in range(0, q, chunk):
+        d = torch.cdist(queries[:, i:i + chunk], flat,
+                        compute_mode="donot_use_mm_for_euclid_dist")
+        out.append(d.reshape(s, -1, b, g).amin(-1) ** 2)
+    return torch.cat(out, 1) if out else queries.new_zeros(s, 0, b)
+
+
+def _knn_mean_from_block_min(qc: Tensor, ref_blocks: Tensor, block_min: Tensor,
+                             kk: int) -> Tensor:
+    """Second stage: mean distance of ``qc [S, c, 3]`` to its kk nearest references.
+
+    The kk blocks with the smallest minima (``block_min [S, c, B]``) hold every one of the
+    kk nearest references (see :func:`_knn_indices`); their kk·G members are compared exactly
+    (coordinate differences). References at ``_FAR`` (padding) are ignored.
+    """
+    s, c = qc.shape[:2]
+    g = ref_blocks.shape[2]
+    gsel = block_min.topk(kk, dim=-1, largest=False, sorted=False).indices       # [S, c, kk]
+    rows = torch.arange(s, device=qc.device)[:, None, None]
+    cand = ref_blocks[rows, gsel]                                              # [S, c, kk, G, 3]
+    d2 = ((qc[:, :, None, None, :] - cand) ** 2).sum(-1).reshape(s, c, kk * g)
+    kv = d2.topk(kk, dim=-1, largest=False, sorted=False).values.sqrt()        # [S, c, kk]
+    present = kv < _FAR_TEST
+    return torch.where(present, kv, torch.zeros_like(kv)).sum(2) / present.sum(2).clamp_min(1)
+
+
+_KNN_COMPILED = None
+
+
+def _second_stage_fn(device: torch.device):
+    """The second stage compiled on CUDA (one graph per chunk shape), eager elsewhere."""
+    global _KNN_COMPILED
+    if device.type != "cuda":
+        return _knn_mean_from_block_min
+    if _KNN_COMPILED is None:
+        _KNN_COMPILED = torch.compile(_knn_mean_from_block_min, dynamic=False)
+    return _KNN_COMPILED
+
+
 def _mean_knn_to_refs(queries: Tensor, refs: Tensor, k: int,
                       grouped: Optional[bool] = None) -> Tensor:
     """Mean distance of ``queries [S, Q, 3]`` to their k nearest ``refs [S, R, 3]``.
 
     Padded references sit at ``_FAR`` and are ignored (fewer than k real ones -> mean over
-    those present). Chunked over queries. The k nearest are SELECTED on squared distances
-    from one batched matmul (``|q|² + |r|² − 2 q·r``, TF32 off; cancellation can only swap
-    near-ties at the k-th neighbour; ``grouped``: two-stage exact selection, see
-    :func:`_knn_indices`) and their distances are then RECOMPUTED exactly from coordinate
-    differences (a point's distance to itself is exactly 0).
+    those present). Two-stage exact selection over blocks of references (``grouped``, default
+    ``KNN_GROUPED``; False: one block per reference, same result up to ties), distances from
+    coordinate differences. The second stage runs in fixed-size query chunks (the last one
+    padded), so on CUDA one compiled graph serves every window of the same frame count.
     """
     s, q, _ = queries.shape
     r = refs.shape[1]
     kk = min(k, r)
     group = 1
     if KNN_GROUPED if grouped is None else grouped:
-        group = 1 << max(0, int(math.log2(max(1, r // (4 * kk)))))   # ~4·kk blocks
+        # ~16·kk blocks: G·kk second-stage candidates stay small enough for a one-block top-k
+        group = 1 << max(0, int(math.log2(max(1, r // (16 * kk)))))
         if group > 1:
             pad = (-r) % group
             refs = torch.cat([refs, refs.new_full((s, pad, 3), _FAR)], 1) if pad else refs
             r = refs.shape[1]
             if r // group <= kk:
                 group = 1
-    chunk = max(1, _CHUNK_ELEMS // max(1, s * r))
-    # [q, 1] · [−2r, |r|²] = |r|² − 2 q·r  (= squared distance − |q|², same ranking per row)
-    ref_aug = torch.cat([-2.0 * refs, (refs * refs).sum(-1, keepdim=True)], -1).transpose(1, 2)
-    q_aug = torch.cat([queries, torch.ones_like(queries[..., :1])], -1)
+    ref_blocks = refs.reshape(s, r // group, group, 3)
+    block_min = _block_min_sq_dists(queries, ref_blocks)                 # [S, Q, B]
+    on_cuda = queries.device.type == "cuda"
+    budget = _CHUNK_ELEMS if on_cuda else _CHUNK_ELEMS // 16
+    chunk = max(1, budget // max(1, s * kk * group))
+    if not on_cuda:
+        chunk = min(q, chunk)              # eager: no graph to keep, no padding needed
+    fn = _second_stage_fn(queries.device)
     out = []
-    with _full_fp32_matmul():
-        for i in range(0, q, chunk):
-            qc = queries[:, i:i + chunk]                                  # [S, c, 3]
-            d2 = torch.bmm(q_aug[:, i:i + chunk], ref_aug)                # [S, c, R]
-            nn = _knn_indices(d2, kk, group)                              # [S, c, kk]
-            nb = _gather_points(refs, nn.reshape(s, -1)).reshape(s, -1, kk, 3)
-            kv = (nb - qc[:, :, None]).norm(dim=-1)
-            present = kv < _FAR_TEST
-            out.append(torch.where(present, kv, torch.zeros_like(kv)).sum(2)
-                       / present.sum(2).clamp_min(1))
+    for i in range(0, q, chunk):
+        qc, bm = queries[:, i:i + chunk], block_min[:, i:i + chunk]
+        n_real = qc.shape[1]
+        if n_real < chunk:                 # fixed chunk shape for the compiled graph
+            qc = torch.cat([qc, qc.new_zeros(s, chunk - n_real, 3)], 1)
+            bm = torch.cat([bm, bm.new_zeros(s, chunk - n_real, bm.shape[2])], 1)
+        out.append(fn(qc, ref_blocks, bm, kk)[:, :n_real])
     return torch.cat(out, dim=1) if out else queries.new_zeros(s, 0)
 
 
@@ -219,6 +281,25 @@ def batched_statistical_inliers(points: Tensor, finite: Tensor, query_idx: Tenso
 def _sq_dist(x: Tensor, c: Tensor) -> Tensor:
     """``x [S, Q, 3]``, ``c [S, K, 3]`` -> squared distances ``[S, Q, K]``."""
     return ((x[:, :, None] - c[:, None]) ** 2).sum(-1)
+
+
+def _block_farthest(dist: Tensor, count: int) -> Tensor:
+    """Indices ``[S, count]`` of far points of ``dist [S, Q]``, farthest first.
+
+    The Q entries are split into ``count`` contiguous blocks and each block's maximum is
+    kept: the first index is the exact farthest point, the others are the farthest of their
+    blocks (a cheap stand-in for a full top-``count``, which cost a multi-block radix select
+    per Lloyd iteration although empty clusters are rare).
+    """
+    s, q = dist.shape
+    count = min(count, q)
+    pad = (-q) % count
+    if pad:
+        dist = torch.cat([dist, dist.new_full((s, pad), float("-inf"))], 1)
+    val, arg = dist.reshape(s, count, -1).max(-1)                       # [S, count]
+    arg = arg + torch.arange(count, device=dist.device) * dist.shape[1] // count
+    order = val.argsort(dim=1, descending=True, stable=True)
+    return arg.gather(1, order).clamp_max(q - 1)
 
 
 def batched_kmeans(x: Tensor, valid: Tensor, k: int, gen: torch.Generator,
@@ -274,8 +355,8 @@ def batched_kmeans(x: Tensor, valid: Tensor, k: int, gen: torch.Generator,
         counts = x.new_zeros(s, k + 1).scatter_add_(1, lab, torch.ones_like(w))
         new = sums[:, :k] / counts[:, :k, None].clamp_min(1)
         empty = active & (counts[:, :k] == 0)
-        # e-th empty cluster of a frame <- e-th farthest valid point from its centre
-        far = own.masked_fill(~valid, float("-inf")).topk(kf, dim=1).indices  # [S, kf]
+        # e-th empty cluster of a frame <- the e-th farthest of kf block-wise farthest points
+        far = _block_farthest(own.masked_fill(~valid, float("-inf")), kf)     # [S, kf]
         rank = (empty.long().cumsum(1) - 1).clamp(0, kf - 1)
         relocated = _gather_points(x, far.gather(1, rank))              # [S, k, 3]
         centres = torch.where(empty[..., None], relocated, new)
@@ -331,7 +412,125 @@ def _dynamic_points(pts: Tensor, colors: Tensor, labels: Tensor, valid: Tensor,
     return dyn.gather(1, labels.clamp_max(k - 1)) & valid
 
 
-# ------------------------------------------------------------------------- entry point
+# ------------------------------------------------------------------------- entry points
+@dataclass
+class RefinePrep:
+    """Pose-free half of the batched refinement (:func:`prepare_refine_fast`).
+
+    Statistical outlier removal and k-means only see distances between the points of one
+    frame, which a rigid camera-to-world transform leaves unchanged; they therefore run on
+    camera-frame clouds before the pass-2 poses exist (the pipeline overlaps them with pass 2)
+    and :func:`finish_refine_fast` applies the poses. Tensors are on the input device.
+    """
+
+    cfg: RefineConfig
+    shape: Tuple[int, int, int]          # S, H, W
+    dtype: torch.dtype
+    depth: Tensor                        # [S, H, W] working dtype (NaN where not finite)
+    intrinsic: Tensor                    # [S, 3, 3]
+    images: Tensor                       # [S, 3, H, W]
+    coarse: Tensor                       # [S, H, W] bool
+    cam_points: Optional[Tensor] = None  # [S, Q, 3] camera frame (queries; None: no query)
+    idx: Optional[Tensor] = None         # [S, Q] pixel index of each query
+    inliers: Optional[Tensor] = None     # [S, Q] bool
+    labels: Optional[Tensor] = None      # [S, Q] int64 cluster of each query
+    colors: Optional[Tensor] = None      # [S, Q, 3]
+    single_frame: bool = False
+
+
+def prepare_refine_fast(depth: Tensor, intrinsic: Tensor, coarse: Tensor, images: Tensor,
+                        cfg: Optional[RefineConfig] = None, *,
+                        ref_points: int = REF_POINTS,
+                        stats_points: Optional[int] = STATS_POINTS,
+                        kmeans_iters: int = KMEANS_ITERS,
+                        dtype: Optional[torch.dtype] = None) -> RefinePrep:
+    """Outlier removal + per-frame k-means on camera-frame clouds (no pose needed).
+
+    Arguments as :func:`refine_dynamic_mask_fast` without ``cam_to_world``. Holds the module's
+    one host synchronisation (the padded query size).
+    """
+    cfg = cfg or RefineConfig()
+    s = depth.shape[0] if depth.dim() == 3 else -1
+    eye = torch.eye(4, dtype=depth.dtype, device=depth.device).expand(max(s, 0), 4, 4)
+    s, h, w = check_refine_inputs(depth, intrinsic, eye, coarse, images)
+    dev = depth.device
+    coarse = coarse.to(dev).bool()
+    dt = dtype or (torch.float64 if dev.type == "cpu" else torch.float32)
+    depth = depth.to(dt)
+    intr = intrinsic.to(dev, dt)
+    imgs = images.to(dev, dt)
+    depth_safe = torch.where(torch.isfinite(depth), depth, torch.full_like(depth, float("nan")))
+    prep = RefinePrep(cfg, (s, h, w), dt, depth_safe, intr, imgs, coarse)
+    if s == 1:
+        prep.single_frame = True
+        return prep
+    n = h * w
+    cam = depth_to_world_points(depth, intr, eye.to(dt), pixel_offset=cfg.pixel_offset)
+    cam = cam.reshape(s, n, 3)                         # camera frame: identity pose
+    finite = torch.isfinite(cam).all(-1) & torch.isfinite(depth).reshape(s, n)
+    eligible = finite & coarse.reshape(s, n)
+    # the single host sync: padded query size (+ the warning's count)
+    q, n_bad = torch.stack([eligible.sum(1).max(), (~finite).sum()]).tolist()
+    if n_bad:
+        warnings.warn(f"{n_bad} pixels with non-finite depth/points are "
+                      "treated as static in mask refinement", RuntimeWarning, stacklevel=2)
+    if q == 0:
+        return prep
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(cfg.seed)
+    # eligible pixels first (stable: row-major order), padded to q per frame
+    idx = torch.sort((~eligible).to(torch.uint8), dim=1, stable=True).indices[:, :q]
+    q_ok = eligible.gather(1, idx)
+    inl = batched_statistical_inliers(cam, finite, idx, q_ok, cfg.outlier_neighbors,
+                                      cfg.outlier_std_ratio, ref_points, stats_points, gen)
+    pts = _gather_points(cam, idx).masked_fill(~inl[..., None], 0.0)
+    centre = pts.sum(1, keepdim=True) / inl.sum(1).clamp_min(1)[:, None, None].to(dt)
+    labels, _ = batched_kmeans(pts - centre, inl, cfg.num_clusters, gen, kmeans_iters)
+    prep.cam_points, prep.idx, prep.inliers, prep.labels = pts, idx, inl, labels
+    prep.colors = imgs.reshape(s, 3, n).gather(2, idx[:, None].expand(-1, 3, -1)).transpose(1, 2)
+    return prep
+
+
+def finish_refine_fast(prep: RefinePrep, cam_to_world: Tensor) -> Tensor:
+    """Cross-view residual test with the poses, pixel scatter and morphology -> ``[S, H, W]``.
+
+    ``cam_to_world`` ``[S, 4, 4]`` or ``[S, 3, 4]`` world-from-camera (pass-2 poses). No host
+    synchronisation. Frames whose pose is not finite keep no dynamic pixel.
+    """
+    cfg = prep.cfg
+    s, h, w = prep.shape
+    if cam_to_world.shape[0] != s:
+        raise ValueError("intrinsic must be [S,3,3] and cam_to_world [S,4,4] or [S,3,4]")
+    if prep.single_frame:
+        warnings.warn("mask refinement needs >= 2 frames; returning the coarse mask",
+                      RuntimeWarning, stacklevel=2)
+        return prep.coarse.clone()
+    dev, dt = prep.depth.device, prep.dtype
+    c2w = cam_to_world.to(dev, dt)
+    if c2w.shape[1:] == (3, 4):           # bottom row built on the device (no host copy)
+        c2w = torch.cat([c2w, F.pad(torch.zeros_like(c2w[:, :1, :3]), (0, 1), value=1.0)], 1)
+    ell = ellipse_kernel(cfg.close_kernel).to(dev)
+    square = torch.ones(cfg.dilate_kernel, cfg.dilate_kernel, dtype=torch.bool, device=dev)
+    if prep.idx is None:
+        raw = torch.zeros(s, h, w, dtype=torch.bool, device=dev)
+    else:
+        w2c = torch.linalg.inv_ex(c2w).inverse          # inv_ex: no error check -> no sync
+        pose_ok = torch.isfinite(w2c).all(-1).all(-1)    # [S]
+        inl = prep.inliers & pose_ok[:, None]
+        rot, trans = w2c[:, :3, :3], w2c[:, :3, 3]
+        # X_world = R^T (X_cam - t), as depth_to_world_points
+        pts = torch.einsum("sji,sqj->sqi", rot, prep.cam_points - trans[:, None])
+        pts = pts.masked_fill(~inl[..., None], 0.0)
+        dyn = _dynamic_points(pts, prep.colors, prep.labels, inl, cfg.num_clusters,
+                              w2c, prep.intrinsic, prep.depth, prep.coarse, prep.images, cfg)
+        raw = torch.zeros(s, h * w, dtype=torch.bool, device=dev).scatter_(1, prep.idx, dyn)
+        raw = raw.reshape(s, h, w)
+    if cfg.boundary_sharpening:
+        raw = boundary_sharpen(raw, prep.depth, prep.intrinsic, c2w, prep.images, cfg)
+    # = refine.morphology_close_dilate, with the kernels already on the device
+    return _dilate(_erode(_dilate(raw, ell), ell), square)
+
+
 def refine_dynamic_mask_fast(depth: Tensor, intrinsic: Tensor, cam_to_world: Tensor,
                              coarse: Tensor, images: Tensor,
                              cfg: Optional[RefineConfig] = None, *,
@@ -345,58 +544,10 @@ def refine_dynamic_mask_fast(depth: Tensor, intrinsic: Tensor, cam_to_world: Ten
     the per-frame kNN reference subsample, ``stats_points`` the per-frame sample for the
     outlier statistics (``None`` = all points), ``kmeans_iters`` the fixed Lloyd count and
     ``dtype`` the working precision (default float64 on CPU, float32 elsewhere).
+    = :func:`finish_refine_fast` (:func:`prepare_refine_fast` (...), ``cam_to_world``).
     """
-    cfg = cfg or RefineConfig()
-    s, h, w = check_refine_inputs(depth, intrinsic, cam_to_world, coarse, images)
-    dev = depth.device
-    coarse = coarse.to(dev).bool()
-    if s == 1:
-        warnings.warn("mask refinement needs >= 2 frames; returning the coarse mask",
-                      RuntimeWarning, stacklevel=2)
-        return coarse.clone()
-    dt = dtype or (torch.float64 if dev.type == "cpu" else torch.float32)
-    depth = depth.to(dt)
-    intr = intrinsic.to(dev, dt)
-    c2w = cam_to_world.to(dev, dt)
-    if c2w.shape[1:] == (3, 4):           # bottom row built on the device (no host copy)
-        c2w = torch.cat([c2w, F.pad(torch.zeros_like(c2w[:, :1, :3]), (0, 1), value=1.0)], 1)
-    imgs = images.to(dev, dt)
-    n = h * w
-    w2c = torch.linalg.inv_ex(c2w).inverse              # inv_ex: no error check -> no sync
-    world = depth_to_world_points(depth, intr, w2c, pixel_offset=cfg.pixel_offset)
-    world = world.reshape(s, n, 3)                      # = refine.backproject_to_world
-    finite = torch.isfinite(world).all(-1) & torch.isfinite(depth).reshape(s, n)
-    eligible = finite & coarse.reshape(s, n)
-    # morphology kernels on the device before the sync (a host->device copy blocks)
-    ell = ellipse_kernel(cfg.close_kernel).to(dev)
-    square = torch.ones(cfg.dilate_kernel, cfg.dilate_kernel, dtype=torch.bool, device=dev)
-    # the single host sync: padded query size (+ the warning's count)
-    q, n_bad = torch.stack([eligible.sum(1).max(), (~finite).sum()]).tolist()
-    if n_bad:
-        warnings.warn(f"{n_bad} pixels with non-finite depth/points are "
-                      "treated as static in mask refinement", RuntimeWarning, stacklevel=2)
-    if q == 0:
-        raw = torch.zeros(s, h, w, dtype=torch.bool, device=dev)
-    else:
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(cfg.seed)
-        # eligible pixels first (stable: row-major order), padded to q per frame
-        idx = torch.sort((~eligible).to(torch.uint8), dim=1, stable=True).indices[:, :q]
-        q_ok = eligible.gather(1, idx)
-        inl = batched_statistical_inliers(world, finite, idx, q_ok, cfg.outlier_neighbors,
-                                          cfg.outlier_std_ratio, ref_points,
-                                          stats_points, gen)
-        pts = _gather_points(world, idx).masked_fill(~inl[..., None], 0.0)
-        centre = pts.sum(1, keepdim=True) / inl.sum(1).clamp_min(1)[:, None, None].to(dt)
-        labels, _ = batched_kmeans(pts - centre, inl, cfg.num_clusters, gen, kmeans_iters)
-        colors = imgs.reshape(s, 3, n).gather(2, idx[:, None].expand(-1, 3, -1)).transpose(1, 2)
-        depth_safe = torch.where(torch.isfinite(depth), depth,
-                                 torch.full_like(depth, float("nan")))
-        dyn = _dynamic_points(pts, colors, labels, inl, cfg.num_clusters,
-                              w2c, intr, depth_safe, coarse, imgs, cfg)
-        raw = torch.zeros(s, n, dtype=torch.bool, device=dev).scatter_(1, idx, dyn)
-        raw = raw.reshape(s, h, w)
-    if cfg.boundary_sharpening:
-        raw = boundary_sharpen(raw, depth, intr, c2w, imgs, cfg)
-    # = refine.morphology_close_dilate, with the kernels already on the device
-    return _dilate(_erode(_dilate(raw, ell), ell), square)
+    check_refine_inputs(depth, intrinsic, cam_to_world, coarse, images)
+    prep = prepare_refine_fast(depth, intrinsic, coarse, images, cfg, ref_points=ref_points,
+                               stats_points=stats_points, kmeans_iters=kmeans_iters,
+                               dtype=dtype)
+    return finish_refine_fast(prep, cam_to_world)

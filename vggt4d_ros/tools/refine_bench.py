@@ -36,6 +36,23 @@ def count_syncs(args) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def knn_check(device: torch.device) -> float:
+    """Largest |difference| between the kNN mean distances of the device path (Triton block
+    minima + compiled second stage on CUDA) and the portable CPU path, on random clouds with
+    padded references; raises AssertionError above 1e-5 (m)."""
+    worst = 0.0
+    for s, q, r in ((3, 1000, 8192), (2, 5000, 4096), (4, 700, 300)):
+        g = torch.Generator().manual_seed(q)
+        queries = torch.randn(s, q, 3, generator=g)
+        refs = torch.randn(s, r, 3, generator=g) * 1.5
+        refs[0, r // 2:] = refine_fast._FAR                      # a half-padded frame
+        ref_cpu = refine_fast._mean_knn_to_refs(queries.double(), refs.double(), 20).float()
+        dev_out = refine_fast._mean_knn_to_refs(queries.to(device), refs.to(device), 20)
+        worst = max(worst, float((dev_out.cpu() - ref_cpu).abs().max()))
+    assert worst < 1e-5, f"kNN device path deviates by {worst}"
+    return worst
+
+
 def main() -> None:
     """Parse the arguments, run both paths, print times and IoU."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -50,7 +67,12 @@ def main() -> None:
     ap.add_argument("--knn-plain", action="store_true", help="one topk over all refs")
     ap.add_argument("--sync-check", action="store_true",
                     help="count host synchronisations of one fast call (CUDA; documented: 1)")
+    ap.add_argument("--knn-check", action="store_true",
+                    help="compare the device kNN (Triton on CUDA) with the CPU path, then exit")
     a = ap.parse_args()
+    if a.knn_check:
+        print(f"kNN device vs CPU path: max |diff| {knn_check(torch.device(a.device)):.2e} m")
+        return
     refine_fast.KNN_GROUPED = not a.knn_plain
     dev = torch.device(a.device)
     seq = SynthWorld(SynthConfig(width=a.width, height=a.height, num_frames=a.frames,
