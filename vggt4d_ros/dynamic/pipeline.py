@@ -42,8 +42,9 @@ from torch import Tensor
 from ..geometry.unproject import depth_to_world_points
 from .cluster import cluster_features, cluster_mean_map
 from .intervention import build_intervention_control
-from .refine import RefineConfig, refine_dynamic_mask
+from .refine import RefineConfig, prepare_refinement
 from .saliency import GramSaliencyReducer, SaliencyMapSpec
+from .side_task import SideTask
 from .threshold import adaptive_threshold, upsample_map
 
 
@@ -96,6 +97,13 @@ class Vggt4dConfig:
     # aggregator on an H200; the first window of each shape compiles, ~18 s). On CPU the same
     # functions run uncompiled (bit-identical to the module path).
     compile_blocks: bool = True
+    # with compile_blocks on CUDA, also torch.compile the camera and DPT heads (float32 maths
+    # kept; fused elementwise kernels; rounding-level differences)
+    compile_heads: bool = True
+    # On CUDA, run the launch-bound stages on a side stream from a worker thread: the k-means
+    # over the DINO tokens during pass 1, the refinement's pose-free half during pass 2
+    # (side_task.py). Same results; on CPU the stages run in order.
+    overlap_stages: bool = True
     min_frames: int = 2
     points_pixel_offset: float = 0.0        # world points: official VGGT unprojection
 
@@ -181,22 +189,32 @@ class Vggt4dResult:
 
 
 class _Timer:
-    """Per-stage wall-clock timings, CUDA-synchronised when the device is a GPU."""
+    """Per-stage wall-clock timings, synchronised with the current CUDA stream on a GPU (not
+    the whole device: a side-stream task keeps running across stage boundaries)."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.device = device
         self.timings: Dict[str, float] = {}
+        self._sync()
+        self.start = time.perf_counter()
 
     def _sync(self) -> None:
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def total(self) -> float:
+        """Wall time since construction (synchronised)."""
+        self._sync()
+        return time.perf_counter() - self.start
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         self._sync()
         t0 = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(f"vggt4d::{name}"):   # no-op unless profiling
+                yield
         finally:
             self._sync()
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
@@ -211,7 +229,8 @@ class Vggt4dPipeline:
         if self.config.compile_blocks and hasattr(model, "use_fused_blocks"):
             on_cuda = any(p.is_cuda for p in model.parameters())
             # compiled graphs are per window shape; the first window of a shape compiles
-            model.use_fused_blocks(True, compile=on_cuda)
+            model.use_fused_blocks(True, compile=on_cuda,
+                                   compile_heads=self.config.compile_heads)
 
     # ------------------------------------------------------------------ helpers
     def _autocast_dtype(self, device: torch.device) -> Optional[torch.dtype]:
@@ -247,7 +266,8 @@ class Vggt4dPipeline:
         with ctx:
             agg = model.aggregator.run(x, control=control, patch_tokens=patch_tokens,
                                        keep_layers={len(model.aggregator.frame_blocks) - 1})
-        tokens = [t.float() if (t is not None and amp is not None) else t for t in agg.layers]
+        # the camera head reads only the camera token: convert that, not the whole layer
+        tokens = [t[:, :, :1].float() if t is not None else t for t in agg.layers]
         off = torch.autocast(images.device.type, enabled=False) if amp is not None else _null()
         with off:
             pose = model.camera_head(tokens)[-1]
@@ -286,6 +306,20 @@ class Vggt4dPipeline:
                                        encoder_features=True)
         heads1 = ("camera", "depth", "point") if cfg.pass1_point_head else ("camera", "depth")
         head_amp = torch.bfloat16 if cfg.head_dtype == "bf16" else None
+        gh, gw = h // cfg.patch_size, w // cfg.patch_size
+        dev = images.device
+        cluster_task = None
+        if run_dynamic:
+            # DINO tokens first, so that the k-means over them (spec §3, independent of the
+            # saliency) runs on a side stream while the rest of pass 1 occupies the GPU
+            if patch_tokens is None:
+                with timer("embed"):
+                    patch_tokens = self._embed(images, amp)
+            feats = patch_tokens.reshape(s, gh * gw, -1)
+            cluster_task = SideTask(
+                lambda: cluster_features(feats, cfg.feature_clusters, cfg.kmeans_seed,
+                                         cfg.cluster_backend),
+                dev, enabled=cfg.overlap_stages, name="vggt4d-kmeans")
         with timer("pass1"), self._attention_kernels():
             out1 = self.model(images, control=control, patch_tokens=patch_tokens,
                               autocast_dtype=amp, heads=heads1, head_autocast_dtype=head_amp)
@@ -294,25 +328,31 @@ class Vggt4dPipeline:
         depth1 = out1["depth"][0, ..., 0].float()
         conf1 = out1["depth_conf"][0].float()
 
-        empty = torch.zeros(s, h, w, dtype=torch.bool, device=images.device)
+        empty = torch.zeros(s, h, w, dtype=torch.bool, device=dev)
         saliency = token_mask = None
         coarse = mask = empty
-        thr = float("nan")
+        thr: Tensor | float = float("nan")
         ext = ext1
         if run_dynamic:
-            gh, gw = h // cfg.patch_size, w // cfg.patch_size
             with timer("saliency"):
                 saliency = reducer.maps()["dyn_map"][0].reshape(s, gh, gw)
-            with timer("cluster"):
-                feats = out1["encoder_features"].reshape(s, gh * gw, -1)
-                labels = cluster_features(feats, cfg.feature_clusters, cfg.kmeans_seed,
-                                          cfg.cluster_backend).reshape(s, gh, gw)
-                cmap = cluster_mean_map(saliency, labels)
+            with timer("cluster_wait"):
+                labels = cluster_task.result().reshape(s, gh, gw)
+            timer.timings["cluster"] = cluster_task.seconds
             with timer("threshold"):
+                cmap = cluster_mean_map(saliency, labels)
                 up = upsample_map(cmap, (h, w))
-                thr = adaptive_threshold(up, cfg.otsu_classes, cfg.otsu_bins,
-                                         backend=cfg.cluster_backend)
+                thr = torch.as_tensor(adaptive_threshold(up, cfg.otsu_classes, cfg.otsu_bins,
+                                                         backend=cfg.cluster_backend,
+                                                         as_tensor=True), device=dev)
                 coarse = up > thr
+            refine_task = None
+            if cfg.refine:
+                # outlier removal + clustering need no pose: they overlap pass 2
+                rcfg = cfg.refine_config(dev)
+                refine_task = SideTask(
+                    lambda: prepare_refinement(depth1, intr1, coarse, images.float(), rcfg),
+                    dev, enabled=cfg.overlap_stages, name="vggt4d-refine")
             with timer("pass2"):
                 control2, token_mask = build_intervention_control(
                     coarse, cfg.intervention_layers, patch_size=cfg.patch_size)
@@ -326,19 +366,25 @@ class Vggt4dPipeline:
                               ": using pass-1 poses there", RuntimeWarning, stacklevel=2)
                 ext = torch.where(bad[:, None, None], ext1, ext)
             mask = coarse
-            if cfg.refine:
+            if refine_task is not None:
                 with timer("refine"):
-                    c2w = _cam_to_world(ext)
-                    mask = refine_dynamic_mask(depth1, intr1, c2w, coarse, images.float(),
-                                               cfg.refine_config(images.device))
+                    finish = refine_task.result()
+                    mask = finish(_cam_to_world(ext))
+                timer.timings["refine_prep"] = refine_task.seconds
         with timer("points"):
             points = depth_to_world_points(depth1, intr1, ext, pixel_offset=cfg.points_pixel_offset)
-        timer.timings["total"] = sum(timer.timings.values())
+        timer.timings["total"] = timer.total()
         return Vggt4dResult(extrinsic=ext, intrinsic=intr1, depth=depth1, depth_conf=conf1,
                             world_points=points, world_points_conf=conf1, saliency=saliency,
                             coarse_mask=coarse, mask=mask, timings=timer.timings,
-                            token_mask=token_mask, threshold=thr, pass1_extrinsic=ext1,
+                            token_mask=token_mask, threshold=float(thr), pass1_extrinsic=ext1,
                             fallback=fallback)
+
+    def _embed(self, images: Tensor, amp: Optional[torch.dtype]) -> Tensor:
+        """DINO patch tokens ``[S, N, C]`` exactly as pass 1 would compute them."""
+        ctx = torch.autocast(images.device.type, dtype=amp) if amp is not None else _null()
+        with ctx:
+            return self.model.aggregator.embed_patches(images[None])
 
     def _attention_kernels(self):
         """Context forcing the configured fused-attention kernel (no-op for "auto")."""

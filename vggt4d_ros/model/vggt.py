@@ -50,19 +50,29 @@ class VGGT(nn.Module):
 
     # ------------------------------------------------------------------ speed options
     def use_fused_blocks(self, enabled: bool = True, compile: bool = False,
-                         mode: Optional[str] = None) -> "VGGT":
+                         mode: Optional[str] = None, compile_heads: bool = True) -> "VGGT":
         """Run the aggregator's and the patch embed's blocks through ``layers/fused``.
 
         ``compile`` wraps the two block functions in ``torch.compile`` (one graph per block
-        shape, shared by all blocks; the first forward per window shape pays the compile).
-        ``enabled=False`` restores the plain module path. Same maths either way.
+        shape, shared by all blocks; the first forward per window shape pays the compile)
+        and, with ``compile_heads``, the camera / depth / point heads' forwards (their
+        elementwise steps fuse; same float32 maths up to rounding). ``enabled=False``
+        restores the plain module path everywhere. Same maths either way.
         """
         from .layers.block import Block
-        from .layers.fused import FusedBlockFunctions
+        from .layers.fused import FusedBlockFunctions, _raise_recompile_limit
         fns = FusedBlockFunctions(compile=compile, mode=mode) if enabled else None
         for module in self.aggregator.modules():
             if isinstance(module, Block):
                 module.fused = fns
+        for head in (self.camera_head, self.depth_head, self.point_head):
+            if head is None:
+                continue
+            head.__dict__.pop("forward", None)           # back to the class's eager forward
+            if enabled and compile and compile_heads:
+                _raise_recompile_limit(64)
+                # an instance attribute shadows the class method; nn.Module.__call__ uses it
+                head.forward = torch.compile(head.forward, dynamic=False, mode=mode)
         return self
 
     # ------------------------------------------------------------------ helpers
