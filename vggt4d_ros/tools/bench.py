@@ -213,7 +213,8 @@ def ablation_steps() -> List[tuple]:
         return lambda model: (lambda x: reference_vggt4d(model, x, amp=amp))
 
     def pipe(**kw):
-        kw.setdefault("compile_blocks", False)      # switched on by its own step
+        for flag in ("compile_blocks", "compile_heads", "overlap_stages"):
+            kw.setdefault(flag, False)              # each switched on by its own step
         return lambda model: Vggt4dPipeline(model, Vggt4dConfig(**kw))
 
     return [
@@ -243,9 +244,18 @@ def ablation_steps() -> List[tuple]:
         ("+compiled_blocks", "torch.compile'd block functions (LN/RoPE/LayerScale/GELU fused)",
          pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
               compile_blocks=True)),
+        ("+compiled_heads", "torch.compile'd camera and DPT heads (float32, fused "
+         "elementwise kernels)",
+         pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
+              compile_blocks=True, compile_heads=True)),
+        ("+overlapped_stages", "k-means during pass 1 and the refinement's pose-free half "
+         "during pass 2, on a side CUDA stream (side_task.py)",
+         pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
+              compile_blocks=True, compile_heads=True, overlap_stages=True)),
         ("+bf16_heads (numerics change)", "DPT depth head under bf16 autocast",
          pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
-              compile_blocks=True, head_dtype="bf16")),
+              compile_blocks=True, compile_heads=True, overlap_stages=True,
+              head_dtype="bf16")),
     ]
 
 
@@ -376,7 +386,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"{100 * row['aggregator_mfu']:.0f}% of {H100_BF16_DENSE_TFLOPS:.0f}) | "
                   f"heads {row['heads']['median_s'] * 1e3:7.1f} ms | full "
                   f"{row['full']['median_s'] * 1e3:7.1f} ms peak "
-                  f"{row['full']['peak_gb']:.2f} GB | full, compiled blocks "
+                  f"{row['full']['peak_gb']:.2f} GB | full, compiled blocks+heads "
                   f"{comp.median_s * 1e3:7.1f} ms", flush=True)
         if "vggt4d" not in args.skip:
             model.use_fused_blocks(True, compile=dev.type == "cuda")   # as the pipeline sets
