@@ -182,19 +182,6 @@ def _knn_mean_from_block_min(qc: Tensor, ref_blocks: Tensor, block_min: Tensor,
     return torch.where(present, kv, torch.zeros_like(kv)).sum(2) / present.sum(2).clamp_min(1)
 
 
-_KNN_COMPILED = None
-
-
-def _second_stage_fn(device: torch.device):
-    """The second stage compiled on CUDA (one graph per chunk shape), eager elsewhere."""
-    global _KNN_COMPILED
-    if device.type != "cuda":
-        return _knn_mean_from_block_min
-    if _KNN_COMPILED is None:
-        _KNN_COMPILED = torch.compile(_knn_mean_from_block_min, dynamic=False)
-    return _KNN_COMPILED
-
-
 def _mean_knn_to_refs(queries: Tensor, refs: Tensor, k: int,
                       grouped: Optional[bool] = None) -> Tensor:
     """Mean distance of ``queries [S, Q, 3]`` to their k nearest ``refs [S, R, 3]``.
@@ -202,8 +189,7 @@ def _mean_knn_to_refs(queries: Tensor, refs: Tensor, k: int,
     Padded references sit at ``_FAR`` and are ignored (fewer than k real ones -> mean over
     those present). Two-stage exact selection over blocks of references (``grouped``, default
     ``KNN_GROUPED``; False: one block per reference, same result up to ties), distances from
-    coordinate differences. The second stage runs in fixed-size query chunks (the last one
-    padded), so on CUDA one compiled graph serves every window of the same frame count.
+    coordinate differences; the second stage in query chunks of bounded size.
     """
     s, q, _ = queries.shape
     r = refs.shape[1]
@@ -220,20 +206,12 @@ def _mean_knn_to_refs(queries: Tensor, refs: Tensor, k: int,
                 group = 1
     ref_blocks = refs.reshape(s, r // group, group, 3)
     block_min = _block_min_sq_dists(queries, ref_blocks)                 # [S, Q, B]
-    on_cuda = queries.device.type == "cuda"
-    budget = _CHUNK_ELEMS if on_cuda else _CHUNK_ELEMS // 16
-    chunk = max(1, budget // max(1, s * kk * group))
-    if not on_cuda:
-        chunk = min(q, chunk)              # eager: no graph to keep, no padding needed
-    fn = _second_stage_fn(queries.device)
-    out = []
-    for i in range(0, q, chunk):
-        qc, bm = queries[:, i:i + chunk], block_min[:, i:i + chunk]
-        n_real = qc.shape[1]
-        if n_real < chunk:                 # fixed chunk shape for the compiled graph
-            qc = torch.cat([qc, qc.new_zeros(s, chunk - n_real, 3)], 1)
-            bm = torch.cat([bm, bm.new_zeros(s, chunk - n_real, bm.shape[2])], 1)
-        out.append(fn(qc, ref_blocks, bm, kk)[:, :n_real])
+    # eager on purpose: this runs on the pipeline's side thread, and torch.compile there
+    # races with the main thread's compiled blocks (dynamo/FX tracing state is process-wide)
+    chunk = max(1, _CHUNK_ELEMS // max(1, 3 * s * kk * group))
+    out = [_knn_mean_from_block_min(queries[:, i:i + chunk], ref_blocks,
+                                    block_min[:, i:i + chunk], kk)
+           for i in range(0, q, chunk)]
     return torch.cat(out, dim=1) if out else queries.new_zeros(s, 0)
 
 

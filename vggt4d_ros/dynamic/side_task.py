@@ -11,6 +11,10 @@ referenced by the worker until its kernels have finished, so the caching allocat
 hand their memory to another stream early; the outputs are complete when :meth:`result`
 returns, and the main stream waits for the side stream before using them.
 
+A side task must not call ``torch.compile``'d code: dynamo's tracing state is process-wide,
+and a compilation in one thread breaks compiled calls in the other (seen on the device: "FX
+to symbolically trace a dynamo-optimized function"). Triton kernels and eager ops are fine.
+
 On CPU (or with ``enabled=False``) the function runs inline when the task is created: same
 results, no thread.
 """
