@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # import name -> (rosdep key in package.xml, pip requirement name)
 THIRD_PARTY = {
     "numpy": ("python3-numpy", "numpy"), "torch": ("python3-torch", None),
+    # Triton ships with PyTorch's CUDA wheels; imported lazily on CUDA only (refine_fast)
+    "triton": ("python3-torch", None),
     "scipy": ("python3-scipy", "scipy"), "cv2": ("python3-opencv", "opencv-python-headless"),
     "PIL": ("python3-pil", "pillow"), "tqdm": ("python3-tqdm", "tqdm"),
     "safetensors": ("python3-safetensors", "safetensors"),
