@@ -14,7 +14,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _block_min_kernel(q_ptr, r_ptr, out_ptr, num_q, num_blocks,
+def _block_min_kernel(q_ptr, r_ptr, out_ptr, num_q, num_blocks: tl.constexpr,
                       G: tl.constexpr, BLOCK_Q: tl.constexpr):
     pid_q = tl.program_id(0)
     frame = tl.program_id(1).to(tl.int64)
@@ -51,5 +51,68 @@ def block_min_sq_dists(queries: torch.Tensor, ref_blocks: torch.Tensor) -> torch
         return out
     block_q = 64
     grid = (triton.cdiv(q, block_q), s)
-    _block_min_kernel[grid](queries, ref_blocks, out, q, b, G=g, BLOCK_Q=block_q)
+    _block_min_kernel[grid](queries, ref_blocks, out, q, num_blocks=b, G=g, BLOCK_Q=block_q)
+    return out
+
+
+@triton.jit
+def _knn_mean_kernel(q_ptr, r_ptr, bmin_ptr, out_ptr, num_q, num_blocks, far_test_sq,
+                     KK: tl.constexpr, KK_PAD: tl.constexpr, G: tl.constexpr,
+                     B_PAD: tl.constexpr, BLOCK_Q: tl.constexpr):
+    pid_q = tl.program_id(0)
+    frame = tl.program_id(1).to(tl.int64)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    valid = offs_q < num_q
+    q_base = q_ptr + frame * num_q * 3 + offs_q * 3
+    qx = tl.load(q_base + 0, mask=valid, other=0.0)
+    qy = tl.load(q_base + 1, mask=valid, other=0.0)
+    qz = tl.load(q_base + 2, mask=valid, other=0.0)
+    # 1) the KK blocks with the smallest minima (repeated arg-min; exact, ties by index)
+    offs_b = tl.arange(0, B_PAD)
+    bm = tl.load(bmin_ptr + frame * num_q * num_blocks + offs_q[:, None] * num_blocks
+                 + offs_b[None, :], mask=valid[:, None] & (offs_b[None, :] < num_blocks),
+                 other=float("inf"))
+    offs_k = tl.arange(0, KK_PAD)
+    sel = tl.zeros([BLOCK_Q, KK_PAD], dtype=tl.int32)
+    for it in tl.static_range(KK):
+        j = tl.argmin(bm, axis=1)
+        sel = tl.where(offs_k[None, :] == it, j[:, None], sel)
+        bm = tl.where(offs_b[None, :] == j[:, None], float("inf"), bm)
+    # 2) exact squared distances to their KK·G members, then the KK smallest
+    offs_g = tl.arange(0, G)
+    ref = sel[:, :, None] * G + offs_g[None, None, :]                 # [BQ, KK_PAD, G]
+    ok = valid[:, None, None] & (offs_k[None, :, None] < KK)
+    r_frame = r_ptr + frame * num_blocks * G * 3
+    dx = qx[:, None, None] - tl.load(r_frame + ref * 3 + 0, mask=ok, other=0.0)
+    dy = qy[:, None, None] - tl.load(r_frame + ref * 3 + 1, mask=ok, other=0.0)
+    dz = qz[:, None, None] - tl.load(r_frame + ref * 3 + 2, mask=ok, other=0.0)
+    d2 = tl.where(ok, dx * dx + dy * dy + dz * dz, float("inf"))
+    d2 = tl.sort(tl.reshape(d2, [BLOCK_Q, KK_PAD * G]), dim=1)
+    offs_c = tl.arange(0, KK_PAD * G)
+    present = (offs_c[None, :] < KK) & (d2 < far_test_sq)
+    dist = tl.sqrt(tl.where(present, d2, 0.0))
+    total = tl.sum(dist, axis=1)
+    count = tl.maximum(tl.sum(present.to(tl.float32), axis=1), 1.0)
+    tl.store(out_ptr + frame * num_q + offs_q, total / count, mask=valid)
+
+
+def knn_mean_from_block_min(queries: torch.Tensor, ref_blocks: torch.Tensor,
+                            block_min: torch.Tensor, kk: int, far_test: float) -> torch.Tensor:
+    """Second stage in one kernel -> ``[S, Q]`` mean distance to the kk nearest references.
+
+    ``block_min [S, Q, B]`` from :func:`block_min_sq_dists`; references farther than
+    ``far_test`` (padding) are ignored. Same rule as refine_fast's torch second stage:
+    the kk blocks with the smallest minima hold every one of the kk nearest references.
+    """
+    s, q, _ = queries.shape
+    b, g = ref_blocks.shape[1:3]
+    out = torch.empty(s, q, dtype=torch.float32, device=queries.device)
+    if q == 0:
+        return out
+    block_q = 16
+    grid = (triton.cdiv(q, block_q), s)
+    _knn_mean_kernel[grid](queries.float().contiguous(), ref_blocks.float().contiguous(),
+                           block_min.float().contiguous(), out, q, b, far_test * far_test,
+                           KK=kk, KK_PAD=triton.next_power_of_2(kk), G=g,
+                           B_PAD=triton.next_power_of_2(b), BLOCK_Q=block_q)
     return out

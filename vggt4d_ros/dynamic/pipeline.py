@@ -100,10 +100,12 @@ class Vggt4dConfig:
     # with compile_blocks on CUDA, also torch.compile the camera and DPT heads (float32 maths
     # kept; fused elementwise kernels; rounding-level differences)
     compile_heads: bool = True
-    # On CUDA, run the launch-bound stages on a side stream from a worker thread: the k-means
-    # over the DINO tokens during pass 1, the refinement's pose-free half during pass 2
-    # (side_task.py). Same results; on CPU the stages run in order.
-    overlap_stages: bool = True
+    # On CUDA, run the k-means over the DINO tokens during pass 1 and the refinement's
+    # pose-free half during pass 2, on a side stream from a worker thread (side_task.py; same
+    # results). Off by default: once those stages had been made cheap on the GPU, the worker's
+    # Python launches competing for the GIL with the main thread's cost as much as the overlap
+    # saved (H100, 16 frames: 313 ms in order vs 317-331 ms overlapped, docs/BENCHMARKS.md).
+    overlap_stages: bool = False
     min_frames: int = 2
     points_pixel_offset: float = 0.0        # world points: official VGGT unprojection
 
@@ -306,6 +308,15 @@ class Vggt4dPipeline:
                                        encoder_features=True)
         heads1 = ("camera", "depth", "point") if cfg.pass1_point_head else ("camera", "depth")
         head_amp = torch.bfloat16 if cfg.head_dtype == "bf16" else None
+        return self._run(images, patch_tokens, timer, amp, run_dynamic, fallback, reducer,
+                         control, heads1, head_amp)
+
+    def _run(self, images: Tensor, patch_tokens: Optional[Tensor], timer: "_Timer",
+             amp: Optional[torch.dtype], run_dynamic: bool, fallback: str, reducer, control,
+             heads1: Tuple[str, ...], head_amp: Optional[torch.dtype]) -> Vggt4dResult:
+        """The body of :meth:`__call__` (stages in order; see the module docstring)."""
+        cfg = self.config
+        s, _, h, w = images.shape
         gh, gw = h // cfg.patch_size, w // cfg.patch_size
         dev = images.device
         cluster_task = None

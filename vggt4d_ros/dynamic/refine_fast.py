@@ -90,9 +90,12 @@ def _random_subset(valid: Tensor, count: int, gen: torch.Generator) -> Tuple[Ten
     Returns ``(idx [S, count], ok [S, count])``; rows with fewer valid entries are padded with
     invalid indices (``ok`` False). Rows with ``<= count`` valid entries get ALL of them.
     """
-    keys = torch.rand(valid.shape, generator=gen, device=valid.device)
-    keys = torch.where(valid, keys, torch.full_like(keys, 2.0))
-    idx = keys.topk(count, dim=1, largest=False, sorted=False).indices
+    # one random order of the N columns, valid entries first (a stable one-byte sort): the
+    # first ``count`` are a uniform random subset of each row's valid entries (cheaper than a
+    # top-k over random keys)
+    perm = torch.randperm(valid.shape[1], generator=gen, device=valid.device)
+    order = torch.sort((~valid[:, perm]).to(torch.uint8), dim=1, stable=True).indices
+    idx = perm[order[:, :count]]
     return idx, valid.gather(1, idx)
 
 
@@ -137,22 +140,22 @@ def _knn_indices(d2: Tensor, kk: int, group: int) -> Tensor:
     return gsel.gather(-1, sub // group) * group + sub % group
 
 
-def _block_min_sq_dists(queries: Tensor, ref_blocks: Tensor) -> Tensor:
-    """``[S, Q, B]``: per query, the smallest squared distance to each block of references.
+def _triton_knn(device: torch.device):
+    """The Triton kNN kernels (``_knn_triton``) on CUDA, else None (portable torch path)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from . import _knn_triton
+    except ImportError:               # a CUDA build without Triton
+        return None
+    return _knn_triton
 
-    CUDA: one Triton kernel over all queries (``_knn_triton``; the ``[S, Q, R]`` distance
-    matrix is never stored). Elsewhere (or without Triton): ``cdist`` on exact coordinate
-    differences, in chunks.
-    """
+
+def _block_min_sq_dists(queries: Tensor, ref_blocks: Tensor) -> Tensor:
+    """``[S, Q, B]``: per query, the smallest squared distance to each block of references
+    (portable path: ``cdist`` on exact coordinate differences, in chunks)."""
     s, q, _ = queries.shape
     b, g = ref_blocks.shape[1:3]
-    if queries.is_cuda:
-        try:
-            from ._knn_triton import block_min_sq_dists
-        except ImportError:           # a CUDA build without Triton: the portable path below
-            pass
-        else:
-            return block_min_sq_dists(queries, ref_blocks)
     flat = ref_blocks.flatten(1, 2)
     chunk = max(1, (_CHUNK_ELEMS // 16) // max(1, s * b * g))
     out = []
@@ -189,7 +192,8 @@ def _mean_knn_to_refs(queries: Tensor, refs: Tensor, k: int,
     Padded references sit at ``_FAR`` and are ignored (fewer than k real ones -> mean over
     those present). Two-stage exact selection over blocks of references (``grouped``, default
     ``KNN_GROUPED``; False: one block per reference, same result up to ties), distances from
-    coordinate differences; the second stage in query chunks of bounded size.
+    coordinate differences. CUDA: two Triton kernels (``_knn_triton``); elsewhere torch, the
+    second stage in query chunks of bounded size.
     """
     s, q, _ = queries.shape
     r = refs.shape[1]
@@ -205,8 +209,12 @@ def _mean_knn_to_refs(queries: Tensor, refs: Tensor, k: int,
             if r // group <= kk:
                 group = 1
     ref_blocks = refs.reshape(s, r // group, group, 3)
+    kernels = _triton_knn(queries.device)
+    if kernels is not None:               # CUDA: two Triton kernels, nothing [S, Q, R] stored
+        block_min = kernels.block_min_sq_dists(queries, ref_blocks)
+        return kernels.knn_mean_from_block_min(queries, ref_blocks, block_min, kk, _FAR_TEST)
     block_min = _block_min_sq_dists(queries, ref_blocks)                 # [S, Q, B]
-    # eager on purpose: this runs on the pipeline's side thread, and torch.compile there
+    # no torch.compile here: this runs on the pipeline's side thread, where a compilation
     # races with the main thread's compiled blocks (dynamo/FX tracing state is process-wide)
     chunk = max(1, _CHUNK_ELEMS // max(1, 3 * s * kk * group))
     out = [_knn_mean_from_block_min(queries[:, i:i + chunk], ref_blocks,

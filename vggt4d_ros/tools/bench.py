@@ -248,14 +248,13 @@ def ablation_steps() -> List[tuple]:
          "elementwise kernels)",
          pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
               compile_blocks=True, compile_heads=True)),
-        ("+overlapped_stages", "k-means during pass 1 and the refinement's pose-free half "
-         "during pass 2, on a side CUDA stream (side_task.py)",
+        ("+overlapped_stages (not default)", "k-means during pass 1 and the refinement's "
+         "pose-free half during pass 2, on a side CUDA stream from a worker thread",
          pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
               compile_blocks=True, compile_heads=True, overlap_stages=True)),
-        ("+bf16_heads (numerics change)", "DPT depth head under bf16 autocast",
+        ("+bf16_heads (numerics change; not default)", "DPT depth head under bf16 autocast",
          pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
-              compile_blocks=True, compile_heads=True, overlap_stages=True,
-              head_dtype="bf16")),
+              compile_blocks=True, compile_heads=True, head_dtype="bf16")),
     ]
 
 
