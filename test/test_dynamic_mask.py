@@ -153,3 +153,29 @@ def test_dynamic_mask_token_mask_rules():
     assert torch.equal(keep[0, :, 5:], ~tok)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         token_dynamic_mask(torch.zeros(1, 20, 28))
+
+
+def test_dynamic_mask_threshold_as_tensor_matches_float():
+    g = torch.Generator().manual_seed(4)
+    x = torch.cat([torch.rand(4000, generator=g) * 0.4, 0.7 + torch.rand(900, generator=g) * 0.3])
+    for backend in ("reference", "fast"):
+        t = adaptive_threshold(x, backend=backend, as_tensor=True)
+        assert isinstance(t, torch.Tensor) and t.dim() == 0
+        assert float(t) == adaptive_threshold(x, backend=backend)
+    const = adaptive_threshold(torch.full((5, 5), 0.2), backend="fast", as_tensor=True)
+    assert float(const) == float("inf")
+    bad = adaptive_threshold(torch.tensor([0.1, float("nan"), 0.5]), backend="fast",
+                             as_tensor=True)
+    assert torch.isnan(bad)                      # the tensor form flags instead of raising
+
+
+def test_dynamic_mask_kmeans_plusplus_one_draw_block_equals_per_step_draws():
+    """The k-means++ seeding draws all uniforms up front; numpy's legacy RandomState gives
+    the same numbers as one draw per step (what scikit-learn does)."""
+    a = np.random.RandomState(42)
+    a.choice(100, p=np.full(100, 0.01))
+    block = a.uniform(size=(5, 3))
+    b = np.random.RandomState(42)
+    b.choice(100, p=np.full(100, 0.01))
+    steps = np.stack([b.uniform(size=3) for _ in range(5)])
+    np.testing.assert_array_equal(block, steps)

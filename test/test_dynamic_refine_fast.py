@@ -248,3 +248,97 @@ def test_refine_backend_hook(synth_small):
     assert Vggt4dConfig(refine_backend="fast").refine_config().backend == "fast"
     with pytest.raises(ValueError):
         Vggt4dConfig(refine_backend="gpu")
+
+
+# ------------------------------------------------------------------ two-step form (pipeline)
+def test_refine_fast_invariant_to_a_rigid_change_of_world(synth_small):
+    """Outlier removal and clustering run on camera-frame clouds before the poses exist
+    (prepare_refine_fast): moving the whole world by one rigid transform changes nothing."""
+    depth, intr, c2w, coarse, images, _ = synth_small
+    base = refine_dynamic_mask_fast(depth, intr, c2w, coarse, images)
+    angle = 0.7
+    t = torch.eye(4, dtype=c2w.dtype)
+    t[:3, :3] = torch.tensor([[np.cos(angle), -np.sin(angle), 0.0],
+                              [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+    t[:3, 3] = torch.tensor([3.0, -1.5, 0.25])
+    moved = refine_dynamic_mask_fast(depth, intr, t @ c2w, coarse, images)
+    assert base.any()
+    assert _iou(moved, base) >= 0.999
+
+
+def test_refine_prepare_finish_equals_one_call(synth_small):
+    from vggt4d_ros.dynamic.refine import prepare_refinement
+    depth, intr, c2w, coarse, images, _ = synth_small
+    for backend in ("fast", "reference"):
+        cfg = RefineConfig(backend=backend)
+        finish = prepare_refinement(depth, intr, coarse, images, cfg)
+        assert torch.equal(finish(c2w), refine_dynamic_mask(depth, intr, c2w, coarse, images,
+                                                            cfg))
+
+
+def test_refine_fast_bad_pose_frame_stays_static(synth_small):
+    """A frame whose pose is not finite keeps no dynamic pixel (its points have no world
+    position), the other frames are still refined."""
+    depth, intr, c2w, coarse, images, _ = synth_small
+    bad = c2w.clone()
+    bad[2] = float("nan")
+    out = refine_dynamic_mask_fast(depth, intr, bad, coarse, images)
+    assert out.shape == coarse.shape
+    assert not out[2].any() and out.any()
+
+
+def test_refine_fast_block_farthest():
+    from vggt4d_ros.dynamic.refine_fast import _block_farthest
+    g = torch.Generator().manual_seed(3)
+    dist = torch.rand(4, 103, generator=g, dtype=torch.float64)
+    dist[1, 50:] = float("-inf")                          # padding of a short frame
+    far = _block_farthest(dist, 30)
+    assert far.shape == (4, 30)
+    assert torch.equal(far[:, 0], dist.argmax(1))          # the first is exactly the farthest
+    for row in range(4):
+        assert len(torch.unique(far[row])) == 30          # distinct points
+        vals = dist[row, far[row]]
+        assert torch.all(vals[:-1] >= vals[1:])           # farthest first
+
+
+def test_refine_fast_random_subset_takes_all_valid_when_few():
+    from vggt4d_ros.dynamic.refine_fast import _random_subset
+    valid = torch.zeros(3, 50, dtype=torch.bool)
+    valid[0, ::5] = True                                  # 10 valid < count
+    valid[1] = True                                       # 50 valid > count
+    gen = torch.Generator().manual_seed(0)
+    idx, ok = _random_subset(valid, 20, gen)
+    assert set(idx[0][ok[0]].tolist()) == set(range(0, 50, 5))
+    assert ok[1].all() and len(torch.unique(idx[1])) == 20
+    assert not ok[2].any()
+
+
+def test_refine_fast_kmeans_lazy_relocation_is_exact():
+    """batched_kmeans runs Lloyd without the empty-cluster relocation first and redoes it
+    with relocation only when a cluster emptied: the labels equal an always-relocating run."""
+    from vggt4d_ros.dynamic import refine_fast as rf
+    g = torch.Generator().manual_seed(7)
+    spread = torch.randn(3, 200, 3, generator=g, dtype=torch.float64)
+    dup = torch.cat([torch.zeros(3, 100, 3, dtype=torch.float64),
+                     torch.ones(3, 100, 3, dtype=torch.float64)], 1)    # 2 distinct points
+    for x in (spread, dup):
+        valid = torch.ones(3, 200, dtype=torch.bool)
+        valid[1, 150:] = False
+        labels, active = batched_kmeans(x, valid, 8, torch.Generator().manual_seed(1))
+        calls = []
+        original = rf._LloydIterations.run
+
+        def always(self, centres, relocate):
+            calls.append(relocate)
+            return original(self, centres, True)
+        try:
+            rf._LloydIterations.run = always
+            ref, _ = batched_kmeans(x, valid, 8, torch.Generator().manual_seed(1))
+        finally:
+            rf._LloydIterations.run = original
+        assert torch.equal(labels[valid], ref[valid])
+    # the duplicated cloud empties clusters: the relocating pass really ran there
+    _, saw = rf._LloydIterations(dup, torch.ones(3, 200, dtype=torch.bool),
+                                 torch.ones(3, 8, dtype=torch.bool), 8, 3).run(
+        torch.rand(3, 8, 3, dtype=torch.float64, generator=g), relocate=False)
+    assert bool(saw)

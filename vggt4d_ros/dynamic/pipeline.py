@@ -2,16 +2,21 @@
 
 Data flow for images ``[S, 3, H, W]`` in [0, 1]:
 
-1. Pass 1: plain VGGT forward; the global-attention Q/K of the 11 saliency layers are reduced
-   on the fly by :class:`~.saliency.GramSaliencyReducer` (nothing else is captured) and the DINO
-   patch tokens are kept ("encoder features").
+1. Pass 1: the DINO patch tokens ("encoder features") are embedded first (or taken from the
+   caller's per-frame cache), then the plain VGGT forward runs on them; the global-attention
+   Q/K of the 11 saliency layers are reduced on the fly by
+   :class:`~.saliency.GramSaliencyReducer` (nothing else is captured). The k-means over the
+   tokens (step 2) needs nothing else, so with ``overlap_stages`` on CUDA it runs on a side
+   stream during pass 1 (``side_task.py``; off by default, see the config).
 2. Saliency ``[S, h, w]`` -> feature clustering -> bilinear upsample -> adaptive multi-Otsu
    threshold -> coarse mask ``M0 [S, H, W]``.
 3. Pass 2: VGGT again with dynamic tokens removed from keys/values in layers 0-4. Only the
    camera pose is used, so by default only the aggregator + camera head run
    (``pass2_camera_only``), reusing pass 1's patch tokens (``reuse_patch_tokens``: the DINO
    patch embedding is identical in both passes).
-4. Refinement (pass-1 depth + intrinsics, pass-2 poses, M0) -> final mask.
+4. Refinement (pass-1 depth + intrinsics, pass-2 poses, M0) -> final mask. Its outlier
+   removal and clustering need no pose (``refine.prepare_refinement``); they run before pass 2
+   (or beside it, with ``overlap_stages``) and only the residual test waits for the poses.
 5. Outputs: poses from pass 2; depth, depth confidence, intrinsics from pass 1; world points =
    pass-1 depth unprojected (official VGGT convention, ``pixel_offset`` 0) with pass-1
    intrinsics and pass-2 poses; their confidence = pass-1 depth confidence.
@@ -169,7 +174,9 @@ class Vggt4dResult:
     (pass 1); depth / depth_conf ``[S, H, W]`` (pass 1, model units); world_points
     ``[S, H, W, 3]`` (pass-1 depth, pass-2 poses; frame of camera 0); world_points_conf
     ``[S, H, W]``; saliency ``[S, h, w]`` in [0, 1] or None; coarse_mask / mask ``[S, H, W]``
-    bool (dynamic = True); timings: seconds per stage.
+    bool (dynamic = True); timings: seconds per stage ("total" = wall time of the call;
+    "cluster" and "refine_prep" are the side tasks' own durations, concurrent with pass 1 /
+    pass 2 when ``overlap_stages`` is on; "cluster_wait" the wait for the k-means).
     Extra (additive): token_mask ``[S, N]`` bool or None (pass-2 dynamic tokens); threshold
     (float, NaN when not computed); pass1_extrinsic ``[S, 3, 4]``; fallback: reason or "".
     """

@@ -33,8 +33,8 @@ Differences from the reference path (all documented approximations):
    step, drawn from a torch generator seeded with ``cfg.seed`` - NOT scikit-learn's random
    stream), then ``kmeans_iters`` (default 30) Lloyd iterations without an early stop (no
    sync); an empty cluster takes a point far from its centre (the first empty cluster of a
-   frame the farthest point; the e-th the farthest point of the e-th of k blocks of points,
-   blocks ranked by their farthest point - ``_block_farthest``, cheaper than a top-k per
+   frame the farthest point; the e-th the farthest point of the e-th of k strided blocks of
+   points, blocks ranked by their farthest point - ``_block_farthest``, cheaper than a top-k per
    iteration). Labels therefore differ from scikit-learn's; the
    clustering is of similar quality. Frames with fewer inlier points than k use
    ``k = number of points`` (extra centres inactive).
@@ -272,20 +272,21 @@ def _sq_dist(x: Tensor, c: Tensor) -> Tensor:
 def _block_farthest(dist: Tensor, count: int) -> Tensor:
     """Indices ``[S, count]`` of far points of ``dist [S, Q]``, farthest first.
 
-    The Q entries are split into ``count`` contiguous blocks and each block's maximum is
-    kept: the first index is the exact farthest point, the others are the farthest of their
-    blocks (a cheap stand-in for a full top-``count``, which cost a multi-block radix select
-    per Lloyd iteration although empty clusters are rare).
+    The Q entries are split into ``count`` strided blocks (block j = entries j, j + count,
+    ...; each holds at least one real entry) and each block's maximum is kept: the first index
+    is the exact farthest point, the others are the farthest of their blocks, all distinct (a
+    cheap stand-in for a full top-``count``, which cost a multi-block radix select per Lloyd
+    iteration although empty clusters are rare).
     """
     s, q = dist.shape
     count = min(count, q)
     pad = (-q) % count
     if pad:
         dist = torch.cat([dist, dist.new_full((s, pad), float("-inf"))], 1)
-    val, arg = dist.reshape(s, count, -1).max(-1)                       # [S, count]
-    arg = arg + torch.arange(count, device=dist.device) * dist.shape[1] // count
+    val, arg = dist.reshape(s, -1, count).max(1)                        # [S, count]
+    arg = arg * count + torch.arange(count, device=dist.device)
     order = val.argsort(dim=1, descending=True, stable=True)
-    return arg.gather(1, order).clamp_max(q - 1)
+    return arg.gather(1, order)
 
 
 def batched_kmeans(x: Tensor, valid: Tensor, k: int, gen: torch.Generator,
@@ -320,33 +321,63 @@ def batched_kmeans(x: Tensor, valid: Tensor, k: int, gen: torch.Generator,
         best = (d_c * w[:, None]).sum(2).argmin(1)                      # [S]
         closest = d_c[rows, best] * w
         centres[:, j] = xc[rows, best]
-    # ---- Lloyd iterations (fixed count; no convergence test -> no host sync)
-    lab_pad = torch.full((s, q), k, dtype=torch.long, device=dev)
-    kf = min(k, q)
-    x_aug = torch.cat([x, torch.ones_like(x[..., :1])], -1)            # [S, Q, 4]
-    x_sq = (x * x).sum(-1)
+    # ---- Lloyd iterations (fixed count; no convergence test). Empty clusters are rare, and
+    # their relocation is ~half of an iteration's kernels: run without it first and redo the
+    # iterations with it only if a cluster ever emptied (identical result; one host read).
+    lloyd = _LloydIterations(x, valid, active, k, iters)
+    final, saw_empty = lloyd.run(centres, relocate=False)
+    if bool(saw_empty):
+        final, _ = lloyd.run(centres, relocate=True)
+    return lloyd.assign(final)[1], active
 
-    def assign(c: Tensor) -> Tuple[Tensor, Tensor]:
+
+class _LloydIterations:
+    """Batched Lloyd iterations of :func:`batched_kmeans` (fixed count, no convergence test).
+
+    ``run(centres, relocate)`` -> (final centres, whether any active cluster was ever empty).
+    With ``relocate`` the e-th empty cluster of a frame takes the e-th of the block-wise
+    farthest points (:func:`_block_farthest`); without, an empty cluster's centre is left
+    wrong - callers only keep such a run when no cluster was ever empty, where both agree.
+    """
+
+    def __init__(self, x: Tensor, valid: Tensor, active: Tensor, k: int, iters: int) -> None:
+        s, q, _ = x.shape
+        self.x, self.valid, self.active, self.k, self.iters = x, valid, active, k, iters
+        self.w = valid.to(x.dtype)
+        self.lab_pad = torch.full((s, q), k, dtype=torch.long, device=x.device)
+        self.kf = min(k, q)
+        self.x_aug = torch.cat([x, torch.ones_like(x[..., :1])], -1)      # [S, Q, 4]
+        self.x_sq = (x * x).sum(-1)
+
+    def assign(self, c: Tensor) -> Tuple[Tensor, Tensor]:
+        """(squared distance to the nearest active centre, its index), both ``[S, Q]``."""
         # |x−c|² = |x|² + (|c|² − 2 x·c): one bmm [S, Q, k] (TF32 off; inactive -> +inf)
         c_aug = torch.cat([-2.0 * c, (c * c).sum(-1, keepdim=True)], -1).transpose(1, 2)
         with _full_fp32_matmul():
-            d = torch.bmm(x_aug, c_aug).masked_fill(~active[:, None], float("inf"))
+            d = torch.bmm(self.x_aug, c_aug).masked_fill(~self.active[:, None], float("inf"))
         best, lab = d.min(2)
-        return best + x_sq, lab
+        return best + self.x_sq, lab
 
-    for _ in range(iters):
-        own, labels = assign(centres)
-        lab = torch.where(valid, labels, lab_pad)
-        sums = x.new_zeros(s, k + 1, 3).scatter_add_(1, lab[..., None].expand(-1, -1, 3), x)
-        counts = x.new_zeros(s, k + 1).scatter_add_(1, lab, torch.ones_like(w))
-        new = sums[:, :k] / counts[:, :k, None].clamp_min(1)
-        empty = active & (counts[:, :k] == 0)
-        # e-th empty cluster of a frame <- the e-th farthest of kf block-wise farthest points
-        far = _block_farthest(own.masked_fill(~valid, float("-inf")), kf)     # [S, kf]
-        rank = (empty.long().cumsum(1) - 1).clamp(0, kf - 1)
-        relocated = _gather_points(x, far.gather(1, rank))              # [S, k, 3]
-        centres = torch.where(empty[..., None], relocated, new)
-    return assign(centres)[1], active
+    def run(self, centres: Tensor, relocate: bool) -> Tuple[Tensor, Tensor]:
+        x, k, s = self.x, self.k, self.x.shape[0]
+        saw_empty = torch.zeros((), dtype=torch.bool, device=x.device)
+        for _ in range(self.iters):
+            own, labels = self.assign(centres)
+            lab = torch.where(self.valid, labels, self.lab_pad)
+            sums = x.new_zeros(s, k + 1, 3).scatter_add_(1, lab[..., None].expand(-1, -1, 3), x)
+            counts = x.new_zeros(s, k + 1).scatter_add_(1, lab, torch.ones_like(self.w))
+            new = sums[:, :k] / counts[:, :k, None].clamp_min(1)
+            empty = self.active & (counts[:, :k] == 0)
+            if not relocate:
+                saw_empty = saw_empty | empty.any()
+                centres = new
+                continue
+            # e-th empty cluster of a frame <- the e-th of kf block-wise farthest points
+            far = _block_farthest(own.masked_fill(~self.valid, float("-inf")), self.kf)
+            rank = (empty.long().cumsum(1) - 1).clamp(0, self.kf - 1)
+            relocated = _gather_points(x, far.gather(1, rank))          # [S, k, 3]
+            centres = torch.where(empty[..., None], relocated, new)
+        return centres, saw_empty
 
 
 def _sample_batched(img: Tensor, u: Tensor, v: Tensor, mode: str) -> Tensor:
