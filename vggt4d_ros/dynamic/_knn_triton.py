@@ -14,16 +14,22 @@ import triton.language as tl
 
 
 @triton.jit
-def _block_min_kernel(q_ptr, r_ptr, out_ptr, num_q, num_blocks: tl.constexpr,
-                      G: tl.constexpr, BLOCK_Q: tl.constexpr):
-    pid_q = tl.program_id(0)
+def _load_queries(q_ptr, num_q, BLOCK_Q: tl.constexpr):
+    """This program's frame, query offsets / validity and query coordinates."""
     frame = tl.program_id(1).to(tl.int64)
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     valid = offs_q < num_q
     q_base = q_ptr + frame * num_q * 3 + offs_q * 3
     qx = tl.load(q_base + 0, mask=valid, other=0.0)
     qy = tl.load(q_base + 1, mask=valid, other=0.0)
     qz = tl.load(q_base + 2, mask=valid, other=0.0)
+    return frame, offs_q, valid, qx, qy, qz
+
+
+@triton.jit
+def _block_min_kernel(q_ptr, r_ptr, out_ptr, num_q, num_blocks: tl.constexpr,
+                      G: tl.constexpr, BLOCK_Q: tl.constexpr):
+    frame, offs_q, valid, qx, qy, qz = _load_queries(q_ptr, num_q, BLOCK_Q)
     offs_g = tl.arange(0, G)
     r_frame = r_ptr + frame * num_blocks * G * 3
     out_base = out_ptr + frame * num_q * num_blocks + offs_q * num_blocks
@@ -59,14 +65,7 @@ def block_min_sq_dists(queries: torch.Tensor, ref_blocks: torch.Tensor) -> torch
 def _knn_mean_kernel(q_ptr, r_ptr, bmin_ptr, out_ptr, num_q, num_blocks, far_test_sq,
                      KK: tl.constexpr, KK_PAD: tl.constexpr, G: tl.constexpr,
                      B_PAD: tl.constexpr, BLOCK_Q: tl.constexpr):
-    pid_q = tl.program_id(0)
-    frame = tl.program_id(1).to(tl.int64)
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    valid = offs_q < num_q
-    q_base = q_ptr + frame * num_q * 3 + offs_q * 3
-    qx = tl.load(q_base + 0, mask=valid, other=0.0)
-    qy = tl.load(q_base + 1, mask=valid, other=0.0)
-    qz = tl.load(q_base + 2, mask=valid, other=0.0)
+    frame, offs_q, valid, qx, qy, qz = _load_queries(q_ptr, num_q, BLOCK_Q)
     # 1) the KK blocks with the smallest minima (repeated arg-min; exact, ties by index)
     offs_b = tl.arange(0, B_PAD)
     bm = tl.load(bmin_ptr + frame * num_q * num_blocks + offs_q[:, None] * num_blocks

@@ -25,19 +25,16 @@ as JSON, to ``--out`` (default ``$OUT/bench.json`` when ``$OUT`` is set).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 import time
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 from vggt4d_ros.tools.bench_util import (H100_BF16_DENSE_TFLOPS, synchronize, tflops, time_fn,
-                                         vggt_flops)
+                                         vggt_flops, write_report)
 
 RANDOM_LABEL = "random weights: geometry is meaningless"
 
@@ -438,12 +435,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"frames/s, window latency median {st['window_latency_s_median']}, GPU memory "
               f"growth {st['gpu_mem_growth_gb']} GB, peak {st['peak_gb']:.2f} GB", flush=True)
     report["total_s"] = time.perf_counter() - t_start
-    out = args.out or (os.path.join(os.environ["OUT"], "bench.json")
-                       if os.environ.get("OUT") else None)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=1, default=float))
-        print(f"wrote {out}")
+    write_report(report, args.out, "bench.json")
     return 0
 
 

@@ -7,9 +7,12 @@ TFLOP/s and the fraction of the H100's ~800 TFLOP/s dense bf16 peak can be repor
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -91,3 +94,16 @@ def tflops(flops: float, seconds: float) -> float:
 def gpu_memory_gb() -> Optional[float]:
     """Currently allocated GPU memory in GB, or None without CUDA."""
     return torch.cuda.memory_allocated() / 1e9 if torch.cuda.is_available() else None
+
+
+def write_report(report: Dict[str, object], out: Optional[str], default_name: str
+                 ) -> Optional[str]:
+    """Write ``report`` as JSON to ``out``, else to ``$OUT/default_name`` when ``$OUT`` is set
+    (the device's output folder), else nowhere. Returns the path written or None."""
+    path = out or (os.path.join(os.environ["OUT"], default_name)
+                   if os.environ.get("OUT") else None)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=1, default=float))
+        print(f"wrote {path}")
+    return path

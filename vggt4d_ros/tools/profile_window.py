@@ -15,19 +15,16 @@ Two reports, printed and written as JSON to ``--out`` (default ``$OUT/profile.js
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import threading
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 from vggt4d_ros.tools.bench import RANDOM_LABEL, build_random_vggt
-from vggt4d_ros.tools.bench_util import synchronize, time_fn
+from vggt4d_ros.tools.bench_util import synchronize, time_fn, write_report
 
 
 def profile_stages(pipe, images: torch.Tensor, top: int = 8) -> Dict[str, object]:
@@ -241,12 +238,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"  piece {k}: gpu {r['gpu_kernel_ms']:.2f} ms, {r['kernels']} kernels")
             for n, d, c in r["top"]:
                 print(f"      {d:8.2f} ms {c:5d}x  {n[:100]}")
-    out = args.out or (os.path.join(os.environ["OUT"], "profile.json")
-                       if os.environ.get("OUT") else None)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=1, default=float))
-        print(f"wrote {out}")
+    write_report(report, args.out, "profile.json")
     return 0
 
 
