@@ -315,15 +315,6 @@ class Vggt4dPipeline:
                                        encoder_features=True)
         heads1 = ("camera", "depth", "point") if cfg.pass1_point_head else ("camera", "depth")
         head_amp = torch.bfloat16 if cfg.head_dtype == "bf16" else None
-        return self._run(images, patch_tokens, timer, amp, run_dynamic, fallback, reducer,
-                         control, heads1, head_amp)
-
-    def _run(self, images: Tensor, patch_tokens: Optional[Tensor], timer: "_Timer",
-             amp: Optional[torch.dtype], run_dynamic: bool, fallback: str, reducer, control,
-             heads1: Tuple[str, ...], head_amp: Optional[torch.dtype]) -> Vggt4dResult:
-        """The body of :meth:`__call__` (stages in order; see the module docstring)."""
-        cfg = self.config
-        s, _, h, w = images.shape
         gh, gw = h // cfg.patch_size, w // cfg.patch_size
         dev = images.device
         cluster_task = None
