@@ -20,7 +20,7 @@ from scipy.spatial.transform import Rotation
 from vggt4d_ros.geometry.transforms import invert_se3
 # The frame and covariance conventions are ROS-free (shared with the offline replay); re-exported
 # here for the node and its tests.
-from vggt4d_ros.stream.odom import (LINK_FROM_OPTICAL, OdomFrames, rotate_covariance,
+from vggt4d_ros.stream.odom import (LINK_FROM_OPTICAL, OdomFrames, as_se3, rotate_covariance,
                                     sanitize_covariance)
 
 __all__ = ["LINK_FROM_OPTICAL", "OdomFrames", "rotate_covariance", "sanitize_covariance",
@@ -28,18 +28,9 @@ __all__ = ["LINK_FROM_OPTICAL", "OdomFrames", "rotate_covariance", "sanitize_cov
            "matrix_to_pose", "pose_to_matrix", "matrix_to_transform", "transform_to_matrix",
            "make_transform_stamped"]
 
-def _as_se3(mat: np.ndarray) -> np.ndarray:
-    m = np.asarray(mat, dtype=np.float64)
-    if m.shape == (3, 4):
-        m = np.vstack([m, [0.0, 0.0, 0.0, 1.0]])
-    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
-        raise ValueError(f"expected a finite [4,4] or [3,4] pose matrix, got shape {m.shape}")
-    return m
-
-
 def invert(a_from_b: np.ndarray) -> np.ndarray:
     """Inverse of a rigid (or similarity-free) 4x4 transform: ``b_from_a``."""
-    return invert_se3(_as_se3(a_from_b))
+    return invert_se3(as_se3(a_from_b))
 
 
 def quat_xyzw_from_matrix(rot: np.ndarray) -> np.ndarray:
@@ -67,7 +58,7 @@ def matrix_from_xyz_rpy(xyz, rpy) -> np.ndarray:
 
 def matrix_to_pose(a_from_b: np.ndarray) -> Pose:
     """4x4 ``a_from_b`` → geometry_msgs/Pose of ``b`` in ``a``."""
-    m = _as_se3(a_from_b)
+    m = as_se3(a_from_b)
     q = quat_xyzw_from_matrix(m[:3, :3])
     p = Pose()
     p.position.x, p.position.y, p.position.z = (float(v) for v in m[:3, 3])

@@ -19,7 +19,9 @@ LINK_FROM_OPTICAL = np.array([[0.0, 0.0, 1.0, 0.0],
                               [0.0, 0.0, 0.0, 1.0]])
 
 
-def _as_se3(mat: np.ndarray) -> np.ndarray:
+def as_se3(mat: np.ndarray) -> np.ndarray:
+    """A finite pose matrix as float64 ``[4, 4]`` (a ``[3, 4]`` one gets its bottom row);
+    ValueError otherwise."""
     m = np.asarray(mat, dtype=np.float64)
     if m.shape == (3, 4):
         m = np.vstack([m, [0.0, 0.0, 0.0, 1.0]])
@@ -77,7 +79,7 @@ class OdomFrames:
     """
 
     def __init__(self, base_from_cam: np.ndarray = LINK_FROM_OPTICAL) -> None:
-        self.base_from_cam = _as_se3(base_from_cam)
+        self.base_from_cam = as_se3(base_from_cam)
         self.cam_from_base = invert_se3(self.base_from_cam)
         self.odom_from_world = self.base_from_cam
 
