@@ -4,7 +4,6 @@ test runs on one machine never talk to each other."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -12,7 +11,6 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from nav_msgs.msg import Odometry
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, Image
 from std_srvs.srv import Trigger
@@ -20,7 +18,7 @@ from std_srvs.srv import Trigger
 from vggt4d_ros.msg import Status
 from vggt4d_ros.ros import node as node_mod
 from vggt4d_ros.ros.image_conv import array_to_image
-from vggt4d_ros.ros.probe import TopicProbe, qos_for
+from vggt4d_ros.ros.probe import TopicProbe, qos_for, spin_in_thread
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 #: one DDS domain per test process (pid-based, 200..229; other test files use 0 and 100..199):
@@ -71,11 +69,7 @@ class NodeHarness:
                                                      qos_for(depth=100))
         self.pub_info = self.probe.create_publisher(CameraInfo, f"{namespace}/camera_info",
                                                     qos_for(depth=100))
-        self.ex = MultiThreadedExecutor(num_threads=4, context=self.ctx)
-        self.ex.add_node(self.node)
-        self.ex.add_node(self.probe)
-        self.thread = threading.Thread(target=self.ex.spin, daemon=True)
-        self.thread.start()
+        self.ex, self.thread = spin_in_thread(self.ctx, self.node, self.probe)
         assert wait_for(lambda: self.pub_image.get_subscription_count() >= 1
                         and self.node.pub_odom.get_subscription_count() >= 1), "no discovery"
 

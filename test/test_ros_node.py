@@ -8,7 +8,6 @@ stride 2). Geometry from random weights is meaningless; these tests check the RO
 from __future__ import annotations
 
 import math
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from nav_msgs.msg import Odometry, Path as PathMsg  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
@@ -28,7 +26,7 @@ from vggt4d_ros.msg import Status  # noqa: E402
 from vggt4d_ros.ros import node as node_mod  # noqa: E402
 from vggt4d_ros.ros.image_conv import array_to_image, bytes_to_uint8_array, image_to_array  # noqa: E402,E501
 from vggt4d_ros.ros.pointcloud import cloud_to_arrays  # noqa: E402
-from vggt4d_ros.ros.probe import TopicProbe, qos_for  # noqa: E402
+from vggt4d_ros.ros.probe import TopicProbe, qos_for, spin_in_thread  # noqa: E402
 from vggt4d_ros.ros.stamp_match import stamp_to_ns  # noqa: E402
 from vggt4d_ros.tools.synth import SynthConfig, SynthWorld  # noqa: E402
 
@@ -90,11 +88,7 @@ class Harness:
                                                      qos_for(depth=100))
         self.pub_info = self.probe.create_publisher(CameraInfo, f"{namespace}/camera_info",
                                                     qos_for(depth=100))
-        self.ex = MultiThreadedExecutor(num_threads=4, context=self.ctx)
-        self.ex.add_node(self.node)
-        self.ex.add_node(self.probe)
-        self.thread = threading.Thread(target=self.ex.spin, daemon=True)
-        self.thread.start()
+        self.ex, self.thread = spin_in_thread(self.ctx, self.node, self.probe)
         self.next_index = 0
         self.wait_for_subscribers()
 

@@ -4,7 +4,6 @@ that never grows past its bound, every received frame accounted for (processed +
 the policy + at most one window still pending) and latency reported. Prints its figures."""
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -12,13 +11,12 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy")
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
 from vggt4d_ros.ros import node as node_mod  # noqa: E402
 from vggt4d_ros.ros.image_conv import array_to_image  # noqa: E402
-from vggt4d_ros.ros.probe import TopicProbe, qos_for  # noqa: E402
+from vggt4d_ros.ros.probe import TopicProbe, qos_for, spin_in_thread  # noqa: E402
 from vggt4d_ros.tools.synth import SynthConfig, SynthWorld  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
@@ -52,11 +50,7 @@ def test_soak_30hz_vga_bounded_queue_memory_and_accounting(policy, duration_s):
     probe = TopicProbe("soak_probe", context=ctx)
     probe.watch("/diagnostics", DiagnosticArray, qos_for())
     pub = probe.create_publisher(Image, "image", qos_for(reliable=False, depth=5))
-    ex = MultiThreadedExecutor(num_threads=4, context=ctx)
-    ex.add_node(node)
-    ex.add_node(probe)
-    spinner = threading.Thread(target=ex.spin, daemon=True)
-    spinner.start()
+    ex, spinner = spin_in_thread(ctx, node, probe)
     max_queue, rss = 0, []
     try:
         deadline = time.monotonic() + 60

@@ -60,6 +60,20 @@ class TopicProbe(Node):
             return {k: len(v) for k, v in self.messages.items()}
 
 
+def spin_in_thread(context: Any, *nodes: Node, num_threads: int = 4):
+    """A ``MultiThreadedExecutor`` of ``context`` spinning ``nodes`` in a daemon thread.
+
+    Returns ``(executor, thread)``; stop with ``executor.shutdown()`` and ``thread.join()``.
+    """
+    from rclpy.executors import MultiThreadedExecutor
+    executor = MultiThreadedExecutor(num_threads=num_threads, context=context)
+    for node in nodes:
+        executor.add_node(node)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    return executor, thread
+
+
 def spin_until(executor, predicate: Callable[[], bool], timeout_s: float,
                step_s: float = 0.05) -> bool:
     """Spin ``executor`` until ``predicate()`` holds or ``timeout_s`` (wall clock) passes.
