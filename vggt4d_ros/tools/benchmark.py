@@ -48,6 +48,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from vggt4d_ros.tools import replay as rp
+from vggt4d_ros.tools.cli_util import first_line, report_failure
 from vggt4d_ros.tools.datasets import FrameSource, InputError, list_sequences, open_source
 from vggt4d_ros.tools.visualize import label_pictures, link_pictures
 
@@ -257,8 +258,7 @@ def _run_sequence(name: str, path: Path, proto: Protocol, settings: rp.ReplaySet
         return SequenceResult(name, res.summary["frames"]["processed"], "ok",
                               _metrics_of(result), str(res.out_dir), str(seq_out / "eval"))
     except (InputError, rp.ReplayError, ev.EvalError, ValueError, RuntimeError, OSError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return SequenceResult(name, 0, f"failed: {msg}", {})
+        return SequenceResult(name, 0, f"failed: {first_line(exc) or type(exc).__name__}", {})
 
 
 def _mean_row(rows: Sequence[SequenceResult]) -> dict[str, float]:
@@ -345,9 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vggt4d-benchmark: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"vggt4d-benchmark: failed: {type(exc).__name__}: {msg}", file=sys.stderr)
-        return 1
+        return report_failure("vggt4d-benchmark", exc)
     ok = sum(r["status"] == "ok" for r in report["sequences"])
     print(f"{ok}/{len(report['sequences'])} sequences ok; table: {Path(a.out) / 'benchmark.md'}")
     return 0 if ok else 1

@@ -99,6 +99,7 @@ import cv2
 import numpy as np
 
 from vggt4d_ros.geometry.transforms import invert_se3, to_homogeneous
+from vggt4d_ros.tools.cli_util import first_line
 from vggt4d_ros.tools.rosbag_io import RGB_ENCODINGS, image_to_rgb
 
 __all__ = [
@@ -459,7 +460,7 @@ class RosbagSource(FrameSource):
         try:
             reader.open()
         except Exception as exc:  # rosbags raises several unrelated types for bad bags
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            msg = first_line(exc) or type(exc).__name__
             raise InputError(f"cannot open bag {self.path}: {msg}") from exc
         try:
             yield reader

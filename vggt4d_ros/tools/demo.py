@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from vggt4d_ros.tools.cli_util import exc_summary, report_failure
+
 DEFAULT_CHECKPOINT = "facebook/VGGT-1B"
 RANDOM_CHECKPOINT = "random_tiny"
 MARKER = "demo.json"
@@ -58,7 +60,7 @@ def _hub_reachable(repo_id: str, timeout_s: float = 5.0) -> tuple[bool, str]:
         HfApi().model_info(repo_id, timeout=timeout_s)
         return True, ""
     except Exception as exc:  # DNS, timeout, HTTP errors: all mean "cannot have it now"
-        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return False, exc_summary(exc)
 
 
 def choose_weights(requested: str | None) -> WeightChoice:
@@ -186,9 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vggt4d-demo: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     except Exception as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"vggt4d-demo: failed: {type(exc).__name__}: {msg}", file=sys.stderr)
-        return 1
+        return report_failure("vggt4d-demo", exc)
     print(f"report: {report}")
     return 0
 

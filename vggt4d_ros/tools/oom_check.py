@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from vggt4d_ros.stream.fallback import AdaptiveWindowPredictor, FallbackConfig
+from vggt4d_ros.tools.cli_util import exc_summary
 
 RANDOM_LABEL = "random weights: geometry is meaningless"
 
@@ -187,7 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             n_out += len(engine.push(FrameInput(int(i * 1e9 / 30), img, "camera")))
         n_out += len(engine.flush())
     except Exception as exc:  # noqa: BLE001 - reported in the verdict
-        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        error = exc_summary(exc)
     report.update(pred.stats())
     report.update(wall_s=time.perf_counter() - t0, frames_out=n_out, error=error,
                   last_oom=pred.last_oom, windows=engine.counters.windows,

@@ -70,6 +70,7 @@ import numpy as np
 from vggt4d_ros.geometry.transforms import invert_se3
 from vggt4d_ros.stream.odom import LINK_FROM_OPTICAL, OdomFrames, covariance_in_base
 from vggt4d_ros.tools.atomic import atomic_output_dir
+from vggt4d_ros.tools.cli_util import first_line, report_failure
 from vggt4d_ros.tools.datasets import Frame, FrameSource, InputError, open_source, SOURCE_KINDS
 
 RANDOM_WEIGHTS_NOTE = "random weights: geometry is meaningless"
@@ -678,12 +679,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("vggt4d-replay: interrupted; nothing written", file=sys.stderr)
         return 130
     except Exception as exc:  # one line for users; the traceback is not for them
-        msg = str(exc).splitlines()[0] if str(exc) else ""
         if type(exc).__name__ == "CheckpointError":     # model.checkpoint: weights not usable
-            print(f"vggt4d-replay: error: {msg}", file=sys.stderr)
+            print(f"vggt4d-replay: error: {first_line(exc)}", file=sys.stderr)
             return 2
-        print(f"vggt4d-replay: failed: {type(exc).__name__}: {msg}", file=sys.stderr)
-        return 1
+        return report_failure("vggt4d-replay", exc)
     s = res.summary
     print(f"wrote {s['frames']['processed']} frames, {s['windows']} windows to {res.out_dir}"
           + (f"  [{s['weights']}]" if is_random_weights(settings.checkpoint) else ""))
