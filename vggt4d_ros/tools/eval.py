@@ -27,7 +27,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -245,6 +245,22 @@ class EvalOptions:
     plots: bool = True
 
 
+def _matched(files: dict, gt: GroundTruth, gt_items: list, read: Callable[[Path], np.ndarray],
+             opt: "EvalOptions", frames_index, what: str) -> tuple[list, list, str]:
+    """Predictions paired with the ground-truth frames that have an item (mask / depth map).
+
+    ``files`` stem -> predicted file; ``gt_items`` per ground-truth frame (None = absent).
+    Returns (predictions resized to their ground truth, ground truths, how frames were
+    matched); EvalError naming ``what`` when no prediction matches.
+    """
+    pairs, how = match_frames(list(files), gt, opt.max_dt_ns, frames_index)
+    pairs = [(s, j) for s, j in pairs if gt_items[j] is not None]
+    if not pairs:
+        raise EvalError(f"no predicted {what} matches a ground-truth frame")
+    preds = [_resize_nearest(read(files[s]), gt_items[j].shape) for s, j in pairs]
+    return preds, [gt_items[j] for _, j in pairs], how
+
+
 def evaluate(pred_dir: Path, gt: GroundTruth, out_dir: Path, opt: EvalOptions) -> dict:
     """Compute every metric that the prediction and ground truth allow, write the report
     folder (atomically) and return the metrics dictionary."""
@@ -304,14 +320,9 @@ def _evaluate_into(pred_dir: Path, gt: GroundTruth, tmp: Path, opt: EvalOptions,
 
     gt_has_masks = any(m is not None for m in gt.masks)
     if mask_files and gt_has_masks:
-        pairs, how = match_frames(list(mask_files), gt, opt.max_dt_ns, frames_index)
-        pairs = [(s, j) for s, j in pairs if gt.masks[j] is not None]
-        if not pairs:
-            raise EvalError(f"no predicted mask in {pred_dir / 'masks'} matches a "
-                            "ground-truth frame")
-        preds = [_resize_nearest(_read_mask_png(mask_files[s]), gt.masks[j].shape)
-                 for s, j in pairs]
-        ms = M.mask_scores(preds, [gt.masks[j] for _, j in pairs], opt.bound_th)
+        preds, gts, how = _matched(mask_files, gt, gt.masks, _read_mask_png, opt, frames_index,
+                                   f"mask in {pred_dir / 'masks'}")
+        ms = M.mask_scores(preds, gts, opt.bound_th)
         result["masks"] = {**ms.summary(), "matched_by": how, "J_per_frame": ms.j.tolist(),
                            "F_per_frame": ms.f.tolist()}
         evaluated.append("masks")
@@ -321,18 +332,14 @@ def _evaluate_into(pred_dir: Path, gt: GroundTruth, tmp: Path, opt: EvalOptions,
 
     gt_has_depth = any(d is not None for d in gt.depths)
     if depth_files and gt_has_depth:
-        pairs, how = match_frames(list(depth_files), gt, opt.max_dt_ns, frames_index)
-        pairs = [(s, j) for s, j in pairs if gt.depths[j] is not None]
-        if not pairs:
-            raise EvalError(f"no predicted depth in {pred_dir / 'depth'} matches a "
-                            "ground-truth frame")
-        preds = [_resize_nearest(_read_depth(depth_files[s]), gt.depths[j].shape) for s, j in pairs]
+        preds, gts, how = _matched(depth_files, gt, gt.depths, _read_depth, opt, frames_index,
+                                   f"depth in {pred_dir / 'depth'}")
         try:
-            ds = M.depth_scores(preds, [gt.depths[j] for _, j in pairs], opt.depth_alignment,
-                                opt.depth_per_frame, max_depth=opt.max_depth)
+            ds = M.depth_scores(preds, gts, opt.depth_alignment, opt.depth_per_frame,
+                                max_depth=opt.max_depth)
         except ValueError as exc:
             raise EvalError(f"depth: {exc}") from exc
-        result["depth"] = {**ds.summary(), "matched_by": how, "frames": len(pairs),
+        result["depth"] = {**ds.summary(), "matched_by": how, "frames": len(preds),
                            "abs_rel_per_frame": ds.abs_rel_per_frame.tolist()}
         evaluated.append("depth")
         if opt.plots:
