@@ -18,7 +18,7 @@ from std_srvs.srv import Trigger
 from vggt4d_ros.msg import Status
 from vggt4d_ros.ros import node as node_mod
 from vggt4d_ros.ros.image_conv import array_to_image
-from vggt4d_ros.ros.probe import TopicProbe, qos_for, spin_in_thread
+from vggt4d_ros.ros.probe import ThreadSpinner, TopicProbe, qos_for
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 #: one DDS domain per test process (pid-based, 200..229; other test files use 0 and 100..199):
@@ -69,7 +69,7 @@ class NodeHarness:
                                                      qos_for(depth=100))
         self.pub_info = self.probe.create_publisher(CameraInfo, f"{namespace}/camera_info",
                                                     qos_for(depth=100))
-        self.ex, self.thread = spin_in_thread(self.ctx, self.node, self.probe)
+        self.spinner = ThreadSpinner(self.ctx, self.node, self.probe)
         assert wait_for(lambda: self.pub_image.get_subscription_count() >= 1
                         and self.node.pub_odom.get_subscription_count() >= 1), "no discovery"
 
@@ -111,11 +111,7 @@ class NodeHarness:
             self.probe.destroy_client(cli)
 
     def close(self) -> None:
-        self.ex.shutdown()
-        self.node.destroy_node()
-        self.probe.destroy_node()
-        rclpy.try_shutdown(context=self.ctx)
-        self.thread.join(timeout=10)
+        self.spinner.close()
 
 
 def synth_frames(n: int, width: int = 56, height: int = 42, seed: int = 3):

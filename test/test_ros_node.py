@@ -26,7 +26,7 @@ from vggt4d_ros.msg import Status  # noqa: E402
 from vggt4d_ros.ros import node as node_mod  # noqa: E402
 from vggt4d_ros.ros.image_conv import array_to_image, bytes_to_uint8_array, image_to_array  # noqa: E402,E501
 from vggt4d_ros.ros.pointcloud import cloud_to_arrays  # noqa: E402
-from vggt4d_ros.ros.probe import TopicProbe, qos_for, spin_in_thread  # noqa: E402
+from vggt4d_ros.ros.probe import ThreadSpinner, TopicProbe, qos_for  # noqa: E402
 from vggt4d_ros.ros.stamp_match import stamp_to_ns  # noqa: E402
 from vggt4d_ros.tools.synth import SynthConfig, SynthWorld  # noqa: E402
 
@@ -88,7 +88,7 @@ class Harness:
                                                      qos_for(depth=100))
         self.pub_info = self.probe.create_publisher(CameraInfo, f"{namespace}/camera_info",
                                                     qos_for(depth=100))
-        self.ex, self.thread = spin_in_thread(self.ctx, self.node, self.probe)
+        self.spinner = ThreadSpinner(self.ctx, self.node, self.probe)
         self.next_index = 0
         self.wait_for_subscribers()
 
@@ -148,11 +148,7 @@ class Harness:
         return self.diagnostics()
 
     def close(self) -> None:
-        self.ex.shutdown()
-        self.node.destroy_node()
-        self.probe.destroy_node()
-        rclpy.try_shutdown(context=self.ctx)
-        self.thread.join(timeout=10)
+        self.spinner.close()
 
 
 @pytest.fixture(scope="module")

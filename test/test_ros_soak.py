@@ -16,7 +16,7 @@ from sensor_msgs.msg import Image  # noqa: E402
 
 from vggt4d_ros.ros import node as node_mod  # noqa: E402
 from vggt4d_ros.ros.image_conv import array_to_image  # noqa: E402
-from vggt4d_ros.ros.probe import TopicProbe, qos_for, spin_in_thread  # noqa: E402
+from vggt4d_ros.ros.probe import ThreadSpinner, TopicProbe, qos_for  # noqa: E402
 from vggt4d_ros.tools.synth import SynthConfig, SynthWorld  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
@@ -50,7 +50,7 @@ def test_soak_30hz_vga_bounded_queue_memory_and_accounting(policy, duration_s):
     probe = TopicProbe("soak_probe", context=ctx)
     probe.watch("/diagnostics", DiagnosticArray, qos_for())
     pub = probe.create_publisher(Image, "image", qos_for(reliable=False, depth=5))
-    ex, spinner = spin_in_thread(ctx, node, probe)
+    spinner = ThreadSpinner(ctx, node, probe)
     max_queue, rss = 0, []
     try:
         deadline = time.monotonic() + 60
@@ -81,11 +81,7 @@ def test_soak_30hz_vga_bounded_queue_memory_and_accounting(policy, duration_s):
             time.sleep(0.05)
         diag = {kv.key: kv.value for kv in probe.get("/diagnostics")[-1].status[0].values}
     finally:
-        ex.shutdown()
-        node.destroy_node()
-        probe.destroy_node()
-        rclpy.try_shutdown(context=ctx)
-        spinner.join(timeout=10)
+        spinner.close()
     received = node.frames_received
     processed = node.frames_processed
     counters = node.engine.counters

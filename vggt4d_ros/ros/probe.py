@@ -60,18 +60,28 @@ class TopicProbe(Node):
             return {k: len(v) for k, v in self.messages.items()}
 
 
-def spin_in_thread(context: Any, *nodes: Node, num_threads: int = 4):
+class ThreadSpinner:
     """A ``MultiThreadedExecutor`` of ``context`` spinning ``nodes`` in a daemon thread.
 
-    Returns ``(executor, thread)``; stop with ``executor.shutdown()`` and ``thread.join()``.
+    ``close()`` stops the executor, destroys the nodes, shuts the context down and joins the
+    thread (the teardown every caller needs, in that order).
     """
-    from rclpy.executors import MultiThreadedExecutor
-    executor = MultiThreadedExecutor(num_threads=num_threads, context=context)
-    for node in nodes:
-        executor.add_node(node)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
-    return executor, thread
+
+    def __init__(self, context: Any, *nodes: Node, num_threads: int = 4) -> None:
+        from rclpy.executors import MultiThreadedExecutor
+        self.context, self.nodes = context, nodes
+        self.executor = MultiThreadedExecutor(num_threads=num_threads, context=context)
+        for node in nodes:
+            self.executor.add_node(node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def close(self, join_timeout_s: float = 10.0) -> None:
+        self.executor.shutdown()
+        for node in self.nodes:
+            node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        self.thread.join(timeout=join_timeout_s)
 
 
 def spin_until(executor, predicate: Callable[[], bool], timeout_s: float,
