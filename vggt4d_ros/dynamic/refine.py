@@ -314,17 +314,19 @@ def refine_frame(t: int, world: Tensor, finite: Tensor, cam_from_world: Tensor,
     return out.reshape(h, w)
 
 
-def check_refine_inputs(depth: Tensor, intrinsic: Tensor, cam_to_world: Tensor,
+def check_refine_inputs(depth: Tensor, intrinsic: Tensor, cam_to_world: Optional[Tensor],
                         coarse: Tensor, images: Tensor) -> tuple:
-    """ValueError unless depth [S,H,W], intrinsic [S,3,3], cam_to_world [S,4,4]|[S,3,4],
-    coarse [S,H,W], images [S,3,H,W] agree; returns (S, H, W)."""
+    """ValueError unless depth [S,H,W], intrinsic [S,3,3], cam_to_world [S,4,4]|[S,3,4]
+    (None: not checked, the poses come later), coarse [S,H,W], images [S,3,H,W] agree;
+    returns (S, H, W)."""
     if depth.dim() != 3:
         raise ValueError(f"depth must be [S, H, W], got {tuple(depth.shape)}")
     s, h, w = depth.shape
     if coarse.shape != depth.shape or images.shape != (s, 3, h, w):
         raise ValueError(f"coarse {tuple(coarse.shape)} / images {tuple(images.shape)} do not "
                          f"match depth {tuple(depth.shape)} ([S,H,W] / [S,3,H,W])")
-    if intrinsic.shape != (s, 3, 3) or cam_to_world.shape[0] != s:
+    if intrinsic.shape != (s, 3, 3) or (cam_to_world is not None
+                                         and cam_to_world.shape[0] != s):
         raise ValueError("intrinsic must be [S,3,3] and cam_to_world [S,4,4] or [S,3,4]")
     return s, h, w
 

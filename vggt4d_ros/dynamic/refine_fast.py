@@ -467,9 +467,7 @@ def prepare_refine_fast(depth: Tensor, intrinsic: Tensor, coarse: Tensor, images
     one host synchronisation (the padded query size).
     """
     cfg = cfg or RefineConfig()
-    s = depth.shape[0] if depth.dim() == 3 else -1
-    eye = torch.eye(4, dtype=depth.dtype, device=depth.device).expand(max(s, 0), 4, 4)
-    s, h, w = check_refine_inputs(depth, intrinsic, eye, coarse, images)
+    s, h, w = check_refine_inputs(depth, intrinsic, None, coarse, images)
     dev = depth.device
     coarse = coarse.to(dev).bool()
     dt = dtype or (torch.float64 if dev.type == "cpu" else torch.float32)
@@ -482,7 +480,8 @@ def prepare_refine_fast(depth: Tensor, intrinsic: Tensor, coarse: Tensor, images
         prep.single_frame = True
         return prep
     n = h * w
-    cam = depth_to_world_points(depth, intr, eye.to(dt), pixel_offset=cfg.pixel_offset)
+    eye = torch.eye(4, dtype=dt, device=dev).expand(s, 4, 4)
+    cam = depth_to_world_points(depth, intr, eye, pixel_offset=cfg.pixel_offset)
     cam = cam.reshape(s, n, 3)                         # camera frame: identity pose
     finite = torch.isfinite(cam).all(-1) & torch.isfinite(depth).reshape(s, n)
     eligible = finite & coarse.reshape(s, n)
