@@ -69,6 +69,12 @@ def _accounting(h) -> tuple[int, int, int, int]:
                 h.node._dropped_total(c), c.queue_depth)
 
 
+def _settled(h) -> bool:
+    """Every received frame is processed, dropped, queued or waiting in the engine's window."""
+    received, processed, dropped, queued = _accounting(h)
+    return received == processed + dropped + queued + h.node.engine.counters.pending
+
+
 # ---------------------------------------------------------------------------- faults
 def test_cuda_oom_in_the_node_shrinks_the_window_reports_and_continues(monkeypatch):
     """The node's own engine factory wraps the predictor in the OOM fallback; an injected
@@ -115,9 +121,12 @@ def test_failed_windows_are_dropped_frame_by_frame_and_counted():
     try:
         for k, (img, stamp) in enumerate(synth_frames(20)):
             h.send(img, stamp)
-            # one frame per engine.poll: a failed window takes exactly its own new frames
-            assert wait_for(lambda: h.node.frames_received == k + 1
-                            and h.node.engine.counters.queue_depth == 0)
+            # one frame per engine.poll, and the next frame only once this one is settled
+            # (published, dropped or waiting for its window): a failed window then takes
+            # exactly its own new frames, never a frame queued while it ran (the reset after
+            # a failure would drop that one too)
+            assert wait_for(lambda: h.node.engine.counters.frames_in == k + 1
+                            and _settled(h))
         assert wait_for(lambda: h.node.frames_processed == 16)
         assert wait_for(lambda: (lambda r, p, d, q: r - p - d - q == 0)(*_accounting(h)))
         received, processed, dropped, queued = _accounting(h)

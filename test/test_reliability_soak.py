@@ -107,7 +107,7 @@ def test_soak_30hz_640x480_bounded_memory_queue_and_consistent_drops():
             with h.node._lock:
                 rest = h.node.frames_received - h.node.frames_processed - \
                     h.node._dropped_total(c) - c.queue_depth
-            return c.queue_depth == 0 and 0 <= rest < WINDOW
+            return c.queue_depth == 0 and rest == c.pending < WINDOW
         assert wait_for(settled, timeout=120)
         time.sleep(0.5)                                   # late DDS deliveries
         assert wait_for(settled, timeout=120)

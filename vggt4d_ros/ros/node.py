@@ -640,6 +640,7 @@ class Vggt4dNode(Node):
                 ("frames_processed", self.frames_processed),
                 ("frames_dropped", self._dropped_total(counters)),
                 ("queue_depth", counters.queue_depth),
+                ("window_pending", counters.pending),
                 ("windows", counters.windows),
                 ("latency_last_s", float(lat[-1])),
                 ("latency_p50_s", float(np.nanpercentile(lat, 50)) if self.latencies else "nan"),

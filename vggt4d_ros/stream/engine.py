@@ -182,6 +182,7 @@ class StreamCounters:
     recoveries: int = 0                  # transitions LOST -> TRACKING
     resets: dict[str, int] = field(default_factory=dict)
     queue_depth: int = 0
+    pending: int = 0                     # taken from the queue, waiting for their window
 
 
 class StreamEngine:
@@ -222,7 +223,8 @@ class StreamEngine:
         dropped = Counter(self._queue.dropped) + self._dropped_local
         return StreamCounters(self._queue.frames_in, self._frames_out, dict(dropped),
                               self._windows, self._lost_windows, self._lost_events,
-                              self._recoveries, dict(self._resets), len(self._queue))
+                              self._recoveries, dict(self._resets), len(self._queue),
+                              len(self._pending))
 
     def submit(self, frame: FrameInput) -> Optional[str]:
         """Validate and queue a frame (thread-safe, cheap). Returns the drop reason or None."""
