@@ -16,3 +16,22 @@ def golden_dir() -> Path:
     if not (GOLDEN_DIR / "vggt" / "weights.safetensors").is_file():
         pytest.skip(f"golden data not found at {GOLDEN_DIR} (optional input; set VGGT4D_GOLDEN)")
     return GOLDEN_DIR
+
+
+@pytest.fixture
+def emulated_cuda_graphs(monkeypatch):
+    """CUDA-graph capture emulated on the CPU: the captured function runs at every replay, so
+    the static-buffer, cache and replay logic of the graph paths runs exactly as on a GPU
+    (what only a GPU can check - that capture succeeds - is graph_check's job on the device)."""
+    from vggt4d_ros.dynamic import cluster, cuda_graph, refine_fast
+    captured = []
+
+    def capture(fn, device):
+        fn()                                                # the warm-up
+        captured.append(fn)
+        return fn
+    monkeypatch.setattr(cuda_graph, "usable", lambda t: True)
+    monkeypatch.setattr(cuda_graph, "capture", capture)
+    monkeypatch.setattr(cluster, "_graphs", type(cluster._graphs)())
+    monkeypatch.setattr(refine_fast, "_refine_graphs", type(refine_fast._refine_graphs)())
+    return captured

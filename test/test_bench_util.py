@@ -29,3 +29,16 @@ def test_bench_cli_rejects_bad_sizes(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--height", "100", "--device", "cpu"])
     assert exc.value.code == 2
+
+
+def test_bench_ablation_steps_build_valid_configs():
+    """Every ablation step's pipeline config is valid (a typo'd flag fails here, not after
+    minutes on the GPU device)."""
+    from vggt4d_ros.dynamic.pipeline import Vggt4dPipeline
+    from vggt4d_ros.tools.bench import ablation_steps
+    names = []
+    for name, _desc, factory in ablation_steps():
+        names.append(name)
+        if not name.startswith(("reference", "+bf16_autocast")):
+            assert isinstance(factory(object()), Vggt4dPipeline)
+    assert len(set(names)) == len(names)

@@ -79,6 +79,27 @@ def test_dynamic_mask_torch_kmeans_duplicates_and_empty_clusters():
     assert len(torch.unique(labels[:30])) == 1 and len(torch.unique(labels[30:60])) == 1
 
 
+@pytest.mark.parametrize("block", [3, 8])
+def test_dynamic_mask_torch_kmeans_blocks_of_iterations_between_host_reads(block, monkeypatch):
+    """Several Lloyd steps per host read (the CUDA-graph schedule, run eagerly here): a stopped
+    loop idles through its block unchanged, and a block that met an empty cluster is redone
+    from its saved state on the eager path with the relocation -> the same labels."""
+    from vggt4d_ros.dynamic import cluster
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(700, 6, generator=g)
+    x[:300] += 4
+    ref = kmeans_reference(x.numpy(), 12, 42)
+    np.testing.assert_array_equal(kmeans_torch(x, 12, 42, block=block)[0].numpy(), ref)
+    dup = torch.cat([torch.zeros(30, 2), torch.ones(30, 2), torch.tensor([[5.0, 5.0]])])
+    one_step = kmeans_torch(dup, 5, seed=0)[0]
+    eager = []
+    real = cluster._lloyd_eager
+    monkeypatch.setattr(cluster, "_lloyd_eager", lambda *a: eager.append(1) or real(*a))
+    labels, _ = kmeans_torch(dup, 5, seed=0, block=block)
+    np.testing.assert_array_equal(labels.numpy(), one_step.numpy())
+    assert eager == [1]                                     # the relocation path ran
+
+
 def test_dynamic_mask_fast_path_matches_reference_on_structured_scene():
     """Features with real cluster structure (one blob per surface, like a trained encoder):
     fast and reference paths give the same coarse mask."""
@@ -179,3 +200,20 @@ def test_dynamic_mask_kmeans_plusplus_one_draw_block_equals_per_step_draws():
     b.choice(100, p=np.full(100, 0.01))
     steps = np.stack([b.uniform(size=3) for _ in range(5)])
     np.testing.assert_array_equal(block, steps)
+
+
+def test_dynamic_mask_kmeans_graph_path_equals_sklearn(emulated_cuda_graphs):
+    """The graph path (static buffers reloaded per call, Lloyd blocks of LLOYD_BLOCK steps,
+    seeding steps as replays) gives scikit-learn's labels, also for a second input of the
+    same shape (cached graphs reused) and when a block meets an empty cluster."""
+    g = torch.Generator().manual_seed(5)
+    for trial in range(2):
+        x = torch.randn(640, 9, generator=g)
+        x[: 200 + 100 * trial] += 3
+        labels, centres = kmeans_torch(x, 16, 42, cuda_graphs=True)
+        np.testing.assert_array_equal(labels.numpy(), kmeans_reference(x.numpy(), 16, 42))
+        assert centres.dtype == torch.float32
+    assert len(emulated_cuda_graphs) == 2                   # one shape: captured once
+    dup = torch.cat([torch.zeros(30, 2), torch.ones(30, 2), torch.tensor([[5.0, 5.0]])])
+    graph_labels, _ = kmeans_torch(dup.double(), 5, seed=0, cuda_graphs=True)
+    np.testing.assert_array_equal(graph_labels.numpy(), kmeans_torch(dup, 5, seed=0)[0].numpy())

@@ -338,7 +338,42 @@ def test_refine_fast_kmeans_lazy_relocation_is_exact():
             rf._LloydIterations.run = original
         assert torch.equal(labels[valid], ref[valid])
     # the duplicated cloud empties clusters: the relocating pass really ran there
-    _, saw = rf._LloydIterations(dup, torch.ones(3, 200, dtype=torch.bool),
-                                 torch.ones(3, 8, dtype=torch.bool), 8, 3).run(
+    _, saw = rf._LloydIterations(dup, torch.ones(3, 200, dtype=torch.bool), 8, 3).run(
         torch.rand(3, 8, 3, dtype=torch.float64, generator=g), relocate=False)
     assert bool(saw)
+
+
+def test_query_bucket_pads_a_little_to_few_shapes():
+    """Padded query counts (CUDA: the k-means graph is cached per shape): never below q,
+    at most 12.5 % (or 256) more, capped at the pixel count, 8 sizes per octave."""
+    from vggt4d_ros.dynamic.refine_fast import query_bucket
+    sizes = set()
+    for q in range(1, 70000, 37):
+        b = query_bucket(q, 10 ** 6)
+        assert q <= b <= max(256, q * 1.125)
+        sizes.add(b)
+    assert query_bucket(5000, 4000) == 4000
+    octave = [b for b in sizes if 16384 <= b < 32768]
+    assert len(octave) == 8
+
+
+def test_batched_kmeans_graph_path_equals_eager(emulated_cuda_graphs):
+    """The refinement's k-means as one (emulated) graph replay over static buffers: the same
+    labels as the eager path for the same generator, for two inputs of one shape (graph
+    reused), and the relocation redo still runs when a cluster empties."""
+    g = torch.Generator().manual_seed(2)
+    for trial in range(2):
+        x = torch.randn(3, 400, 3, generator=g, dtype=torch.float64)
+        valid = torch.rand(3, 400, generator=g) < 0.7
+        valid[2, 5:] = False                                # fewer points than clusters
+        graph, act_g = batched_kmeans(x, valid, 8, torch.Generator().manual_seed(trial),
+                                      cuda_graphs=True)
+        eager, act_e = batched_kmeans(x, valid, 8, torch.Generator().manual_seed(trial))
+        assert torch.equal(graph[valid], eager[valid]) and torch.equal(act_g, act_e)
+    assert len(emulated_cuda_graphs) == 1
+    dup = torch.zeros(2, 200, 3, dtype=torch.float64)
+    dup[:, 100:] = 1.0                                      # two distinct points, 8 clusters
+    ok = torch.ones(2, 200, dtype=torch.bool)
+    graph, _ = batched_kmeans(dup, ok, 8, torch.Generator().manual_seed(0), cuda_graphs=True)
+    eager, _ = batched_kmeans(dup, ok, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(graph, eager)

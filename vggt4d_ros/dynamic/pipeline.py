@@ -111,6 +111,12 @@ class Vggt4dConfig:
     # Python launches competing for the GIL with the main thread's cost as much as the overlap
     # saved (H100, 16 frames: 313 ms in order vs 317-331 ms overlapped, docs/BENCHMARKS.md).
     overlap_stages: bool = False
+    # On CUDA, run the fast k-means loops (DINO-token clustering; the refinement's seeding +
+    # Lloyd iterations) as CUDA-graph replays instead of ~15 small launches per iteration
+    # (both stages were launch-bound: ~38 ms wall for ~10 ms of GPU work, H100, 16 frames).
+    # Same arithmetic as the eager loops (tested on CPU in their block schedule). Off until
+    # the device check (`python -m vggt4d_ros.tools.graph_check`) has passed on a GPU.
+    cuda_graphs: bool = False
     min_frames: int = 2
     points_pixel_offset: float = 0.0        # world points: official VGGT unprojection
 
@@ -163,7 +169,7 @@ class Vggt4dConfig:
             boundary_band=self.refine_boundary_band,
             boundary_threshold=self.refine_boundary_threshold,
             boundary_keep_threshold=self.refine_boundary_keep_threshold,
-            backend=backend)
+            backend=backend, cuda_graphs=self.cuda_graphs)
 
 
 @dataclass
@@ -327,7 +333,7 @@ class Vggt4dPipeline:
             feats = patch_tokens.reshape(s, gh * gw, -1)
             cluster_task = SideTask(
                 lambda: cluster_features(feats, cfg.feature_clusters, cfg.kmeans_seed,
-                                         cfg.cluster_backend),
+                                         cfg.cluster_backend, cfg.cuda_graphs),
                 dev, enabled=cfg.overlap_stages, name="vggt4d-kmeans")
         with timer("pass1"), self._attention_kernels():
             out1 = self.model(images, control=control, patch_tokens=patch_tokens,

@@ -80,6 +80,7 @@ class RefineConfig:
     boundary_threshold: float = 0.2        # energy above which a band pixel OUTSIDE becomes dynamic
     boundary_keep_threshold: float = 0.2   # energy below which a band pixel INSIDE becomes static
     backend: str = "reference"             # | "fast" (refine_fast.py) | "auto" (fast on CUDA)
+    cuda_graphs: bool = False              # fast backend on CUDA: k-means as one graph replay
 
 
 # ------------------------------------------------------------------------- geometry helpers

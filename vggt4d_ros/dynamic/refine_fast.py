@@ -30,9 +30,11 @@ Differences from the reference path (all documented approximations):
    distances (Q = largest per-frame number of coarse points). Only coarse points get a
    decision (only they are clustered).
 2. **k-means** (``k = 30``): batched k-means++ seeding (greedy, ``2 + ln k`` candidates per
-   step, drawn from a torch generator seeded with ``cfg.seed`` - NOT scikit-learn's random
-   stream), then ``kmeans_iters`` (default 30) Lloyd iterations without an early stop (no
-   sync); an empty cluster takes a point far from its centre (the first empty cluster of a
+   step, drawn up front from a torch generator seeded with ``cfg.seed`` - NOT scikit-learn's
+   random stream), then ``kmeans_iters`` (default 30) Lloyd iterations without an early stop
+   (no sync; with ``cfg.cuda_graphs`` on CUDA all of it is one cached CUDA-graph replay, the
+   query count padded to one of 8 sizes per octave so that windows share shapes); an empty
+   cluster takes a point far from its centre (the first empty cluster of a
    frame the farthest point; the e-th the farthest point of the e-th of k strided blocks of
    points, blocks ranked by their farthest point - ``_block_farthest``, cheaper than a top-k per
    iteration). Labels therefore differ from scikit-learn's; the
@@ -62,7 +64,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -71,6 +75,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..geometry.unproject import depth_to_world_points
+from . import cuda_graph
 from .refine import (RefineConfig, _dilate, _erode, boundary_sharpen, check_refine_inputs,
                      ellipse_kernel)
 
@@ -290,30 +295,58 @@ def _block_farthest(dist: Tensor, count: int) -> Tensor:
 
 
 def batched_kmeans(x: Tensor, valid: Tensor, k: int, gen: torch.Generator,
-                   iters: int = KMEANS_ITERS) -> Tuple[Tensor, Tensor]:
+                   iters: int = KMEANS_ITERS, cuda_graphs: bool = False) -> Tuple[Tensor, Tensor]:
     """k-means per frame on ``x [S, Q, 3]`` restricted to ``valid [S, Q]``.
 
     Returns ``(labels [S, Q] int64, active [S, k] bool)``; frame f uses
     ``min(k, #valid_f)`` centres (the others are inactive). Labels of padding are arbitrary.
+    The random numbers (first-centre keys, candidate draws) are drawn up front from ``gen``;
+    on CUDA (``cuda_graphs``) seeding and Lloyd iterations then run as ONE CUDA-graph replay
+    (cached per shape; ~700 small kernels otherwise - the loop was launch-bound).
+    """
+    s, q, _ = x.shape
+    trials = 2 + int(math.log(k)) if k > 1 else 1
+    keys = torch.rand(s, q, generator=gen, device=x.device)
+    draws = torch.rand(max(k - 1, 0), s, trials, generator=gen, device=x.device)
+    if cuda_graphs and cuda_graph.usable(x):
+        graph = _refine_kmeans_graph(s, q, k, trials, iters, x.dtype, x.device)
+        with graph.lock:
+            labels, centres, saw_empty = graph.run(x, valid, keys, draws)
+            lloyd = graph.lloyd
+            if bool(saw_empty):                          # rare: redo with the relocation
+                final, _ = lloyd.run(centres, relocate=True)
+                labels = lloyd.assign(final)[1]
+            return labels.clone(), lloyd.active.clone()
+    centres = _seed_centres(x, valid, keys, draws, k)
+    # Lloyd iterations (fixed count; no convergence test). Empty clusters are rare, and their
+    # relocation is ~half of an iteration's kernels: run without it first and redo the
+    # iterations with it only if a cluster ever emptied (identical result; one host read).
+    lloyd = _LloydIterations(x, valid, k, iters)
+    final, saw_empty = lloyd.run(centres, relocate=False)
+    if bool(saw_empty):
+        final, _ = lloyd.run(centres, relocate=True)
+    return lloyd.assign(final)[1], lloyd.active
+
+
+def _seed_centres(x: Tensor, valid: Tensor, keys: Tensor, draws: Tensor, k: int) -> Tensor:
+    """Batched greedy k-means++ -> centres ``[S, k, 3]`` (fixed ``k - 1`` steps, no sync).
+
+    ``keys [S, Q]`` uniform: the first centre is the valid point of smallest key; ``draws
+    [k - 1, S, T]`` uniform: step j's T candidates (inverse CDF of the running potential, in
+    float32 whatever x's dtype, so float32 and float64 runs see the same numbers); the
+    candidate that lowers the potential most is kept.
     """
     s, q, _ = x.shape
     dev, dt = x.device, x.dtype
     w = valid.to(dt)
-    n = valid.sum(1)
-    active = torch.arange(k, device=dev)[None] < n[:, None]             # [S, k]
     rows = torch.arange(s, device=dev)
-    # ---- greedy k-means++ (fixed k - 1 steps, batched over frames)
-    keys = torch.where(valid, torch.rand(s, q, generator=gen, device=dev),
-                       torch.full((s, q), 2.0, device=dev))
-    first = keys.argmin(1)                                              # [S]
+    first = torch.where(valid, keys, torch.full_like(keys, 2.0)).argmin(1)     # [S]
     centres = x.new_zeros(s, k, 3)
     centres[:, 0] = x[rows, first]
     closest = _sq_dist(x, centres[:, :1])[..., 0] * w                   # [S, Q]
-    trials = 2 + int(math.log(k)) if k > 1 else 1
     for j in range(1, k):
         cdf = closest.cumsum(1)
-        # float32 draws whatever dt is: the same random stream in float32 and float64
-        u = torch.rand(s, trials, generator=gen, device=dev).to(dt) * cdf[:, -1:]
+        u = draws[j - 1].to(dt) * cdf[:, -1:]
         cand = torch.searchsorted(cdf, u, right=True).clamp_max(q - 1)  # [S, T]
         cand = torch.where(valid.gather(1, cand), cand, first[:, None].expand_as(cand))
         xc = _gather_points(x, cand)                                    # [S, T, 3]
@@ -321,14 +354,71 @@ def batched_kmeans(x: Tensor, valid: Tensor, k: int, gen: torch.Generator,
         best = (d_c * w[:, None]).sum(2).argmin(1)                      # [S]
         closest = d_c[rows, best] * w
         centres[:, j] = xc[rows, best]
-    # ---- Lloyd iterations (fixed count; no convergence test). Empty clusters are rare, and
-    # their relocation is ~half of an iteration's kernels: run without it first and redo the
-    # iterations with it only if a cluster ever emptied (identical result; one host read).
-    lloyd = _LloydIterations(x, valid, active, k, iters)
-    final, saw_empty = lloyd.run(centres, relocate=False)
-    if bool(saw_empty):
-        final, _ = lloyd.run(centres, relocate=True)
-    return lloyd.assign(final)[1], active
+    return centres
+
+
+class _RefineKMeansGraph:
+    """:func:`batched_kmeans`'s seeding + Lloyd iterations (without relocation) captured as
+    one CUDA graph over static buffers of one shape ``[S, Q]``."""
+
+    def __init__(self, s: int, q: int, k: int, trials: int, iters: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.lock = threading.Lock()
+        self.x = torch.zeros(s, q, 3, dtype=dtype, device=device)
+        self.valid = torch.zeros(s, q, dtype=torch.bool, device=device)
+        self.keys = torch.zeros(s, q, device=device)
+        self.draws = torch.zeros(max(k - 1, 0), s, trials, device=device)
+        self.labels = torch.zeros(s, q, dtype=torch.long, device=device)
+        self.centres = torch.zeros(s, k, 3, dtype=dtype, device=device)
+        self.saw_empty = torch.zeros((), dtype=torch.bool, device=device)
+        self.lloyd = _LloydIterations(self.x, self.valid, k, iters)
+
+        def body() -> None:
+            self.lloyd.refresh()
+            centres = _seed_centres(self.x, self.valid, self.keys, self.draws, k)
+            final, saw = self.lloyd.run(centres, relocate=False)
+            self.centres.copy_(centres)
+            self.labels.copy_(self.lloyd.assign(final)[1])
+            self.saw_empty.copy_(saw)
+
+        self.replay = cuda_graph.capture(body, device)
+
+    def run(self, x: Tensor, valid: Tensor, keys: Tensor,
+            draws: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(labels [S, Q], seeded centres [S, k, 3], saw_empty) - static buffers, caller holds
+        ``lock`` while it reads them."""
+        for dst, src in ((self.x, x), (self.valid, valid), (self.keys, keys),
+                         (self.draws, draws)):
+            dst.copy_(src)
+        self.replay()
+        return self.labels, self.centres, self.saw_empty
+
+
+_REFINE_GRAPHS_KEPT = 3
+_refine_graphs_lock = threading.Lock()
+_refine_graphs: "OrderedDict[tuple, _RefineKMeansGraph]" = OrderedDict()
+
+
+def _refine_kmeans_graph(s: int, q: int, k: int, trials: int, iters: int, dtype: torch.dtype,
+                         device: torch.device) -> _RefineKMeansGraph:
+    """Cached graph of this shape (least recently used evicted; queries are padded to
+    :func:`query_bucket` sizes so that windows of a stream share shapes)."""
+    key = (s, q, k, trials, iters, dtype, device.index)
+    with _refine_graphs_lock:
+        if key in _refine_graphs:
+            _refine_graphs.move_to_end(key)
+            return _refine_graphs[key]
+        while len(_refine_graphs) >= _REFINE_GRAPHS_KEPT:
+            _refine_graphs.popitem(last=False)
+        _refine_graphs[key] = g = _RefineKMeansGraph(s, q, k, trials, iters, dtype, device)
+        return g
+
+
+def query_bucket(q: int, limit: int) -> int:
+    """Padded query count: ``q`` rounded up to 8 sizes per octave (<= 12.5 % padding, at least
+    256), at most ``limit``. Few distinct shapes -> cached CUDA graphs are reused."""
+    step = max(32, 1 << max(0, q.bit_length() - 4))
+    return min(limit, max(256, -(-q // step) * step))
 
 
 class _LloydIterations:
@@ -340,12 +430,19 @@ class _LloydIterations:
     wrong - callers only keep such a run when no cluster was ever empty, where both agree.
     """
 
-    def __init__(self, x: Tensor, valid: Tensor, active: Tensor, k: int, iters: int) -> None:
+    def __init__(self, x: Tensor, valid: Tensor, k: int, iters: int) -> None:
         s, q, _ = x.shape
-        self.x, self.valid, self.active, self.k, self.iters = x, valid, active, k, iters
-        self.w = valid.to(x.dtype)
+        self.x, self.valid, self.k, self.iters = x, valid, k, iters
         self.lab_pad = torch.full((s, q), k, dtype=torch.long, device=x.device)
         self.kf = min(k, q)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute what derives from ``x`` / ``valid`` (after they changed in place)."""
+        x, valid = self.x, self.valid
+        # frame f uses min(k, #valid_f) centres
+        self.active = torch.arange(self.k, device=x.device)[None] < valid.sum(1)[:, None]
+        self.w = valid.to(x.dtype)
         self.x_aug = torch.cat([x, torch.ones_like(x[..., :1])], -1)      # [S, Q, 4]
         self.x_sq = (x * x).sum(-1)
 
@@ -492,6 +589,9 @@ def prepare_refine_fast(depth: Tensor, intrinsic: Tensor, coarse: Tensor, images
                       "treated as static in mask refinement", RuntimeWarning, stacklevel=2)
     if q == 0:
         return prep
+    graphs = cfg.cuda_graphs and cuda_graph.usable(depth)
+    if graphs:
+        q = query_bucket(q, n)        # few distinct shapes: the k-means CUDA graph is reused
     gen = torch.Generator(device=dev)
     gen.manual_seed(cfg.seed)
     # eligible pixels first (stable: row-major order), padded to q per frame
@@ -501,7 +601,8 @@ def prepare_refine_fast(depth: Tensor, intrinsic: Tensor, coarse: Tensor, images
                                       cfg.outlier_std_ratio, ref_points, stats_points, gen)
     pts = _gather_points(cam, idx).masked_fill(~inl[..., None], 0.0)
     centre = pts.sum(1, keepdim=True) / inl.sum(1).clamp_min(1)[:, None, None].to(dt)
-    labels, _ = batched_kmeans(pts - centre, inl, cfg.num_clusters, gen, kmeans_iters)
+    labels, _ = batched_kmeans(pts - centre, inl, cfg.num_clusters, gen, kmeans_iters,
+                               cuda_graphs=graphs)
     prep.cam_points, prep.idx, prep.inliers, prep.labels = pts, idx, inl, labels
     prep.colors = imgs.reshape(s, 3, n).gather(2, idx[:, None].expand(-1, 3, -1)).transpose(1, 2)
     return prep

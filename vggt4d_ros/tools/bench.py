@@ -245,6 +245,15 @@ def ablation_steps() -> List[tuple]:
          "elementwise kernels)",
          pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
               compile_blocks=True, compile_heads=True)),
+        ("+cuda_graph_kmeans (not default yet)", "k-means loops (DINO tokens; refinement "
+         "seeding + Lloyd) as CUDA-graph replays",
+         pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
+              compile_blocks=True, compile_heads=True, cuda_graphs=True)),
+        ("+graphs_and_overlap (not default)", "CUDA-graph k-means AND the side-stream overlap "
+         "(graph replays leave the worker thread little Python to run)",
+         pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
+              compile_blocks=True, compile_heads=True, cuda_graphs=True,
+              overlap_stages=True)),
         ("+overlapped_stages (not default)", "k-means during pass 1 and the refinement's "
          "pose-free half during pass 2, on a side CUDA stream from a worker thread",
          pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",

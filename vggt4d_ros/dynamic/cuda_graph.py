@@ -1,0 +1,38 @@
+"""CUDA-graph capture of small, launch-bound loops (the fast k-means paths).
+
+A function that only launches kernels on static buffers (no host synchronisation, no
+data-dependent shapes) is run once on a side stream (the warm-up torch.cuda.graph asks for:
+cuBLAS workspaces, lazy initialisations) and captured; replaying the graph then costs one
+launch instead of one per kernel. The two functions here are the only place that decides
+whether and how to capture, so that tests can emulate them on the CPU (``capture`` returning
+the function itself, ``usable`` returning True) and run the exact buffer/replay logic.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+def usable(t: Tensor) -> bool:
+    """Whether work on ``t``'s device can be captured (CUDA)."""
+    return t.is_cuda
+
+
+def capture(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """Warm ``fn`` up on a side stream, capture it; returns the graph's replay (which keeps
+    the graph alive). ``fn`` runs exactly once for real (the warm-up): it must leave its
+    buffers in a state the caller re-initialises before the first replay."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        fn()
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: another thread (the pipeline's side task, the node's worker) may launch
+    # work while this one captures
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        fn()
+    return graph.replay
