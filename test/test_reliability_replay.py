@@ -104,13 +104,48 @@ def test_replay_survives_hostile_but_decodable_input(tmp_path):
     assert states <= {"TRACKING", "LOST", "RESET", "WAITING"}
 
 
-def test_replay_cuda_oom_is_one_line_failure_and_nothing_written(tmp_path, monkeypatch, capsys):
-    """The replay tool has no window fallback (yet): an OOM ends it with one line, exit 1,
-    and no partial output folder (the node, in contrast, shrinks the window)."""
-    import torch
+def _oom_scene(tmp_path):
     from vggt4d_ros.tools.synth import SynthConfig, SynthWorld, write_outputs
-    world = SynthWorld(SynthConfig(width=56, height=42, num_frames=8, num_objects=1, seed=0))
-    scene = write_outputs(world, tmp_path / "scene", folder=True)
+    world = SynthWorld(SynthConfig(width=56, height=42, num_frames=10, num_objects=1, seed=0))
+    return world, write_outputs(world, tmp_path / "scene", folder=True)
+
+
+def test_replay_cuda_oom_shrinks_the_window_like_the_node(tmp_path, monkeypatch):
+    """An injected CUDA OOM for windows of more than 3 frames: the replay retries the window on
+    its newest 3 frames (min = stride + 1) and keeps that size - the node's fallback - and
+    finishes with every frame written and the fallback's counters in summary.json."""
+    import torch
+    from vggt4d_ros.tools.gt_predictor import GroundTruthPredictor
+    world, scene = _oom_scene(tmp_path)
+    sizes = []
+
+    class OomAbove3(GroundTruthPredictor):
+        def predict(self, images, frame_keys):
+            sizes.append(len(frame_keys))
+            if len(frame_keys) > 3:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+            return super().predict(images, frame_keys)
+    monkeypatch.setattr(rp, "make_predictor",
+                        lambda settings: OomAbove3(world, index_of_key=lambda k: k))
+    out = tmp_path / "out"
+    code = rp.main([str(scene), "--out", str(out), "--window", "4", "--stride", "2", "--quiet",
+                    "--no-viz"])
+    assert code == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert sizes[:2] == [4, 3] and max(sizes[2:]) == 3
+    assert s["predictor"] == "OomAbove3"
+    assert s["oom_fallback"]["oom_retries"] == 1 and s["oom_fallback"]["window_limit"] == 3
+    assert s["frames"]["received"] == 10
+    assert s["frames"]["processed"] + s["frames"]["dropped"] == 10
+    assert len(list((out / "depth").iterdir())) == s["frames"]["processed"] >= 9
+
+
+def test_replay_cuda_oom_even_at_the_smallest_window_is_one_line_and_nothing_written(
+        tmp_path, monkeypatch, capsys):
+    """A window that does not fit even at --min-window: one line naming the way out, exit 1,
+    no partial output folder (an offline tool stops; the node drops the window instead)."""
+    import torch
+    _, scene = _oom_scene(tmp_path)
 
     class Oom:
         label = ""
@@ -120,7 +155,16 @@ def test_replay_cuda_oom_is_one_line_failure_and_nothing_written(tmp_path, monke
     monkeypatch.setattr(rp, "make_predictor", lambda settings: Oom())
     out = tmp_path / "out"
     code = rp.main([str(scene), "--out", str(out), "--window", "4", "--stride", "2", "--quiet",
-                    "--no-viz"])
+                    "--no-viz", "--min-window", "2"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert code == 1 and len(err) == 1 and "OutOfMemoryError" in err[0]
+    assert code == 1 and len(err) == 1, err
+    assert "WindowTooLargeError" in err[0] and "min_window_size=2" in err[0]
+    assert "--resolution" in err[0]
     assert not out.exists()
+
+
+def test_replay_rejects_a_min_window_outside_the_window(tmp_path, capsys):
+    _, scene = _oom_scene(tmp_path)
+    code = rp.main([str(scene), "--out", str(tmp_path / "o"), "--window", "4", "--stride", "2",
+                    "--min-window", "5"])
+    assert code == 2 and "--min-window" in capsys.readouterr().err

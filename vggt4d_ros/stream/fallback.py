@@ -169,8 +169,9 @@ class AdaptiveWindowPredictor:
                 self.oom_windows_dropped += 1
                 raise WindowTooLargeError(
                     f"window of {n} frames does not fit in memory even at min_window_size="
-                    f"{self.config.min_window_size} ({self.last_oom}); lower model.image_width "
-                    "or use a larger device")
+                    f"{self.config.min_window_size} ({self.last_oom}); lower the model input "
+                    "width (node: model.image_width, replay: --resolution) or use a larger "
+                    "device")
             self.oom_retries += 1
             self.limit = max(self.config.min_window_size,
                              min(n - 1, int(math.floor(self.config.shrink_factor * n))))

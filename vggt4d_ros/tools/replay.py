@@ -98,6 +98,8 @@ class ReplaySettings:
     stride: int = 8
     resolution: int = 518            # model input width, pixels (VGGT: 518)
     keyframes: int = 0               # older keyframes per window (node: window.keyframes)
+    min_window: int = 0              # CUDA-OOM fallback floor, frames; 0 = stride + 1
+                                     # (node: window.min_size)
     device: str = "auto"             # auto = cuda if available, else cpu
     dtype: str = "auto"              # auto = bf16/fp16 on cuda, fp32 on cpu (node: model.dtype)
     dynamic: bool = True             # False = plain VGGT (no VGGT4D masks / key suppression)
@@ -324,6 +326,15 @@ def make_predictor(settings: ReplaySettings) -> Any:
     return factory.build_predictor(cfg)
 
 
+def with_oom_fallback(predictor: Any, settings: ReplaySettings) -> Any:
+    """``predictor`` inside the node's out-of-memory fallback (``stream.fallback``): a window
+    that raises CUDA OOM is retried on its newest frames, down to ``min_window`` (0: stride +
+    1) frames; the smaller size is kept for the following windows."""
+    from vggt4d_ros.stream.fallback import AdaptiveWindowPredictor, FallbackConfig
+    low = settings.min_window or settings.stride + 1
+    return AdaptiveWindowPredictor(predictor, FallbackConfig(min_window_size=low))
+
+
 def make_engine(predictor: Any, settings: ReplaySettings) -> Any:
     """StreamEngine as the node configures it, but with the keep_all drop policy (offline:
     every frame is processed)."""
@@ -391,6 +402,8 @@ class _ReplayRun:
         if weights_note is None and (is_random_weights(settings.checkpoint)
                                      or getattr(predictor, "random_weights", False)):
             weights_note = RANDOM_WEIGHTS_NOTE
+        self.predictor_name = type(predictor).__name__
+        predictor = with_oom_fallback(predictor, settings)
         self.predictor, self.weights_note = predictor, weights_note
         self.engine = make_engine(predictor, settings)
         self.odom = OdomFrames(LINK_FROM_OPTICAL)
@@ -573,7 +586,8 @@ class _ReplayRun:
             "input": self.source.describe(),
             "settings": asdict(s),
             "weights": self.weights_note or f"checkpoint {s.checkpoint}",
-            "predictor": type(self.predictor).__name__,
+            "predictor": self.predictor_name,
+            "oom_fallback": self.predictor.stats(),
             "frames": {"received": c["received"], "processed": c["processed"],
                        "dropped": c["dropped"],
                        "dropped_by_reason": dict(sorted(self.dropped.items()))},
@@ -625,6 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=8, help="new frames per window")
     p.add_argument("--resolution", type=int, default=518, help="model input width, pixels")
     p.add_argument("--keyframes", type=int, default=0, help="older keyframes per window")
+    p.add_argument("--min-window", type=int, default=0,
+                   help="on CUDA out-of-memory, windows shrink down to this many frames "
+                        "(0: stride + 1, every new frame still predicted)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                    help="inference dtype (auto: bf16/fp16 on cuda, fp32 on cpu)")
@@ -649,11 +666,13 @@ def settings_from_args(a: argparse.Namespace) -> ReplaySettings:
     if a.window < 2 or a.stride < 1 or a.stride >= a.window:
         raise InputError(f"need --window >= 2 and 1 <= --stride < --window, got "
                          f"{a.window}/{a.stride}")
+    if a.min_window and not 2 <= a.min_window <= a.window:
+        raise InputError(f"--min-window must be 0 or in [2, --window], got {a.min_window}")
     if a.resolution < 14 or a.resolution % 14:
         raise InputError(f"--resolution must be a positive multiple of 14, got {a.resolution}")
     return ReplaySettings(
         checkpoint=str(a.checkpoint), window=a.window, stride=a.stride, resolution=a.resolution,
-        keyframes=a.keyframes, device=a.device, dtype=a.dtype, dynamic=not a.no_dynamic,
+        keyframes=a.keyframes, min_window=a.min_window, device=a.device, dtype=a.dtype, dynamic=not a.no_dynamic,
         refine=not a.no_refine, voxel_size=a.voxel_size, seed=a.seed, storage=a.storage,
         bag=not a.no_bag, viz=not a.no_viz, depth_format=a.depth_format, input_kind=a.kind,
         topic=a.topic, input_stride=a.input_stride, max_frames=a.max_frames)
