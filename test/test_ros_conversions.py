@@ -270,3 +270,65 @@ def test_path_confinement(tmp_path):
     with open_confined("deep/dir/ok.txt", root, "w") as f:
         f.write("ok")
     assert (root / "deep" / "dir" / "ok.txt").read_text() == "ok"
+
+
+def test_confined_writes_follow_no_symlink_planted_after_the_check(tmp_path, monkeypatch):
+    """The check-then-open race: a directory (or the file) replaced by a symlink to outside
+    AFTER confine() accepted the path. The walk from the root's fd with O_NOFOLLOW refuses it;
+    nothing is written outside."""
+    from vggt4d_ros.ros import paths
+    root, outside = tmp_path / "out", tmp_path / "outside"
+    (root / "maps").mkdir(parents=True)
+    outside.mkdir()
+    real_confine = paths.confine
+
+    def confine_then_swap(requested, root_):
+        checked = real_confine(requested, root_)
+        if (root / "maps").is_dir() and not (root / "maps").is_symlink():
+            (root / "maps").rmdir()
+            os.symlink(outside, root / "maps")           # the attacker's move, too late
+        return checked
+    monkeypatch.setattr(paths, "confine", confine_then_swap)
+    for opener in (lambda: paths.open_confined("maps/a.ply", root, "wb"),
+                   lambda: paths.write_confined("maps/a.ply", root).__enter__()):
+        if (root / "maps").is_symlink():
+            (root / "maps").unlink()
+            (root / "maps").mkdir()                      # a fresh, honest directory
+        with pytest.raises(OSError):                     # ELOOP / ENOTDIR, not followed
+            opener()
+        assert (root / "maps").is_symlink() and list(outside.iterdir()) == []
+
+
+def test_write_confined_is_whole_or_nothing_and_replaces_a_planted_symlink(tmp_path,
+                                                                         monkeypatch):
+    from vggt4d_ros.ros import paths
+    from vggt4d_ros.ros.paths import write_confined
+    root = tmp_path / "out"
+    root.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    real_confine = paths.confine
+
+    def confine_then_plant(requested, root_):
+        checked = real_confine(requested, root_)
+        os.symlink(victim, root / "map.ply")             # planted at the target name, too late
+        return checked
+    monkeypatch.setattr(paths, "confine", confine_then_plant)
+    with write_confined("map.ply", root) as fh:
+        fh.write(b"new map")
+    monkeypatch.undo()
+    assert victim.read_text() == "precious"              # the link was replaced, not followed
+    assert not (root / "map.ply").is_symlink() and (root / "map.ply").read_bytes() == b"new map"
+    with pytest.raises(RuntimeError):
+        with write_confined("map.ply", root) as fh:
+            fh.write(b"half")
+            raise RuntimeError("writer failed")
+    assert (root / "map.ply").read_bytes() == b"new map"   # old content kept
+    assert sorted(p.name for p in root.iterdir()) == ["map.ply"]   # no temporary left
+    for bad in ("../x", "/etc/passwd", ""):
+        with pytest.raises(PathEscapeError):
+            with write_confined(bad, root):
+                pass
+    with pytest.raises(ValueError):
+        with write_confined("x", root, "a"):
+            pass

@@ -16,7 +16,7 @@ beyond, so retained memory is bounded by ≈ 80 bytes · max_voxels.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import BinaryIO, Optional, Union
 
 import numpy as np
 
@@ -235,10 +235,10 @@ _PLY_DTYPE = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
                        ("red", "u1"), ("green", "u1"), ("blue", "u1"), ("count", "<u4")])
 
 
-def write_ply(path: Union[str, Path], points: np.ndarray, colors: np.ndarray,
-              counts: Optional[np.ndarray] = None) -> Path:
-    """Binary little-endian PLY with vertices ``x y z red green blue count`` (see VoxelMap)."""
-    path = Path(path)
+def write_ply(path: Union[str, Path, BinaryIO], points: np.ndarray, colors: np.ndarray,
+              counts: Optional[np.ndarray] = None) -> Union[Path, BinaryIO]:
+    """Binary little-endian PLY with vertices ``x y z red green blue count`` (see VoxelMap).
+    ``path``: a file path, or a binary file object (written, not closed)."""
     n = len(points)
     rec = np.empty(n, _PLY_DTYPE)
     rec["x"], rec["y"], rec["z"] = (np.asarray(points, np.float32)[:, i] for i in range(3))
@@ -250,6 +250,11 @@ def write_ply(path: Union[str, Path], points: np.ndarray, colors: np.ndarray,
               "property float x\nproperty float y\nproperty float z\n"
               "property uchar red\nproperty uchar green\nproperty uchar blue\n"
               "property uint count\nend_header\n")
+    if hasattr(path, "write"):
+        path.write(header.encode("ascii"))
+        path.write(rec.tobytes())
+        return path
+    path = Path(path)
     with open(path, "wb") as fh:
         fh.write(header.encode("ascii"))
         fh.write(rec.tobytes())

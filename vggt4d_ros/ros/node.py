@@ -42,7 +42,7 @@ from vggt4d_ros.stream.odom import LINK_FROM_OPTICAL, OdomFrames, covariance_in_
 
 from . import params as P
 from .image_conv import ImageConversionError, array_to_image, image_to_rgb
-from .paths import PathEscapeError, confine
+from .paths import PathEscapeError, confine, write_confined
 from .pointcloud import points_to_cloud
 from .stamp_match import StampCache, stamp_to_ns
 from .transforms import (make_transform_stamped, matrix_from_xyz_rpy, matrix_to_pose,
@@ -702,13 +702,14 @@ class Vggt4dNode(Node):
         try:
             ply = confine("static_map.ply", root)
             tum = confine("trajectory.tum", root)
-            ply.parent.mkdir(parents=True, exist_ok=True)
-            ply, tum = confine(ply, root), confine(tum, root)   # again, after mkdir
             with self._engine_lock:
                 arrays = self.engine.static_map.to_arrays()
                 traj = self.engine.trajectory()
             from vggt4d_ros.geometry.voxel import write_ply
-            write_ply(ply, self._to_odom(arrays["points"]), arrays["colors"], arrays["counts"])
+            # whole files or nothing, no symlink followed after the check (ros/paths.py)
+            with write_confined("static_map.ply", root) as fh:
+                write_ply(fh, self._to_odom(arrays["points"]), arrays["colors"],
+                          arrays["counts"])
             lines = []
             for stamp_ns, w_c in traj:
                 o_b = self.frames.odom_from_base(w_c)
@@ -716,7 +717,8 @@ class Vggt4dNode(Node):
                 t = o_b[:3, 3]
                 lines.append(f"{stamp_ns / 1e9:.9f} {t[0]:.6f} {t[1]:.6f} {t[2]:.6f} "
                              f"{q[0]:.9f} {q[1]:.9f} {q[2]:.9f} {q[3]:.9f}\n")
-            tum.write_text("".join(lines))
+            with write_confined("trajectory.tum", root, "w") as fh:
+                fh.write("".join(lines))
         except (PathEscapeError, OSError) as exc:
             self.get_logger().error(f"save_map failed: {exc}")
             response.success, response.message = False, f"save_map failed: {exc}"
