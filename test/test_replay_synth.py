@@ -122,7 +122,7 @@ def test_replay_bag_reads_back_with_node_topics(replayed: Path) -> None:
         assert counts["/vggt4d/static_points"] == counts["/vggt4d/status"] >= 3
         assert types["/vggt4d/status"] == "vggt4d_ros/msg/Status"
         traj = read_tum(replayed / "trajectory.txt")
-        odom_stamps, first_depth = [], None
+        odom_stamps, first_depth, twists = [], None, []
         conns = [c for c in reader.connections if c.topic in
                  ("/vggt4d/odom", "/tf", "/vggt4d/dynamic_mask", "/vggt4d/depth_static")]
         for conn, t, raw in reader.messages(connections=conns):
@@ -134,6 +134,10 @@ def test_replay_bag_reads_back_with_node_topics(replayed: Path) -> None:
                 odom_stamps.append(st)
                 cov = np.asarray(msg.pose.covariance).reshape(6, 6)
                 assert np.all(np.isfinite(cov)) and np.all(np.diag(cov) > 0)
+                tw = msg.twist.twist
+                twists.append(([tw.linear.x, tw.linear.y, tw.linear.z, tw.angular.x,
+                                tw.angular.y, tw.angular.z],
+                               np.diag(np.asarray(msg.twist.covariance).reshape(6, 6))))
             elif conn.topic == "/tf":
                 tf = msg.transforms[0]
                 assert (tf.header.frame_id, tf.child_frame_id) == ("odom", "base_link")
@@ -143,6 +147,11 @@ def test_replay_bag_reads_back_with_node_topics(replayed: Path) -> None:
                 assert msg.encoding == "32FC1"
                 first_depth = msg
         assert odom_stamps == list(traj.stamps_ns)
+        # the node's twist rule: first frame unknown (1e6), later ones estimated, all finite
+        assert np.allclose(twists[0][1], 1e6) and np.all(np.array(twists[0][0]) == 0)
+        known = [t for t, var in twists if np.all(var < 1e6)]
+        assert len(known) >= N_FRAMES // 2 and np.all(np.isfinite(known))
+        assert np.abs(known).max() > 0
     # base_link starts at the identity of odom (REP-105, like the node)
     with AnyReader([replayed / "bag"]) as reader:
         conn = [c for c in reader.connections if c.topic == "/vggt4d/odom"]

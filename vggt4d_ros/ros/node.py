@@ -38,7 +38,8 @@ from tf2_msgs.msg import TFMessage
 
 from vggt4d_ros.msg import Status
 from vggt4d_ros.stream.engine import FrameInput
-from vggt4d_ros.stream.odom import LINK_FROM_OPTICAL, OdomFrames, covariance_in_base
+from vggt4d_ros.stream.odom import (LINK_FROM_OPTICAL, OdomFrames, TwistEstimator,
+                                    covariance_in_base)
 
 from . import params as P
 from .image_conv import ImageConversionError, array_to_image, image_to_rgb
@@ -57,7 +58,6 @@ BAD_INPUT_CLASSES = ("unsupported_encoding", "zero_size", "truncated", "bad_step
                      "missing_camera_info", "invalid_camera_info", "inference_error",
                      "invalid_parameter")
 PENDING_STAMPS_MIN = 1000  # receive-time table bound (latency), entries
-TWIST_VARIANCE = 1e6      # twist is not estimated: large but finite variance
 
 
 class StartupError(RuntimeError):
@@ -209,6 +209,7 @@ class Vggt4dNode(Node):
         self._lock = threading.Lock()          # counters, stamps, pending
         self._engine_lock = threading.Lock()   # engine.poll / reset / map snapshots
         self._publish_lock = threading.Lock()  # one window's outputs vs. ~/reset
+        self._twist = TwistEstimator()           # base_link velocity from consecutive poses
         self.frames_received = 0
         self.frames_processed = 0
         self.bad_input: Counter[str] = Counter({k: 0 for k in BAD_INPUT_CLASSES})
@@ -503,7 +504,12 @@ class Vggt4dNode(Node):
         odom.pose.pose = matrix_to_pose(odom_from_base)
         cov = covariance_in_base(out.covariance, self.base_from_cam)
         odom.pose.covariance = [float(v) for v in cov.ravel()]
-        odom.twist.covariance = [float(v) for v in (np.eye(6) * TWIST_VARIANCE).ravel()]
+        twist, twist_cov = self._twist.update(out.stamp_ns, out.sequence, odom_from_base, cov,
+                                              out.trusted)
+        tw = odom.twist.twist
+        (tw.linear.x, tw.linear.y, tw.linear.z,
+         tw.angular.x, tw.angular.y, tw.angular.z) = (float(v) for v in twist)
+        odom.twist.covariance = [float(v) for v in twist_cov.ravel()]
         self.pub_odom.publish(odom)
         if self.settings["publish_tf"]:
             self.pub_tf.publish(TFMessage(transforms=[make_transform_stamped(

@@ -127,7 +127,10 @@ class FrameOutput:
 
     cam_from_world / world_from_cam [4,4]; covariance [6,6] (x y z, rot x y z; see
     ``stitcher.pose_covariance``); depth [H,W] float32; confidence [H,W]; mask [H,W] bool
-    (True = dynamic); image [H,W,3] uint8; intrinsic [3,3]; state; window_index.
+    (True = dynamic); image [H,W,3] uint8; intrinsic [3,3]; state; window_index; trusted
+    (the frame's own prediction was valid and the window not LOST - False: pose held or
+    re-anchored); sequence (the engine's sequence number: +1 at every reset, so consumers can
+    tell frames of a new odometry origin from the old, also within one poll).
     """
 
     stamp_ns: int
@@ -142,6 +145,8 @@ class FrameOutput:
     intrinsic: np.ndarray
     state: str
     window_index: int
+    trusted: bool = True
+    sequence: int = 0
 
 
 @dataclass
@@ -210,6 +215,7 @@ class StreamEngine:
         self.last_reset_reason = ""
         self._backlog: list = []                          # queue items not consumed (error)
         self._undelivered: list[FrameOutput] = []         # outputs of a poll that raised
+        self._sequence = 0                                # +1 per reset (FrameOutput.sequence)
         self._clear_sequence()
         self._state = "WAITING"
 
@@ -315,6 +321,7 @@ class StreamEngine:
         self.static_map.clear()
 
     def _reset_sequence(self, reason: str) -> None:
+        self._sequence += 1
         self._resets[reason] += 1
         self.last_reset_reason = reason
         self._clear_sequence()
@@ -438,7 +445,8 @@ class StreamEngine:
             self._append_trajectory(f.stamp_ns, poses[j])
             outputs.append(FrameOutput(f.stamp_ns, f.frame_id, invert_se3(poses[j]), poses[j],
                                        cov.copy(), rec.depth, rec.conf, rec.mask,
-                                       rec.image_small, rec.intrinsic, state, window_index))
+                                       rec.image_small, rec.intrinsic, state, window_index,
+                                       rec.trusted, self._sequence))
         stamps = np.array([f.stamp_ns for f in new_frames], np.int64)
         self.last_window = WindowOutput(window_index, state, stamps, *pts, res.residual,
                                         res.scale_drift, res.inlier_fraction, res.num_points,

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from vggt4d_ros.geometry.transforms import invert_se3
+from vggt4d_ros.geometry.transforms import invert_se3, rotvec_from_rotmat
+
+#: Variance reported for a twist that could not be estimated (first frame of a sequence, a
+#: held pose, a gap): large but finite, as robot_localization expects.
+UNKNOWN_TWIST_VARIANCE = 1e6
 
 #: Rotation (4x4) from camera optical axes (x right, y down, z fwd) to camera body axes
 #: (x fwd, y left, z up): ``camera_link_from_camera_optical``.
@@ -98,3 +102,45 @@ class OdomFrames:
         p = np.asarray(points_world, dtype=np.float64).reshape(-1, 3)
         m = self.odom_from_world
         return (p @ m[:3, :3].T + m[:3, 3]).astype(np.float32)
+
+
+class TwistEstimator:
+    """Velocity of the body (``base_link``) from consecutive odometry poses, for the twist of
+    nav_msgs/Odometry (REP-105: expressed in the child frame).
+
+    Backward difference between the previous and the current trusted frame of the same
+    sequence: ``v = R_cur^T (t_cur - t_prev) / dt`` (odometry units per second - the model's
+    scale, like the poses) and ``w = log(R_prev^T R_cur) / dt`` (rad/s). Variances: the two
+    poses' variances (diagonal of their base-frame covariances) summed, over ``dt²``. Unknown
+    (zero twist, variance :data:`UNKNOWN_TWIST_VARIANCE`) for the first frame of a sequence,
+    after an untrusted frame (held or re-anchored pose), or across a gap over ``max_gap_s``.
+    """
+
+    def __init__(self, max_gap_s: float = 1.0) -> None:
+        if max_gap_s <= 0:
+            raise ValueError(f"max_gap_s must be > 0, got {max_gap_s}")
+        self.max_gap_s = max_gap_s
+        self._prev: tuple[int, int, np.ndarray, np.ndarray] | None = None
+
+    def reset(self) -> None:
+        self._prev = None
+
+    def update(self, stamp_ns: int, sequence: int, odom_from_base: np.ndarray,
+               cov_base: np.ndarray, trusted: bool) -> tuple[np.ndarray, np.ndarray]:
+        """-> (twist [6] = vx vy vz wx wy wz, covariance [6, 6]) for this frame."""
+        pose = np.asarray(odom_from_base, dtype=np.float64)
+        var = np.diag(np.asarray(cov_base, dtype=np.float64).reshape(6, 6))
+        ok = trusted and bool(np.all(np.isfinite(pose)) and np.all(np.isfinite(var)))
+        prev, self._prev = self._prev, ((stamp_ns, sequence, pose, var) if ok else None)
+        unknown = np.zeros(6), np.eye(6) * UNKNOWN_TWIST_VARIANCE
+        if not ok or prev is None or prev[1] != sequence:
+            return unknown
+        dt = (stamp_ns - prev[0]) * 1e-9
+        if not 0.0 < dt <= self.max_gap_s:
+            return unknown
+        rot_prev, rot = prev[2][:3, :3], pose[:3, :3]
+        linear = rot.T @ (pose[:3, 3] - prev[2][:3, 3]) / dt
+        angular = rotvec_from_rotmat(rot_prev.T @ rot) / dt
+        cov = sanitize_covariance(np.diag((prev[3] + var) / dt ** 2),
+                                  ceiling=UNKNOWN_TWIST_VARIANCE)
+        return np.concatenate([linear, angular]), cov

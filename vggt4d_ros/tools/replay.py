@@ -68,7 +68,8 @@ import cv2
 import numpy as np
 
 from vggt4d_ros.geometry.transforms import invert_se3
-from vggt4d_ros.stream.odom import LINK_FROM_OPTICAL, OdomFrames, covariance_in_base
+from vggt4d_ros.stream.odom import (LINK_FROM_OPTICAL, OdomFrames, TwistEstimator,
+                                    covariance_in_base)
 from vggt4d_ros.tools.atomic import atomic_output_dir
 from vggt4d_ros.tools.cli_util import first_line, report_failure
 from vggt4d_ros.tools.datasets import Frame, FrameSource, InputError, open_source, SOURCE_KINDS
@@ -84,7 +85,6 @@ TOPICS = {
 }
 STATUS_CODES = {"WAITING": 0, "TRACKING": 1, "LOST": 2, "RESET": 3}
 MAX_PATH_POSES = 10_000          # node: the Path keeps the last 10 000 poses
-TWIST_VARIANCE = 1e6             # node: twist is not estimated, large finite variance
 class ReplayError(Exception):
     """Internal failure of a replay (not the input's fault)."""
 
@@ -185,11 +185,12 @@ class BagOutput:
         self.static_sent = False
 
     def frame(self, stamp: int, odom_from_base: np.ndarray | None, cov: np.ndarray,
-              mask: np.ndarray, depth: np.ndarray, conf: np.ndarray, intrinsic: np.ndarray,
-              camera_frame: str) -> None:
+              twist: tuple[np.ndarray, np.ndarray], mask: np.ndarray, depth: np.ndarray,
+              conf: np.ndarray, intrinsic: np.ndarray, camera_frame: str) -> None:
         """Per-frame messages, as the node publishes them (odom/TF/path only for a finite pose).
 
-        ``cov``: pose covariance [6,6] in base_link axes (already sanitised)."""
+        ``cov``: pose covariance [6,6] in base_link axes (already sanitised); ``twist``:
+        (twist [6], covariance [6,6]) from the shared TwistEstimator."""
         b, s, ts = self.bio, self.s, self.ts
         if not self.static_sent:        # base_link -> camera optical frame, once (latched)
             self.writer.write(TOPICS["tf_static"], stamp, b.tf_message([b.transform_stamped_msg(
@@ -199,7 +200,7 @@ class BagOutput:
         if odom_from_base is not None:
             self.writer.write(TOPICS["odom"], stamp, b.odometry_msg(
                 odom_from_base, stamp, s.odom_frame, s.base_frame, pose_covariance=cov,
-                twist_covariance=np.eye(6) * TWIST_VARIANCE, typestore=ts))
+                twist=twist[0], twist_covariance=twist[1], typestore=ts))
             self.writer.write(TOPICS["tf"], stamp, b.tf_message([b.transform_stamped_msg(
                 odom_from_base, stamp, s.odom_frame, s.base_frame, typestore=ts)], typestore=ts))
             self.path_poses.append((stamp, odom_from_base))
@@ -406,6 +407,7 @@ class _ReplayRun:
         predictor = with_oom_fallback(predictor, settings)
         self.predictor, self.weights_note = predictor, weights_note
         self.engine = make_engine(predictor, settings)
+        self.twist = TwistEstimator()           # as the node: base_link velocity
         self.odom = OdomFrames(LINK_FROM_OPTICAL)
         (root / "masks").mkdir()
         (root / "depth").mkdir()
@@ -514,8 +516,11 @@ class _ReplayRun:
         self.counters["processed"] += 1
         if self.bag is not None:
             base = None if odom_cam is None else odom_cam @ odom.cam_from_base
-            self.bag.frame(fo.stamp_ns, base, covariance_in_base(fo.covariance, odom.base_from_cam),
-                           mask, depth, conf, intrinsic, fo.frame_id or s.camera_frame)
+            cov = covariance_in_base(fo.covariance, odom.base_from_cam)
+            twist = (self.twist.update(fo.stamp_ns, fo.sequence, base, cov, fo.trusted)
+                     if base is not None else None)
+            self.bag.frame(fo.stamp_ns, base, cov, twist, mask, depth, conf, intrinsic,
+                           fo.frame_id or s.camera_frame)
         self.lines.append(f"{idx} {fo.stamp_ns} {fo.window_index} {fo.state} {frame.name}")
         self.timer.add("write", time.perf_counter() - t0)
         if self.viz is not None:
