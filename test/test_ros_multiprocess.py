@@ -81,9 +81,11 @@ def test_bag_node_checker_as_three_processes(tmp_path):
     topic_args = [a for t, typ in per_frame.items()
                   for a in ("--topic", f"{t}:{typ}:n={N_FRAMES}")]
     topic_args += [a for spec in others for a in ("--topic", spec)]
+    # ready only once every topic has the node's publisher: the first window must not be
+    # published before discovery matched the checker (it was lost on a loaded CI machine)
     checker = subprocess.Popen([sys.executable, "-m", "vggt4d_ros.ros.probe", "--duration",
-                                "400", *topic_args], env=env, stdout=subprocess.PIPE,
-                               text=True)
+                                "400", "--wait-for-publishers", "120", *topic_args], env=env,
+                               stdout=subprocess.PIPE, text=True)
     node = subprocess.Popen([sys.executable, "-m", "vggt4d_ros.ros.launcher",
                              f"params_file:={_params_file(tmp_path)}", "use_sim_time:=true",
                              "image_topic:=/camera/image_raw",

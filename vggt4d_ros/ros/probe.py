@@ -103,13 +103,17 @@ def _main(argv: list[str] | None = None) -> int:
 
     Each ``--topic NAME:TYPE[:be][:tl][:n=N]`` (be = best effort, tl = transient local,
     n = messages needed on this topic, default ``--min-count``). Stops after ``--duration`` s
-    or when every topic has its count.
+    or when every topic has its count. With ``--wait-for-publishers S`` the ``ready`` line is
+    printed only once every topic has a publisher (at most S seconds; ``missing`` lists the
+    others): messages published before discovery matched a reliable, volatile subscription
+    are lost, so a test starts its input only after that line.
     """
     ap = argparse.ArgumentParser(description=_main.__doc__)
     ap.add_argument("--topic", action="append", default=[])
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--min-count", type=int, default=1)
     ap.add_argument("--summary", choices=["stamps"], default="stamps")
+    ap.add_argument("--wait-for-publishers", type=float, default=0.0, metavar="S")
     args = ap.parse_args(argv)
     rclpy.init()
     node = TopicProbe("vggt4d_checker")
@@ -123,8 +127,14 @@ def _main(argv: list[str] | None = None) -> int:
     from rclpy.executors import SingleThreadedExecutor
     ex = SingleThreadedExecutor()
     ex.add_node(node)
-    print(json.dumps({"ready": True}), flush=True)
     try:
+        ready: dict[str, Any] = {"ready": True}
+        if args.wait_for_publishers > 0:
+            spin_until(ex, lambda: all(node.count_publishers(t) for t in topics),
+                       args.wait_for_publishers)
+            missing = [t for t in topics if not node.count_publishers(t)]
+            ready = {"ready": not missing, **({"missing": missing} if missing else {})}
+        print(json.dumps(ready), flush=True)
         spin_until(ex, lambda: all(len(node.get(t)) >= n for t, n in topics.items()),
                    args.duration)
         out = {}
