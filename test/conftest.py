@@ -32,6 +32,7 @@ def emulated_cuda_graphs(monkeypatch):
         return fn
     monkeypatch.setattr(cuda_graph, "usable", lambda t: True)
     monkeypatch.setattr(cuda_graph, "capture", capture)
-    monkeypatch.setattr(cluster, "_graphs", type(cluster._graphs)())
-    monkeypatch.setattr(refine_fast, "_refine_graphs", type(refine_fast._refine_graphs)())
+    monkeypatch.setattr(cluster, "_graphs", cuda_graph.GraphCache(cluster._graphs.capacity))
+    monkeypatch.setattr(refine_fast, "_refine_graphs",
+                        cuda_graph.GraphCache(refine_fast._refine_graphs.capacity))
     return captured

@@ -217,3 +217,18 @@ def test_dynamic_mask_kmeans_graph_path_equals_sklearn(emulated_cuda_graphs):
     dup = torch.cat([torch.zeros(30, 2), torch.ones(30, 2), torch.tensor([[5.0, 5.0]])])
     graph_labels, _ = kmeans_torch(dup.double(), 5, seed=0, cuda_graphs=True)
     np.testing.assert_array_equal(graph_labels.numpy(), kmeans_torch(dup, 5, seed=0)[0].numpy())
+
+
+def test_graph_cache_is_a_bounded_lru():
+    from vggt4d_ros.dynamic.cuda_graph import GraphCache
+    cache, built = GraphCache(2), []
+
+    def build(name):
+        return lambda: built.append(name) or name
+    assert cache.get("a", build("a")) == "a" and cache.get("b", build("b")) == "b"
+    assert cache.get("a", build("a2")) == "a"              # hit: not rebuilt, now newest
+    cache.get("c", build("c"))                               # evicts b (least recent)
+    assert len(cache) == 2 and cache.get("b", build("b2")) == "b2"
+    assert built == ["a", "b", "c", "b2"]
+    with pytest.raises(ValueError):
+        GraphCache(0)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections import OrderedDict
 from typing import Optional, Tuple
 
 import numpy as np
@@ -261,22 +260,14 @@ class _KMeansGraphs:
         self.seed_step = cuda_graph.capture(seed_step, device)
 
 
-_graphs_lock = threading.Lock()
-_graphs: "OrderedDict[tuple, _KMeansGraphs]" = OrderedDict()
+_graphs: "cuda_graph.GraphCache[_KMeansGraphs]" = cuda_graph.GraphCache(_GRAPH_CACHE_SIZE)
 
 
 def _kmeans_graphs(m: int, c: int, k: int, trials: int,
                    device: torch.device) -> _KMeansGraphs:
     """The cached graphs of this shape (least recently used shapes evicted)."""
-    key = (m, c, k, trials, device.index)
-    with _graphs_lock:
-        if key in _graphs:
-            _graphs.move_to_end(key)
-            return _graphs[key]
-        while len(_graphs) >= _GRAPH_CACHE_SIZE:
-            _graphs.popitem(last=False)
-        _graphs[key] = g = _KMeansGraphs(m, c, k, trials, device)
-        return g
+    return _graphs.get((m, c, k, trials, device.index),
+                       lambda: _KMeansGraphs(m, c, k, trials, device))
 
 
 def kmeans_torch(x: Tensor, k: int, seed: int = KMEANS_SEED, max_iter: int = 300,

@@ -9,7 +9,9 @@ the function itself, ``usable`` returning True) and run the exact buffer/replay 
 """
 from __future__ import annotations
 
-from typing import Callable
+import threading
+from collections import OrderedDict
+from typing import Callable, Generic, Hashable, TypeVar
 
 import torch
 from torch import Tensor
@@ -36,3 +38,33 @@ def capture(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
     return graph.replay
+
+
+T = TypeVar("T")
+
+
+class GraphCache(Generic[T]):
+    """Thread-safe LRU cache of captured objects by shape key: a stream reuses a few window
+    shapes; each entry holds its static buffers and graph memory, so only ``capacity`` are
+    kept (the least recently used is dropped; a caller still using it keeps it alive)."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._items: "OrderedDict[Hashable, T]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Hashable, build: Callable[[], T]) -> T:
+        """The entry of ``key``, built (and captured) on first use."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            while len(self._items) >= self.capacity:
+                self._items.popitem(last=False)
+            self._items[key] = item = build()
+            return item

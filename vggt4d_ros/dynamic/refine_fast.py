@@ -66,7 +66,6 @@ import contextlib
 import math
 import threading
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -394,24 +393,15 @@ class _RefineKMeansGraph:
         return self.labels, self.centres, self.saw_empty
 
 
-_REFINE_GRAPHS_KEPT = 3
-_refine_graphs_lock = threading.Lock()
-_refine_graphs: "OrderedDict[tuple, _RefineKMeansGraph]" = OrderedDict()
+_refine_graphs: "cuda_graph.GraphCache[_RefineKMeansGraph]" = cuda_graph.GraphCache(3)
 
 
 def _refine_kmeans_graph(s: int, q: int, k: int, trials: int, iters: int, dtype: torch.dtype,
                          device: torch.device) -> _RefineKMeansGraph:
     """Cached graph of this shape (least recently used evicted; queries are padded to
     :func:`query_bucket` sizes so that windows of a stream share shapes)."""
-    key = (s, q, k, trials, iters, dtype, device.index)
-    with _refine_graphs_lock:
-        if key in _refine_graphs:
-            _refine_graphs.move_to_end(key)
-            return _refine_graphs[key]
-        while len(_refine_graphs) >= _REFINE_GRAPHS_KEPT:
-            _refine_graphs.popitem(last=False)
-        _refine_graphs[key] = g = _RefineKMeansGraph(s, q, k, trials, iters, dtype, device)
-        return g
+    return _refine_graphs.get((s, q, k, trials, iters, dtype, device.index),
+                              lambda: _RefineKMeansGraph(s, q, k, trials, iters, dtype, device))
 
 
 def query_bucket(q: int, limit: int) -> int:
