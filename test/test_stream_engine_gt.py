@@ -131,3 +131,20 @@ def test_keyframes_join_windows_and_keep_accuracy():
     assert max(calls) == 10 and calls[0] == 8     # keyframes are added, at most max_keyframes
     rms, _, _ = _ate(outs, truth)
     assert rms < 0.15
+
+
+def test_mask_dilation_equals_the_scipy_maximum_filter():
+    """The engine's OpenCV dilation of the dynamic masks (before static points are taken) is
+    exactly scipy's square maximum filter with a False border, for radii 1-3 and masks that
+    touch the image border."""
+    from scipy import ndimage
+
+    from vggt4d_ros.stream.engine import _dilate_masks
+    rng = np.random.default_rng(0)
+    masks = rng.random((4, 37, 53)) < 0.03
+    masks[0, 0, :] = masks[1, :, -1] = True
+    masks[3] = False
+    for radius in (1, 2, 3):
+        size = 2 * radius + 1
+        want = ndimage.maximum_filter(masks, size=(1, size, size), mode="constant", cval=False)
+        assert np.array_equal(_dilate_masks(masks, radius), want)

@@ -50,7 +50,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from vggt4d_ros.geometry.sim3 import Sim3
 from vggt4d_ros.geometry.transforms import (invert_se3, pose_to_tqxyzw, rotation_angle,
@@ -413,20 +412,21 @@ class StreamEngine:
         hw = pred.resolution_hw
         world_from_cam_odom = sim.transform_world_from_cam(
             invert_se3(to_homogeneous(pred.extrinsic)))
-        depth_odom = pred.depth * np.float32(sim.scale)
+        # depth of the new frames in odometry units (the overlap frames' depth is not emitted)
+        depth_new = pred.depth[new_idx] * np.float32(sim.scale)                # [k, H, W]
         images_small = [self._resize(f.image, hw) for f in new_frames]
         poses = []
         for i in new_idx:
             if frame_valid[i]:
                 self._last_pose = world_from_cam_odom[i]
             poses.append(self._last_pose.copy())      # invalid prediction -> hold the pose
-        med_depths = [_median_valid(depth_odom[i]) if frame_valid[i] else float("nan")
-                      for i in new_idx]
+        med_depths = [_median_valid(depth_new[j]) if frame_valid[i] else float("nan")
+                      for j, i in enumerate(new_idx)]
         t_dis, r_dis = (0.0, 0.0) if lost else overlap_disagreement(sim, pred, anchors)
         cov = pose_covariance(res.residual, t_dis, r_dis, _nanmedian(med_depths), lost)
 
         # static points of the new frames only, so that each pixel is fused once
-        pts = self._static_points(pred, new_idx, new_frames, depth_odom, poses, images_small, rng)
+        pts = self._static_points(pred, new_idx, new_frames, depth_new, poses, images_small, rng)
         if not lost and len(pts[0]):
             self.static_map.insert(pts[0], pts[1], pts[2], camera_position=poses[-1][:3, 3])
 
@@ -434,7 +434,7 @@ class StreamEngine:
         outputs = []
         for j, (i, f) in enumerate(zip(new_idx, new_frames)):
             rec = FrameRecord(f.key, f.stamp_ns, f.frame_id, f.image, images_small[j],
-                              depth_odom[i].copy(), pred.depth_conf[i].copy(),
+                              depth_new[j].copy(), pred.depth_conf[i].copy(),
                               pred.mask[i].copy(), pred.intrinsic[i].copy(), poses[j],
                               frame_valid[i], frame_valid[i] and not lost, med_depths[j])
             self._history.append(rec)
@@ -488,33 +488,34 @@ class StreamEngine:
         return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BOX))
 
     def _static_points(self, pred: WindowPrediction, new_idx: Sequence[int],
-                       new_frames: Sequence[QueuedFrame], depth_odom: np.ndarray,
+                       new_frames: Sequence[QueuedFrame], depth_new: np.ndarray,
                        poses: Sequence[np.ndarray], images_small: Sequence[np.ndarray],
                        rng: np.random.Generator):
         """Confident static pixels of the new frames -> (points [M,3] odom, colors [M,3], conf [M],
-        source stamps [M], source uv [M,2]). Vectorised over all new frames at once."""
+        source stamps [M], source uv [M,2]). ``depth_new`` [k,H,W]: depth of the new frames
+        (``new_idx`` of the window) in odometry units. Vectorised over all new frames at once."""
         cfg = self.config
         idx = np.asarray(new_idx)
         k, h, w = len(idx), pred.depth.shape[1], pred.depth.shape[2]
         dyn = pred.mask[idx]
         if cfg.mask_dilation_px:
-            size = 2 * cfg.mask_dilation_px + 1     # square dilation, per frame (axis 0 = 1)
-            dyn = ndimage.maximum_filter(dyn, size=(1, size, size), mode="constant", cval=False)
+            dyn = _dilate_masks(dyn, cfg.mask_dilation_px)
         conf = pred.depth_conf[idx]
         frame_ok = np.isfinite(pred.extrinsic[idx]).all(axis=(1, 2))
-        ok = (valid_depth(depth_odom[idx]) & ~dyn & np.isfinite(conf)
+        ok = (valid_depth(depth_new) & ~dyn & np.isfinite(conf)
               & (conf >= cfg.align.min_confidence) & frame_ok[:, None, None])
         flat = np.flatnonzero(ok.ravel())                       # index into [k, H, W]
         if len(flat) and cfg.points_conf_quantile > 0:
             c = conf.ravel()[flat]
-            probe = c if len(c) <= 100_000 else c[rng.choice(len(c), 100_000, replace=False)]
-            # (the quantile is estimated on at most 100k samples for huge windows)
+            # the quantile is estimated on 100k samples (drawn with replacement: as good an
+            # estimate, ~10x cheaper than a draw without replacement) for large windows
+            probe = c if len(c) <= 100_000 else c[rng.integers(0, len(c), 100_000)]
             flat = flat[c >= np.quantile(probe, cfg.points_conf_quantile)]
         if len(flat) > cfg.max_points_per_window:
             flat = np.sort(rng.choice(flat, cfg.max_points_per_window, replace=False))
         owner, pix = np.divmod(flat, h * w)
         v, u = np.divmod(pix, w)
-        d = depth_odom[idx].reshape(k, -1)[owner, pix].astype(np.float64)
+        d = depth_new.reshape(k, -1)[owner, pix].astype(np.float64)
         intr = pred.intrinsic[idx][owner]                       # [M, 3, 3]
         pose = np.stack(poses)[owner]                           # [M, 4, 4] world_from_cam (odom)
         x_cam = np.stack([(u - intr[:, 0, 2]) / intr[:, 0, 0] * d,
@@ -546,6 +547,18 @@ class StreamEngine:
         self._traj_stamp[slot] = stamp_ns
         self._traj_tq[slot] = pose_to_tqxyzw(world_from_cam)
         self._traj_count += 1
+
+
+def _dilate_masks(masks: np.ndarray, radius: int) -> np.ndarray:
+    """Square dilation (side ``2·radius + 1``) of each mask of ``masks [K, H, W]`` bool; pixels
+    beyond the border count as False. Same result as ``ndimage.maximum_filter(size=(1, s, s),
+    mode="constant", cval=False)``, ~5x faster (OpenCV, per frame)."""
+    import cv2
+    kernel = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+    out = np.empty(masks.shape, bool)
+    for i, m in enumerate(masks.astype(np.uint8)):
+        out[i] = cv2.dilate(m, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
+    return out
 
 
 def _median_valid(depth: np.ndarray) -> float:
