@@ -377,3 +377,37 @@ def test_batched_kmeans_graph_path_equals_eager(emulated_cuda_graphs):
     graph, _ = batched_kmeans(dup, ok, 8, torch.Generator().manual_seed(0), cuda_graphs=True)
     eager, _ = batched_kmeans(dup, ok, 8, torch.Generator().manual_seed(0))
     assert torch.equal(graph, eager)
+
+
+def test_fp32_matmul_scope_restores_the_flag_only_after_the_last_user():
+    """Two threads inside the TF32-off scope at once (the side task next to the main thread):
+    the flag stays off until both left and is then restored to its value before the first."""
+    import threading
+
+    from vggt4d_ros.dynamic.refine_fast import _Fp32MatmulScope
+    scope = _Fp32MatmulScope()
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        inside, release, seen = threading.Event(), threading.Event(), []
+
+        def other():
+            with scope():
+                inside.set()
+                release.wait(5)
+        t = threading.Thread(target=other)
+        t.start()
+        assert inside.wait(5)
+        with scope():                                   # enters while the other is inside
+            seen.append(torch.backends.cuda.matmul.allow_tf32)
+        seen.append(torch.backends.cuda.matmul.allow_tf32)   # other still inside
+        release.set()
+        t.join(5)
+        assert seen == [False, False] and torch.backends.cuda.matmul.allow_tf32 is True
+        with scope():
+            with scope():                               # nested
+                pass
+            assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

@@ -108,21 +108,40 @@ def _gather_points(points: Tensor, idx: Tensor) -> Tensor:
     return points.gather(1, idx[..., None].expand(-1, -1, points.shape[-1]))
 
 
-@contextlib.contextmanager
-def _full_fp32_matmul():
-    """Disable TF32 for the distance matmuls (restored afterwards; process-global flag, the
-    legacy switch the project uses elsewhere). TF32's 10-bit mantissa would scramble the
-    neighbour ranking; if the flag cannot be read/set the matmuls run as configured."""
-    try:
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-    except (RuntimeError, AttributeError):     # e.g. a conflicting newer precision API
-        yield
-        return
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
+class _Fp32MatmulScope:
+    """Disable TF32 for the distance matmuls while any thread is inside (a process-global
+    flag, the legacy switch the project uses elsewhere). TF32's 10-bit mantissa would scramble
+    the neighbour ranking. Nesting and concurrent users (the pipeline's side task next to the
+    main thread) are counted, so the flag is restored - to what it was before the FIRST user
+    entered - only when the LAST one leaves; meanwhile other threads' float32 matmuls run in
+    full precision (slower, never less exact). If the flag cannot be read/set the matmuls run
+    as configured."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: Optional[bool] = None
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with self._lock:
+            if self._users == 0:
+                try:
+                    self._saved = torch.backends.cuda.matmul.allow_tf32
+                    torch.backends.cuda.matmul.allow_tf32 = False
+                except (RuntimeError, AttributeError):   # a conflicting newer precision API
+                    self._saved = None
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and self._saved is not None:
+                    torch.backends.cuda.matmul.allow_tf32 = self._saved
+
+
+_full_fp32_matmul = _Fp32MatmulScope()
 
 
 def _knn_indices(d2: Tensor, kk: int, group: int) -> Tensor:
