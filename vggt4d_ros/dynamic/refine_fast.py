@@ -111,11 +111,11 @@ def _gather_points(points: Tensor, idx: Tensor) -> Tensor:
 class _Fp32MatmulScope:
     """Disable TF32 for the distance matmuls while any thread is inside (a process-global
     flag, the legacy switch the project uses elsewhere). TF32's 10-bit mantissa would scramble
-    the neighbour ranking. Nesting and concurrent users (the pipeline's side task next to the
-    main thread) are counted, so the flag is restored - to what it was before the FIRST user
-    entered - only when the LAST one leaves; meanwhile other threads' float32 matmuls run in
-    full precision (slower, never less exact). If the flag cannot be read/set the matmuls run
-    as configured."""
+    the neighbour ranking. Nesting and concurrent users (e.g. two pipelines in one process)
+    are counted, so the flag is restored - to what it was before the FIRST user entered -
+    only when the LAST one leaves; meanwhile other threads' float32 matmuls run in full
+    precision (slower, never less exact). If the flag cannot be read/set the matmuls run as
+    configured."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
