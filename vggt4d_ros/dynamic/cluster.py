@@ -98,19 +98,22 @@ def kmeans_plusplus_torch(x: Tensor, k: int, rng: np.random.RandomState,
             graphs.seed_step()
             chosen.append(graphs.seed_choice.clone())
             continue
-        state, best = _seed_step(x, x_sq, state, cand_t)
-        chosen.append(cand_t[best])
+        state, chosen_idx = _seed_step(x, x_sq, state, cand_t)
+        chosen.append(chosen_idx)
     return torch.stack(chosen)
 
 
 def _seed_step(x: Tensor, x_sq: Tensor, state: Tensor, cand: Tensor) -> Tuple[Tensor, Tensor]:
-    """One greedy k-means++ step on the device: the candidate (index into ``cand [T]``) that
-    lowers the potential most, and the new state ``[M + 1]`` (closest distances, potential)."""
+    """One greedy k-means++ step on the device -> (new state ``[M + 1]`` = closest distances
+    and potential, the chosen row of x as a 0-dim tensor): of the candidates ``cand [T]``, the
+    one that lowers the potential most. Only gathers (no indexing by a device scalar, which
+    must not synchronise inside a CUDA graph)."""
     m = x.shape[0]
     d_cand = torch.minimum(_sq_dists(x, x[cand], x_sq), state[:m, None])     # [M, T]
     pots = d_cand.sum(0)                                                     # [T]
-    best = torch.argmin(pots)
-    return torch.cat([d_cand[:, best], pots[best, None]]), best
+    best = torch.argmin(pots).view(1)
+    new_state = torch.cat([d_cand.gather(1, best.expand(m, 1))[:, 0], pots.gather(0, best)])
+    return new_state, cand.gather(0, best)[0]
 
 
 def _relocate_empty(x: Tensor, labels: Tensor, dist: Tensor, sums: Tensor,
@@ -252,9 +255,9 @@ class _KMeansGraphs:
                 st.step()
 
         def seed_step() -> None:
-            new, best = _seed_step(st.x, st.x_sq, self.seed_state, self.seed_candidates)
+            new, choice = _seed_step(st.x, st.x_sq, self.seed_state, self.seed_candidates)
             self.seed_state.copy_(new)
-            self.seed_choice.copy_(self.seed_candidates[best])
+            self.seed_choice.copy_(choice)
 
         self.lloyd = cuda_graph.capture(lloyd_block, device)
         self.seed_step = cuda_graph.capture(seed_step, device)
