@@ -232,3 +232,18 @@ def test_graph_cache_is_a_bounded_lru():
     assert built == ["a", "b", "c", "b2"]
     with pytest.raises(ValueError):
         GraphCache(0)
+
+
+def test_emulated_capture_refuses_host_reads(emulated_cuda_graphs):
+    """The CPU emulation of CUDA-graph capture fails a body that reads device data on the host
+    (which would break a real capture), and accepts a sync-free one."""
+    from vggt4d_ros.dynamic import cuda_graph
+    t = torch.arange(6.0)
+    for body in (lambda: t.sum().item(), lambda: bool((t > 2).any()),
+                 lambda: t[t > 2], lambda: torch.nonzero(t), lambda: t.masked_select(t > 1)):
+        with pytest.raises(AssertionError, match="reads device data on the host"):
+            cuda_graph.capture(body, torch.device("cpu"))
+    out = torch.zeros(6)
+    cuda_graph.capture(lambda: out.copy_(torch.where(t > 2, t, -t).cumsum(0)),
+                       torch.device("cpu"))()
+    assert out[-1] == 9.0
