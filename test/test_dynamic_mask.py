@@ -247,3 +247,23 @@ def test_emulated_capture_refuses_host_reads(emulated_cuda_graphs):
     cuda_graph.capture(lambda: out.copy_(torch.where(t > 2, t, -t).cumsum(0)),
                        torch.device("cpu"))()
     assert out[-1] == 9.0
+
+
+def test_a_failed_capture_falls_back_to_the_eager_path_once(emulated_cuda_graphs, monkeypatch):
+    """A capture that raises (a driver or PyTorch that cannot capture) costs speed, not
+    results: one warning, scikit-learn's labels, no further capture attempts."""
+    from vggt4d_ros.dynamic import cluster, cuda_graph
+    attempts = []
+
+    def refuse(fn, device):
+        attempts.append(1)
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    monkeypatch.setattr(cuda_graph, "capture", refuse)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(300, 5, generator=g)
+    with pytest.warns(RuntimeWarning, match="CUDA-graph capture failed"):
+        labels, _ = kmeans_torch(x, 8, 42, cuda_graphs=True)
+    np.testing.assert_array_equal(labels.numpy(), kmeans_reference(x.numpy(), 8, 42))
+    labels2, _ = kmeans_torch(x * 2, 8, 42, cuda_graphs=True)
+    np.testing.assert_array_equal(labels2.numpy(), kmeans_reference((x * 2).numpy(), 8, 42))
+    assert attempts == [1] and "not permitted" in cluster._graphs.disabled_reason

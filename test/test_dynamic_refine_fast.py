@@ -411,3 +411,20 @@ def test_fp32_matmul_scope_restores_the_flag_only_after_the_last_user():
         assert torch.backends.cuda.matmul.allow_tf32 is True
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_batched_kmeans_falls_back_to_eager_when_capture_fails(emulated_cuda_graphs,
+                                                                monkeypatch):
+    from vggt4d_ros.dynamic import cuda_graph
+
+    def refuse(fn, device):
+        raise RuntimeError("CUDA error: capture not supported")
+    monkeypatch.setattr(cuda_graph, "capture", refuse)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 300, 3, generator=g, dtype=torch.float64)
+    valid = torch.rand(2, 300, generator=g) < 0.8
+    with pytest.warns(RuntimeWarning, match="CUDA-graph capture failed"):
+        graph, _ = batched_kmeans(x, valid, 8, torch.Generator().manual_seed(0),
+                                  cuda_graphs=True)
+    eager, _ = batched_kmeans(x, valid, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(graph[valid], eager[valid])

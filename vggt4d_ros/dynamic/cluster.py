@@ -267,8 +267,9 @@ _graphs: "cuda_graph.GraphCache[_KMeansGraphs]" = cuda_graph.GraphCache(_GRAPH_C
 
 
 def _kmeans_graphs(m: int, c: int, k: int, trials: int,
-                   device: torch.device) -> _KMeansGraphs:
-    """The cached graphs of this shape (least recently used shapes evicted)."""
+                   device: torch.device) -> Optional[_KMeansGraphs]:
+    """The cached graphs of this shape (least recently used shapes evicted); None if capture
+    failed in this process (eager path)."""
     return _graphs.get((m, c, k, trials, device.index),
                        lambda: _KMeansGraphs(m, c, k, trials, device))
 

@@ -10,8 +10,9 @@ the function itself, ``usable`` returning True) and run the exact buffer/replay 
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
-from typing import Callable, Generic, Hashable, TypeVar
+from typing import Callable, Generic, Hashable, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -46,7 +47,11 @@ T = TypeVar("T")
 class GraphCache(Generic[T]):
     """Thread-safe LRU cache of captured objects by shape key: a stream reuses a few window
     shapes; each entry holds its static buffers and graph memory, so only ``capacity`` are
-    kept (the least recently used is dropped; a caller still using it keeps it alive)."""
+    kept (the least recently used is dropped; a caller still using it keeps it alive).
+
+    A build (capture) that raises disables the cache for the rest of the process with ONE
+    warning: ``get`` then returns None and callers run their eager path (same results), so a
+    driver or PyTorch that cannot capture costs speed, never windows."""
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
@@ -54,17 +59,29 @@ class GraphCache(Generic[T]):
         self.capacity = capacity
         self._lock = threading.Lock()
         self._items: "OrderedDict[Hashable, T]" = OrderedDict()
+        self.disabled_reason = ""
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, key: Hashable, build: Callable[[], T]) -> T:
-        """The entry of ``key``, built (and captured) on first use."""
+    def get(self, key: Hashable, build: Callable[[], T]) -> Optional[T]:
+        """The entry of ``key``, built (and captured) on first use; None once disabled."""
         with self._lock:
+            if self.disabled_reason:
+                return None
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
             while len(self._items) >= self.capacity:
                 self._items.popitem(last=False)
-            self._items[key] = item = build()
+            try:
+                item = build()
+            except RuntimeError as exc:          # capture refused by CUDA / PyTorch
+                self.disabled_reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                self._items.clear()
+                warnings.warn(f"CUDA-graph capture failed ({self.disabled_reason}); running "
+                              "the eager path from now on (same results, slower)",
+                              RuntimeWarning, stacklevel=3)
+                return None
+            self._items[key] = item
             return item

@@ -326,8 +326,9 @@ def batched_kmeans(x: Tensor, valid: Tensor, k: int, gen: torch.Generator,
     trials = 2 + int(math.log(k)) if k > 1 else 1
     keys = torch.rand(s, q, generator=gen, device=x.device)
     draws = torch.rand(max(k - 1, 0), s, trials, generator=gen, device=x.device)
-    if cuda_graphs and cuda_graph.usable(x):
-        graph = _refine_kmeans_graph(s, q, k, trials, iters, x.dtype, x.device)
+    graph = (_refine_kmeans_graph(s, q, k, trials, iters, x.dtype, x.device)
+             if cuda_graphs and cuda_graph.usable(x) else None)
+    if graph is not None:
         with graph.lock:
             labels, centres, saw_empty = graph.run(x, valid, keys, draws)
             lloyd = graph.lloyd
@@ -416,9 +417,10 @@ _refine_graphs: "cuda_graph.GraphCache[_RefineKMeansGraph]" = cuda_graph.GraphCa
 
 
 def _refine_kmeans_graph(s: int, q: int, k: int, trials: int, iters: int, dtype: torch.dtype,
-                         device: torch.device) -> _RefineKMeansGraph:
+                         device: torch.device) -> Optional[_RefineKMeansGraph]:
     """Cached graph of this shape (least recently used evicted; queries are padded to
-    :func:`query_bucket` sizes so that windows of a stream share shapes)."""
+    :func:`query_bucket` sizes so that windows of a stream share shapes); None if capture
+    failed in this process (eager path)."""
     return _refine_graphs.get((s, q, k, trials, iters, dtype, device.index),
                               lambda: _RefineKMeansGraph(s, q, k, trials, iters, dtype, device))
 
