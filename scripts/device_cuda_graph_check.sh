@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/gpu.txt
 date -u +%FT%TZ >> "$out/gpu.txt"
 git rev-parse HEAD >> "$out/gpu.txt" 2>/dev/null
 
-timeout 150 python -m vggt4d_ros.tools.graph_check --repeats 5 \
+timeout 110 python -m vggt4d_ros.tools.graph_check --repeats 5 \
     --out "$out/graph_check.json" > "$out/graph_check.log" 2>&1
 echo "graph_check rc=$? (0 = labels equal)"
 
@@ -24,7 +24,7 @@ for name in eager graphs graphs_overlap; do
         graphs_overlap) sets="cuda_graphs=True overlap_stages=True" ;;
     esac
     # shellcheck disable=SC2086
-    timeout 130 python -m vggt4d_ros.tools.profile_window --frames 16 --skip-overlap \
+    timeout 155 python -m vggt4d_ros.tools.profile_window --frames 16 --skip-overlap --repeats 3 \
         --set $sets --out "$out/profile_$name.json" > "$out/profile_$name.log" 2>&1
     echo "profile $name rc=$?"
 done
