@@ -141,3 +141,25 @@ def test_patch_token_cache_embeds_shared_frames_once_and_is_bounded():
     a = pred.predict(frames[14:18], [14, 15, 16, 17]).depth
     b = fresh.predict(frames[14:18], [14, 15, 16, 17]).depth
     np.testing.assert_allclose(a, b)
+
+
+def test_cuda_graphs_option_reaches_the_pipeline_from_the_node_and_the_replay():
+    """vggt4d.cuda_graphs (node parameter, default off) and vggt4d-replay --cuda-graphs end up
+    in the pipeline's Vggt4dConfig.cuda_graphs (on the CPU they change nothing)."""
+    pytest.importorskip("rclpy")
+    from vggt4d_ros.ros import node as node_mod
+    from vggt4d_ros.ros import params as P
+    from vggt4d_ros.tools import replay as rp
+    values = {spec.name: spec.default for spec in P.PARAMS}
+    assert values["vggt4d.cuda_graphs"] is False
+    values.update({"model.checkpoint": "random_tiny", "vggt4d.cuda_graphs": True})
+    cfg = node_mod.predictor_config(P.NodeSettings(values), "cpu")
+    assert cfg.cuda_graphs is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert build_predictor(cfg).pipeline.config.cuda_graphs is True
+    args = rp.build_parser().parse_args(["in", "--out", "o", "--cuda-graphs"])
+    settings = rp.settings_from_args(args)
+    assert settings.cuda_graphs is True
+    assert rp.settings_from_args(rp.build_parser().parse_args(["in", "--out", "o"])).cuda_graphs \
+        is False

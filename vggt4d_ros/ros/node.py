@@ -118,6 +118,7 @@ def predictor_config(settings: P.NodeSettings, device: str):
         "dynamic": settings["vggt4d.dynamic"],
         "refine": settings["vggt4d.refine"],
         "cluster_backend": settings["vggt4d.cluster_backend"],
+        "cuda_graphs": settings["vggt4d.cuda_graphs"],
     }))
 
 

@@ -84,6 +84,7 @@ class PredictorConfig:
     dynamic: bool = True
     refine: bool = True
     cluster_backend: str = "torch"
+    cuda_graphs: bool = False            # Vggt4dConfig.cuda_graphs (CUDA-graph k-means)
     token_cache_size: int = 64
     local_files_only: bool = False
 
@@ -241,6 +242,7 @@ def build_predictor(config: Optional[PredictorConfig] = None) -> Vggt4dWindowPre
                                                             config.cluster_backend)
     pipe = Vggt4dPipeline(build_model(config, device),
                           Vggt4dConfig(dynamic=config.dynamic, refine=config.refine,
-                                       cluster_backend=backend, autocast=autocast))
+                                       cluster_backend=backend, autocast=autocast,
+                                       cuda_graphs=config.cuda_graphs))
     label = RANDOM_WEIGHTS_LABEL if config.random_weights else ""
     return Vggt4dWindowPredictor(pipe, config.image_width, device, config.token_cache_size, label)

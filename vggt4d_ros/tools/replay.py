@@ -104,6 +104,7 @@ class ReplaySettings:
     dtype: str = "auto"              # auto = bf16/fp16 on cuda, fp32 on cpu (node: model.dtype)
     dynamic: bool = True             # False = plain VGGT (no VGGT4D masks / key suppression)
     refine: bool = True              # VGGT4D mask refinement
+    cuda_graphs: bool = False        # CUDA-graph k-means (node: vggt4d.cuda_graphs)
     voxel_size: float = 0.05         # static map voxel, odom units (node: map.voxel_size)
     max_voxels: int = 500_000        # node: map.max_voxels
     backwards_reset_s: float = 0.5   # node: stamps.backwards_reset
@@ -323,7 +324,8 @@ def make_predictor(settings: ReplaySettings) -> Any:
     cfg = factory.PredictorConfig(**_known_fields(factory.PredictorConfig, {
         "checkpoint": settings.checkpoint, "device": resolve_device(settings.device),
         "dtype": settings.dtype, "image_width": settings.resolution, "seed": settings.seed,
-        "dynamic": settings.dynamic, "refine": settings.refine}))
+        "dynamic": settings.dynamic, "refine": settings.refine,
+        "cuda_graphs": settings.cuda_graphs}))
     return factory.build_predictor(cfg)
 
 
@@ -652,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference dtype (auto: bf16/fp16 on cuda, fp32 on cpu)")
     p.add_argument("--no-dynamic", action="store_true", help="plain VGGT (no VGGT4D masks)")
     p.add_argument("--no-refine", action="store_true", help="skip VGGT4D mask refinement")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA: k-means loops as CUDA-graph replays (same results; node: "
+                        "vggt4d.cuda_graphs)")
     p.add_argument("--voxel-size", type=float, default=0.05, help="static map voxel, odom units")
     p.add_argument("--input-stride", type=int, default=1, help="use every N-th input frame")
     p.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
@@ -678,7 +683,7 @@ def settings_from_args(a: argparse.Namespace) -> ReplaySettings:
     return ReplaySettings(
         checkpoint=str(a.checkpoint), window=a.window, stride=a.stride, resolution=a.resolution,
         keyframes=a.keyframes, min_window=a.min_window, device=a.device, dtype=a.dtype, dynamic=not a.no_dynamic,
-        refine=not a.no_refine, voxel_size=a.voxel_size, seed=a.seed, storage=a.storage,
+        refine=not a.no_refine, cuda_graphs=a.cuda_graphs, voxel_size=a.voxel_size, seed=a.seed, storage=a.storage,
         bag=not a.no_bag, viz=not a.no_viz, depth_format=a.depth_format, input_kind=a.kind,
         topic=a.topic, input_stride=a.input_stride, max_frames=a.max_frames)
 
