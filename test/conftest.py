@@ -31,7 +31,8 @@ def emulated_cuda_graphs(monkeypatch):
 
     from vggt4d_ros.dynamic import cluster, cuda_graph, refine_fast
     syncing = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal",
-               "unique_dim", "_unique2", "unique_consecutive", "allclose", "repeat_interleave"}
+               "unique_dim", "_unique2", "unique_consecutive", "allclose", "repeat_interleave",
+               "bincount", "histc"}     # (output size from the data: read on the host)
 
     class NoHostSync(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -267,3 +267,21 @@ def test_a_failed_capture_falls_back_to_the_eager_path_once(emulated_cuda_graphs
     labels2, _ = kmeans_torch(x * 2, 8, 42, cuda_graphs=True)
     np.testing.assert_array_equal(labels2.numpy(), kmeans_reference((x * 2).numpy(), 8, 42))
     assert attempts == [1] and "not permitted" in cluster._graphs.disabled_reason
+
+
+def test_coarse_mask_graph_path_equals_eager_and_reads_nothing_on_the_host(
+        emulated_cuda_graphs):
+    """The threshold stage (cluster map, upsampling, multi-Otsu) as one emulated graph replay
+    (the watcher fails any host read, e.g. bincount or indexing by a device scalar): same
+    threshold and mask as the eager call, for two inputs of one shape."""
+    from vggt4d_ros.dynamic.threshold import coarse_mask
+    g = torch.Generator().manual_seed(11)
+    for trial in range(2):
+        sal = torch.rand(4, 6, 9, generator=g)
+        sal[:, 2:4, 3:6] += 0.8 + 0.1 * trial
+        lab = torch.randint(0, 16, (4, 6, 9), generator=g)
+        eager = coarse_mask(sal, lab, (84, 126), 16, backend="fast")
+        graph = coarse_mask(sal, lab, (84, 126), 16, backend="fast", cuda_graphs=True)
+        assert torch.equal(graph[0], eager[0]) and torch.equal(graph[1], eager[1])
+        assert graph[1].any() and not graph[1].all()
+    assert len(emulated_cuda_graphs) == 1

@@ -178,7 +178,7 @@ def test_dynamic_pipeline_short_windows(tiny_model, backend):
 
 
 def test_dynamic_pipeline_all_static_mask_skips_pass2(tiny_model, monkeypatch):
-    monkeypatch.setattr("vggt4d_ros.dynamic.pipeline.adaptive_threshold",
+    monkeypatch.setattr("vggt4d_ros.dynamic.threshold.adaptive_threshold",
                         lambda *a, **k: float("inf"))
     res = Vggt4dPipeline(tiny_model)(_images(4))
     assert "skipped" in res.fallback and not res.coarse_mask.any() and not res.mask.any()
@@ -186,7 +186,7 @@ def test_dynamic_pipeline_all_static_mask_skips_pass2(tiny_model, monkeypatch):
 
 
 def test_dynamic_pipeline_all_dynamic_mask(tiny_model, monkeypatch):
-    monkeypatch.setattr("vggt4d_ros.dynamic.pipeline.adaptive_threshold",
+    monkeypatch.setattr("vggt4d_ros.dynamic.threshold.adaptive_threshold",
                         lambda *a, **k: float("-inf"))
     res = Vggt4dPipeline(tiny_model)(_images(4))
     assert res.coarse_mask.all() and res.token_mask.all()
@@ -219,7 +219,7 @@ class _NanDepthModel(torch.nn.Module):
 
 
 def test_dynamic_pipeline_nan_depth(tiny_model, monkeypatch):
-    monkeypatch.setattr("vggt4d_ros.dynamic.pipeline.adaptive_threshold",
+    monkeypatch.setattr("vggt4d_ros.dynamic.threshold.adaptive_threshold",
                         lambda values, *a, **k: float(values.float().quantile(0.8)))
     with pytest.warns(RuntimeWarning, match="non-finite depth"):
         res = Vggt4dPipeline(_NanDepthModel(tiny_model))(_images(4))
@@ -285,7 +285,7 @@ def test_dynamic_pipeline_cuda_graph_option_keeps_results(golden_model, seq10,
     kw = dict(cluster_backend="fast", refine_backend="fast")
     plain = Vggt4dPipeline(golden_model, Vggt4dConfig(**kw))(images)
     graphed = Vggt4dPipeline(golden_model, Vggt4dConfig(cuda_graphs=True, **kw))(images)
-    assert len(emulated_cuda_graphs) == 3           # k-means: Lloyd block + seeding; refine
+    assert len(emulated_cuda_graphs) == 4     # k-means: Lloyd block + seeding; threshold; refine
     assert torch.equal(graphed.coarse_mask, plain.coarse_mask)
     assert torch.equal(graphed.extrinsic, plain.extrinsic)
     assert _iou(graphed.mask, plain.mask) >= 0.95              # measured 1.0

@@ -350,12 +350,15 @@ def cluster_features(features: Tensor, k: int = NUM_FEATURE_CLUSTERS, seed: int 
     return labels.reshape(lead)
 
 
-def cluster_mean_map(saliency: Tensor, labels: Tensor) -> Tensor:
+def cluster_mean_map(saliency: Tensor, labels: Tensor,
+                     num_clusters: Optional[int] = None) -> Tensor:
     """Replace every token's saliency by its cluster's mean, then min-max per frame.
 
     Args:
         saliency: ``[S, h, w]`` (or ``[S, N]``) dynamic map.
         labels: int64 cluster labels, same shape (labels shared across frames).
+        num_clusters: an upper bound of the labels (all < it), e.g. the k of the k-means:
+            then nothing is read on the host (else ``labels.max()`` is).
     Returns:
         ``[S, h, w]`` float32 in [0, 1].
     """
@@ -364,10 +367,12 @@ def cluster_mean_map(saliency: Tensor, labels: Tensor) -> Tensor:
                          f"{tuple(labels.shape)} must have the same shape")
     flat_lab = labels.reshape(-1).long()
     flat_sal = saliency.reshape(-1).float()
-    k = int(flat_lab.max()) + 1
+    k = num_clusters if num_clusters is not None else int(flat_lab.max()) + 1
     sums = torch.zeros(k, dtype=flat_sal.dtype, device=flat_sal.device).index_add_(
         0, flat_lab, flat_sal)
-    counts = torch.bincount(flat_lab, minlength=k).to(flat_sal.dtype)
+    # integer scatter-add, not bincount (which reads max(labels) on the host on CUDA)
+    counts = torch.zeros(k, dtype=torch.long, device=flat_lab.device).scatter_add_(
+        0, flat_lab, torch.ones_like(flat_lab)).to(flat_sal.dtype)
     means = sums / counts.clamp_min(1)
     per_token = means[flat_lab].reshape(saliency.shape)
     return minmax_normalize(per_token, dims=tuple(range(1, saliency.dim())))

@@ -45,12 +45,12 @@ import torch
 from torch import Tensor
 
 from ..geometry.unproject import depth_to_world_points
-from .cluster import cluster_features, cluster_mean_map
+from .cluster import cluster_features
 from .intervention import build_intervention_control
 from .refine import RefineConfig, prepare_refinement
 from .saliency import GramSaliencyReducer, SaliencyMapSpec
 from .side_task import SideTask
-from .threshold import adaptive_threshold, upsample_map
+from .threshold import coarse_mask
 
 
 @dataclass
@@ -112,10 +112,11 @@ class Vggt4dConfig:
     # saved (H100, 16 frames: 313 ms in order vs 317-331 ms overlapped, docs/BENCHMARKS.md).
     overlap_stages: bool = False
     # On CUDA, run the fast k-means loops (DINO-token clustering; the refinement's seeding +
-    # Lloyd iterations) as CUDA-graph replays instead of ~15 small launches per iteration
-    # (both stages were launch-bound: ~38 ms wall for ~10 ms of GPU work, H100, 16 frames).
-    # Same arithmetic as the eager loops (tested on CPU in their block schedule). Off until
-    # the device check (`python -m vggt4d_ros.tools.graph_check`) has passed on a GPU.
+    # Lloyd iterations) and the threshold stage (cluster map, upsampling, multi-Otsu) as
+    # CUDA-graph replays instead of ~15 small launches per iteration / ~260 per threshold
+    # (launch-bound: k-means ~38 ms wall for ~10 ms of GPU work, threshold 4.4 ms for 1.2,
+    # H100, 16 frames). Same arithmetic as the eager path (tested on CPU under an emulated
+    # capture). Off until measured on a GPU (scripts/device_cuda_graph_check.sh).
     cuda_graphs: bool = False
     min_frames: int = 2
     points_pixel_offset: float = 0.0        # world points: official VGGT unprojection
@@ -355,12 +356,9 @@ class Vggt4dPipeline:
                 labels = cluster_task.result().reshape(s, gh, gw)
             timer.timings["cluster"] = cluster_task.seconds
             with timer("threshold"):
-                cmap = cluster_mean_map(saliency, labels)
-                up = upsample_map(cmap, (h, w))
-                thr = torch.as_tensor(adaptive_threshold(up, cfg.otsu_classes, cfg.otsu_bins,
-                                                         backend=cfg.cluster_backend,
-                                                         as_tensor=True), device=dev)
-                coarse = up > thr
+                thr, coarse = coarse_mask(saliency, labels, (h, w), cfg.feature_clusters,
+                                          cfg.otsu_classes, cfg.otsu_bins,
+                                          cfg.cluster_backend, cfg.cuda_graphs)
             refine_task = None
             if cfg.refine:
                 # outlier removal + clustering need no pose: they overlap pass 2

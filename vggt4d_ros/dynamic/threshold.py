@@ -14,12 +14,15 @@ maximum between-class variance), so it differs only on numerical near-ties.
 from __future__ import annotations
 
 import math
+import threading
 from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import cuda_graph
 
 OTSU_CLASSES: Tuple[int, ...] = (2, 3, 4)
 OTSU_BINS = 256
@@ -66,7 +69,10 @@ def _histogram(v: Tensor, lo: Tensor, hi: Tensor, nbins: int) -> Tensor:
     the last bin closed (``np.histogram`` / ``torch.histc`` convention). float64 ``[nbins]``."""
     width = (hi - lo).clamp_min(torch.finfo(v.dtype).tiny)
     idx = ((v - lo) / width * nbins).floor().long().clamp_(0, nbins - 1)
-    return torch.bincount(idx, minlength=nbins).double()
+    # integer scatter-add, not bincount: bincount sizes its output from max(idx), which it
+    # reads on the host on CUDA; integer sums are exact and order-independent
+    return torch.zeros(nbins, dtype=torch.long, device=v.device).scatter_add_(
+        0, idx, torch.ones_like(idx)).double()
 
 
 def _multiotsu_cuts(hist: Tensor, classes: Sequence[int]) -> List[Tensor]:
@@ -75,7 +81,8 @@ def _multiotsu_cuts(hist: Tensor, classes: Sequence[int]) -> List[Tensor]:
     Maximises ``Σ_k w_k μ_k²`` (= the between-class variance) over all contiguous partitions
     of the bins into non-empty bin ranges. Returns, per entry of ``classes``, the ``n-1``
     ascending cut positions (the first bin of each upper class) as a long tensor; no host
-    synchronisation (back-tracking by tensor indexing).
+    synchronisation (back-tracking by ``gather``: indexing by a 0-dim device tensor may read
+    it on the host).
     """
     nbins = hist.numel()
     p = hist / hist.sum().clamp_min(1)
@@ -96,12 +103,12 @@ def _multiotsu_cuts(hist: Tensor, classes: Sequence[int]) -> List[Tensor]:
         back.append(arg)
     out = []
     for n in classes:
-        b = torch.tensor(nbins, device=hist.device)
+        b = torch.full((1,), nbins, dtype=torch.long, device=hist.device)
         cuts = []
         for arg in reversed(back[:n - 1]):
-            b = arg[b]
+            b = arg.gather(0, b)
             cuts.append(b)
-        out.append(torch.stack(cuts[::-1]) if cuts else b.new_zeros(0))
+        out.append(torch.cat(cuts[::-1]) if cuts else b.new_zeros(0))
     return out
 
 
@@ -171,7 +178,63 @@ def _adaptive_threshold_fast(v: Tensor, classes: Tuple[int, ...], nbins: int) ->
     all_cuts = _multiotsu_cuts(_histogram(v, lo, hi, nbins), classes)
     thresholds = [centres[cuts - 1].float() for cuts in all_cuts]
     scores = torch.stack([_class_score(v, t) for t in thresholds])
-    best = torch.stack([t.max() for t in thresholds])[scores.argmax()]   # first max wins
+    tops = torch.stack([t.max() for t in thresholds])
+    best = tops.gather(0, scores.argmax().view(1))[0]                    # first max wins
     bad = ~torch.isfinite(v).all()
     return torch.where(hi > lo, best, torch.full_like(best, float("inf"))).masked_fill(
         bad, float("nan"))
+
+
+# --------------------------------------------------------------------------- coarse mask M0
+def coarse_mask(saliency: Tensor, labels: Tensor, size: Tuple[int, int], num_clusters: int,
+                classes: Sequence[int] = OTSU_CLASSES, nbins: int = OTSU_BINS,
+                backend: str = "reference", cuda_graphs: bool = False) -> Tuple[Tensor, Tensor]:
+    """Spec §3-4 after the clustering: cluster-mean map, bilinear upsampling to ``size`` and
+    the adaptive threshold -> ``(threshold 0-dim float32, M0 [S, H, W] bool)``.
+
+    ``saliency`` ``[S, h, w]`` float; ``labels`` ``[S, h, w]`` int64, all ``< num_clusters``.
+    With ``backend="fast"`` nothing is read on the host; on CUDA with ``cuda_graphs`` the whole
+    stage (~260 small kernels) is one cached CUDA-graph replay per window shape.
+    """
+    args = (size, num_clusters, tuple(classes), nbins, backend)
+    if cuda_graphs and backend == "fast" and cuda_graph.usable(saliency):
+        key = (tuple(saliency.shape), saliency.dtype, *args, saliency.device.index)
+        graph = _coarse_graphs.get(key, lambda: _CoarseMaskGraph(saliency, labels, *args))
+        if graph is not None:
+            return graph.run(saliency, labels)
+    return _coarse_mask(saliency, labels, *args)
+
+
+def _coarse_mask(saliency: Tensor, labels: Tensor, size: Tuple[int, int], num_clusters: int,
+                 classes: Tuple[int, ...], nbins: int, backend: str) -> Tuple[Tensor, Tensor]:
+    from .cluster import cluster_mean_map
+    up = upsample_map(cluster_mean_map(saliency, labels, num_clusters), size)
+    thr = torch.as_tensor(adaptive_threshold(up, classes, nbins, backend=backend,
+                                             as_tensor=True), device=up.device)
+    return thr, up > thr
+
+
+class _CoarseMaskGraph:
+    """:func:`_coarse_mask` (fast backend) captured over static buffers of one shape."""
+
+    def __init__(self, saliency: Tensor, labels: Tensor, *args) -> None:
+        self.lock = threading.Lock()
+        self.saliency = torch.zeros_like(saliency)
+        self.labels = torch.zeros_like(labels)
+        self.thr, self.mask = _coarse_mask(self.saliency, self.labels, *args)   # shapes
+
+        def body() -> None:
+            thr, mask = _coarse_mask(self.saliency, self.labels, *args)
+            self.thr.copy_(thr)
+            self.mask.copy_(mask)
+        self.replay = cuda_graph.capture(body, saliency.device)
+
+    def run(self, saliency: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        with self.lock:
+            self.saliency.copy_(saliency)
+            self.labels.copy_(labels)
+            self.replay()
+            return self.thr.clone(), self.mask.clone()
+
+
+_coarse_graphs: "cuda_graph.GraphCache[_CoarseMaskGraph]" = cuda_graph.GraphCache(2)
