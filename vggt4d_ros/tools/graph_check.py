@@ -5,7 +5,9 @@ twins on the GPU (labels must be equal) and their times.
   stream): graphs vs ``cuda_graphs=False`` vs scikit-learn on the host, for features of the
   size of a 16-frame 518x294 window (random and blob-structured);
 * refinement k-means (``dynamic/refine_fast.batched_kmeans``): graph vs eager on padded
-  per-frame clouds.
+  per-frame clouds;
+* threshold stage (``dynamic/threshold.coarse_mask``: cluster map, upsampling, multi-Otsu):
+  graph vs eager.
 
 Random inputs: this checks equality and speed, nothing about the quality of a clustering.
 Exits non-zero when labels differ.
@@ -63,12 +65,30 @@ def check_refine_kmeans(frames: int, queries: int, k: int, repeats: int) -> Dict
     valid[:, queries:] = False
 
     def run(graphs: bool) -> torch.Tensor:
-        gen = torch.Generator(device="cuda").manual_seed(7)
+        gen = torch.Generator(device=x.device).manual_seed(7)
         return batched_kmeans(x, valid, k, gen, cuda_graphs=graphs)[0]
 
     graph, eager = run(True), run(False)
     return {"shape": [frames, q], "k": k,
             "graph_equals_eager": bool(torch.equal(graph[valid], eager[valid])),
+            "graph": _timed(lambda: run(True), repeats),
+            "eager": _timed(lambda: run(False), repeats)}
+
+
+def check_coarse_mask(frames: int, height: int, width: int, k: int,
+                      repeats: int) -> Dict[str, object]:
+    from vggt4d_ros.dynamic.threshold import coarse_mask
+    g = torch.Generator().manual_seed(frames)
+    gh, gw = height // 14, width // 14
+    sal = torch.rand(frames, gh, gw, generator=g)
+    sal[:, gh // 3: gh // 2, gw // 3: gw // 2] += 0.7          # a salient block
+    sal, lab = sal.cuda(), torch.randint(0, k, (frames, gh, gw), generator=g).cuda()
+
+    def run(graphs: bool):
+        return coarse_mask(sal, lab, (height, width), k, backend="fast", cuda_graphs=graphs)
+    (t_g, m_g), (t_e, m_e) = run(True), run(False)
+    return {"shape": [frames, height, width],
+            "graph_equals_eager": bool(torch.equal(t_g, t_e) and torch.equal(m_g, m_e)),
             "graph": _timed(lambda: run(True), repeats),
             "eager": _timed(lambda: run(False), repeats)}
 
@@ -91,10 +111,13 @@ def main() -> None:
                                                      args.clusters, args.repeats,
                                                      not args.no_sklearn),
               "refine_kmeans": check_refine_kmeans(args.frames, args.refine_queries, 30,
-                                                   args.repeats)}
+                                                   args.repeats),
+              "coarse_mask": check_coarse_mask(args.frames, 294, 518, args.clusters,
+                                               args.repeats)}
     print(report)
     write_report(report, args.out, "graph_check.json")
-    rows = list(report["feature_kmeans"].values()) + [report["refine_kmeans"]]
+    rows = list(report["feature_kmeans"].values()) + [report["refine_kmeans"],
+                                                       report["coarse_mask"]]
     if not all(r["graph_equals_eager"] and r.get("graph_equals_sklearn", True) for r in rows):
         sys.exit("graph_check: labels differ")
 
