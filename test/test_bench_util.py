@@ -56,3 +56,26 @@ def test_graph_check_tool_runs_under_emulated_capture(emulated_cuda_graphs, monk
     assert gc.check_refine_kmeans(2, 500, 30, 1)["graph_equals_eager"]
     rows = gc.check_feature_kmeans(2, 60, 16, 8, 1, sklearn=True)
     assert all(r["graph_equals_eager"] and r["graph_equals_sklearn"] for r in rows.values())
+
+
+def test_bench_stream_reports_the_per_window_split():
+    """vggt4d-bench's stream part on the CPU with a tiny random model: every frame comes out
+    and the per-window split (pipeline, alignment, emit) is reported."""
+    import math
+
+    import torch
+
+    from vggt4d_ros.model.config import VGGTConfig
+    from vggt4d_ros.model.vggt import VGGT
+    from vggt4d_ros.stream.factory import TINY_VGGT_CONFIG
+    from vggt4d_ros.tools.bench import bench_stream
+    torch.manual_seed(0)
+    model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+    r = bench_stream(model, frames=10, height=28, width=42, window=4, stride=2,
+                     device=torch.device("cpu"))
+    assert r["frames_out"] == 10
+    split = r["window_ms_median"]
+    assert set(split) == {"total_ms", "predict_ms", "preprocess_ms", "pipeline_ms", "align_ms",
+                          "emit_ms"}
+    assert all(math.isfinite(v) and v >= 0 for v in split.values())
+    assert split["pipeline_ms"] <= split["predict_ms"] <= split["total_ms"]
