@@ -211,6 +211,7 @@ class Vggt4dNode(Node):
         self._engine_lock = threading.Lock()   # engine.poll / reset / map snapshots
         self._publish_lock = threading.Lock()  # one window's outputs vs. ~/reset
         self._twist = TwistEstimator()           # base_link velocity from consecutive poses
+        self.worker_busy = False   # True while the worker polls (or handles a failed poll)
         self.frames_received = 0
         self.frames_processed = 0
         self.bad_input: Counter[str] = Counter({k: 0 for k in BAD_INPUT_CLASSES})
@@ -437,6 +438,7 @@ class Vggt4dNode(Node):
             self._wake.clear()
             if self._stop.is_set():
                 break
+            self.worker_busy = True
             try:
                 self._poll_once()
             except Exception as exc:  # never let the worker die
@@ -448,6 +450,8 @@ class Vggt4dNode(Node):
                         self._count_failed_window_frames()
                     except Exception:
                         pass
+            finally:
+                self.worker_busy = False
             self._maybe_publish_map()
 
     def _count_failed_window_frames(self) -> None:
