@@ -87,3 +87,32 @@ def test_ply_roundtrip(tmp_path):
     np.testing.assert_array_equal(back["colors"], arr["colors"])
     np.testing.assert_array_equal(back["counts"], arr["counts"])
     assert back["counts"].sum() == 300
+
+
+def test_eviction_equals_the_stable_lexsort_rule_with_ties():
+    """The O(n) eviction drops exactly the voxels a stable lexsort by (tick, secondary,
+    storage order) puts first, with many ties in tick and in the secondary key."""
+    rng = np.random.default_rng(5)
+    for trial, cam in enumerate((None, np.array([0.3, -0.2, 0.1]))):
+        vm = VoxelMap(voxel_size=1.0, max_voxels=10_000)
+        for t in range(6):                                   # several ticks, repeated hits
+            pts = rng.integers(-20, 20, size=(800, 3)).astype(np.float64) + 0.5
+            vm.insert(pts)
+        n = len(vm)
+        ticks, counts = vm._last_tick[:n].copy(), vm._count[:n].copy()
+        if cam is None:
+            secondary = counts.astype(np.float64)
+        else:
+            centre = vm._sum_xyz[:n] / counts[:, None]
+            secondary = -np.linalg.norm(centre - cam, axis=1)
+        for n_evict in (1, 37, n // 3, n - 1):
+            keys = vm._keys[:n].copy()
+            want = np.sort(np.lexsort((secondary, ticks))[n_evict:])
+            probe = VoxelMap(voxel_size=1.0, max_voxels=10_000)
+            probe._alloc(n)
+            for dst, src in zip(probe._arrays(), vm._arrays()):
+                dst[:n] = src[:n]
+            probe._n = n
+            probe._evict(n_evict, cam)
+            assert np.array_equal(probe._keys[:len(probe)], keys[want]), (trial, n_evict)
+            assert probe.evicted_total == n_evict

@@ -196,17 +196,27 @@ class VoxelMap:
         self._n = k
 
     def _evict(self, n_evict: int, camera_position: Optional[np.ndarray]) -> None:
+        """Drop the ``n_evict`` voxels first in the order (oldest tick, then the secondary
+        criterion, then storage order) - the order of a stable lexsort, found in O(n): the
+        oldest ticks by a partition, a sort only among the voxels of the boundary tick (one
+        insert's worth). A full lexsort of a 500k map took ~70 ms per insert once it was
+        full; with the kept indices taken from a mask (already sorted), ~10x less."""
         n = self._n
+        if n_evict <= 0 or n == 0:
+            return
+        n_evict = min(n_evict, n)
+        ticks = self._last_tick[:n]
+        boundary = np.partition(ticks, n_evict - 1)[n_evict - 1]   # the n_evict-th oldest tick
+        evict = ticks < boundary
+        tie = np.flatnonzero(ticks == boundary)                     # storage order
         if camera_position is not None:
             cam = np.asarray(camera_position, np.float64).reshape(3)
-            centre = self._sum_xyz[:n] / self._count[:n, None]
-            secondary = -np.linalg.norm(centre - cam, axis=1)    # farthest first
+            centre = self._sum_xyz[tie] / self._count[tie, None]
+            secondary = -np.linalg.norm(centre - cam, axis=1)      # farthest first
         else:
-            secondary = self._count[:n].astype(np.float64)          # fewest hits first
-        # lexsort: last key is primary -> oldest tick first, then the secondary criterion
-        victims_first = np.lexsort((secondary, self._last_tick[:n]))
-        keep = np.sort(victims_first[n_evict:])                     # sorted -> keys stay sorted
-        self._permute(keep)
+            secondary = self._count[tie].astype(np.float64)        # fewest hits first
+        evict[tie[np.argsort(secondary, kind="stable")[:n_evict - int(evict.sum())]]] = True
+        self._permute(np.flatnonzero(~evict))                       # sorted -> keys stay sorted
         self.evicted_total += n_evict
 
     # ----------------------------------------------------------------- output
