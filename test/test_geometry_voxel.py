@@ -53,7 +53,7 @@ def test_ceiling_evicts_oldest_then_farthest_and_memory_is_bounded():
     assert (arr["last_update"] == arr["last_update"].max()).sum() == 27
     assert not first_keys & set(map(tuple, np.floor(arr["points"]).astype(int)))
     assert vm.evicted_total > 0
-    assert vm.nbytes <= 50 * 80  # storage capped at max_voxels rows of 80 bytes
+    assert vm.nbytes <= 50 * 84  # capped at max_voxels rows of 84 bytes (index + storage)
 
 
 def test_single_insert_larger_than_ceiling_keeps_nearest():
@@ -99,11 +99,12 @@ def test_eviction_equals_the_stable_lexsort_rule_with_ties():
             pts = rng.integers(-20, 20, size=(800, 3)).astype(np.float64) + 0.5
             vm.insert(pts)
         n = len(vm)
-        ticks, counts = vm._last_tick[:n].copy(), vm._count[:n].copy()
+        slot = vm._slot[:n]                                  # key order, as the rule says
+        ticks, counts = vm._last_tick[slot], vm._count[slot]
         if cam is None:
             secondary = counts.astype(np.float64)
         else:
-            centre = vm._sum_xyz[:n] / counts[:, None]
+            centre = vm._sum_xyz[slot] / counts[:, None]
             secondary = -np.linalg.norm(centre - cam, axis=1)
         for n_evict in (1, 37, n // 3, n - 1, n):
             want = np.lexsort((secondary, ticks))[:n_evict]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,13 +71,27 @@ def _accounting(h) -> tuple[int, int, int, int]:
                 h.node._dropped_total(c), c.queue_depth)
 
 
+class _SlowWake(threading.Event):
+    """The node worker's wake-up event, answering only after ``delay`` s: a submitted frame
+    then sits in the queue a while before the worker takes it."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def wait(self, timeout=None) -> bool:
+        time.sleep(self.delay)
+        return True
+
+
 def _settled(h) -> bool:
-    """Every received frame is processed, dropped, queued or waiting in the engine's window,
-    and the worker is idle - read AFTER the counters: a failed window's frames are counted
-    as dropped when the predictor raises, but the node resets the sequence only afterwards,
-    and a frame sent in between would be dropped by that reset too."""
+    """Every received frame has been taken by the worker (nothing queued) and is processed,
+    dropped or waiting in the engine's window, and the worker is idle - read AFTER the
+    counters: a failed window's frames are counted as dropped when the predictor raises, but
+    the node resets the sequence only afterwards, and a frame sent in between would be
+    dropped by that reset too (as would one still queued behind the failed window)."""
     received, processed, dropped, queued = _accounting(h)
-    balanced = received == processed + dropped + queued + h.node.engine.counters.pending
+    balanced = queued == 0 and received == processed + dropped + h.node.engine.counters.pending
     return balanced and not h.node.worker_busy
 
 
@@ -123,11 +138,13 @@ def test_failed_windows_are_dropped_frame_by_frame_and_counted():
         pred = FailOn(build_predictor(node_mod.predictor_config(settings, device)), {2, 4})
         return StreamEngine(pred, node_mod.stream_config(settings))
     h = NodeHarness({}, namespace="/rel_fail", engine_factory=factory)
-    # a slow failure handler (0.3 s between the predictor's raise and the node's reset) opens
-    # wide the window in which a frame sent too early would be dropped by that reset: the
-    # wait below must cover it (it did not once: CI failed with 15 of 16 frames)
+    # a slow failure handler (0.3 s between the predictor's raise and the node's reset) and a
+    # slow worker wake-up (0.1 s before each poll) open wide the two windows in which a frame
+    # sent too early would share a poll with a failing window or be dropped by its reset:
+    # the wait below must cover both (it did not: CI failed with 15 of 16 frames)
     count_bad = h.node._count_bad
     h.node._count_bad = lambda key, message: (time.sleep(0.3), count_bad(key, message))
+    h.node._wake = _SlowWake(0.2)
     try:
         for k, (img, stamp) in enumerate(synth_frames(20)):
             h.send(img, stamp)

@@ -3,15 +3,16 @@
 ``VoxelMap`` keeps, per occupied voxel (cubic cells of side ``voxel_size`` in the map frame,
 the odometry frame in the engine): the running mean position, running mean colour, mean
 confidence, a hit count and the insert tick at which it was last updated. Everything is
-stored in flat numpy arrays sorted by a packed int64 voxel key, so an insert is a few
-vectorised passes (np.unique + searchsorted + one merge) with no per-point Python loop.
+stored in flat numpy arrays indexed by a sorted array of packed int64 voxel keys (key ->
+storage slot), so an insert is a few vectorised passes (np.unique + searchsorted + a merge of
+the 12-byte index entries, not of the storage) with no per-point Python loop.
 
 Memory ceiling: at most ``max_voxels`` voxels. When an insert exceeds it, the voxels NOT
 touched for the longest time are evicted first and, among equally old ones, those farthest
 from ``camera_position`` (the current camera centre passed to ``insert``; without it, the
 fewest hits go first). Voxels updated by the current insert therefore survive unless the
 insert alone overflows the map. Storage grows by doubling up to ``max_voxels`` and never
-beyond, so retained memory is bounded by ≈ 80 bytes · max_voxels.
+beyond, so retained memory is bounded by ≈ 84 bytes · max_voxels.
 """
 from __future__ import annotations
 
@@ -68,7 +69,10 @@ class VoxelMap:
         self._tick = 0
 
     def _alloc(self, capacity: int) -> None:
+        # index: keys sorted ascending and the storage slot of each (lookups by searchsorted)
         self._keys = np.empty(capacity, np.int64)
+        self._slot = np.empty(capacity, np.int32)
+        # storage, by slot (always the compact range [0, n)): sums, hits, last insert tick
         self._sum_xyz = np.empty((capacity, 3), np.float64)
         self._sum_rgb = np.empty((capacity, 3), np.float64)
         self._sum_conf = np.empty(capacity, np.float64)
@@ -87,18 +91,17 @@ class VoxelMap:
             dst[:n] = src[:n]
 
     def _arrays(self) -> tuple[np.ndarray, ...]:
-        """The per-voxel storage arrays, in a fixed order."""
-        return (self._keys, self._sum_xyz, self._sum_rgb, self._sum_conf, self._count,
-                self._last_tick)
+        """The per-voxel index and storage arrays, in a fixed order."""
+        return (self._keys, self._slot, self._sum_xyz, self._sum_rgb, self._sum_conf,
+                self._count, self._last_tick)
 
     def __len__(self) -> int:
         return self._n
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the storage arrays (capacity, not only the used part)."""
-        return sum(a.nbytes for a in (self._keys, self._sum_xyz, self._sum_rgb, self._sum_conf,
-                                      self._count, self._last_tick))
+        """Bytes held by the index and storage arrays (capacity, not only the used part)."""
+        return sum(a.nbytes for a in self._arrays())
 
     # ----------------------------------------------------------------- insert
     def insert(self, points: np.ndarray, colors: Optional[np.ndarray] = None,
@@ -144,12 +147,12 @@ class VoxelMap:
         add_conf = np.bincount(inverse, weights=conf, minlength=m)
         add_cnt = np.bincount(inverse, minlength=m).astype(np.int64)
 
-        n = self._n
+        n = n_stored = self._n
         pos = np.searchsorted(self._keys[:n], keys)
         found = np.zeros(m, bool)
         valid = pos < n
         found[valid] = self._keys[:n][pos[valid]] == keys[valid]
-        hit = pos[found]
+        hit = self._slot[pos[found]]
         self._sum_xyz[hit] += add_xyz[found]
         self._sum_rgb[hit] += add_rgb[found]
         self._sum_conf[hit] += add_conf[found]
@@ -161,11 +164,16 @@ class VoxelMap:
         overflow = n + n_new - self.max_voxels
         free = np.empty(0, np.int64)      # storage slots of evicted voxels, reused by new ones
         if overflow > 0:
-            # Evict old voxels BEFORE merging so that storage never exceeds max_voxels; their
-            # slots take the new voxels (one re-sort below instead of a compaction as well).
-            free = self._victims(min(overflow, n), camera_position)
-            self.evicted_total += len(free)
-            room = self.max_voxels - (n - len(free))
+            # Evict old voxels BEFORE merging so that storage never exceeds max_voxels.
+            victims = self._victims(min(overflow, n), camera_position)
+            free = self._slot[victims].astype(np.int64)
+            keep = np.ones(n, bool)
+            keep[victims] = False
+            n = self._n = n - len(victims)                   # the index loses them now
+            self._keys[:n] = self._keys[:n_stored][keep]
+            self._slot[:n] = self._slot[:n_stored][keep]
+            self.evicted_total += len(victims)
+            room = self.max_voxels - n
             if n_new > room:   # the insert alone overflows: keep the nearest / most-hit new voxels
                 idx = np.flatnonzero(new)
                 if camera_position is not None:
@@ -178,63 +186,61 @@ class VoxelMap:
                 self.evicted_total += len(drop)
                 n_new = room
         if n_new:
-            # len(free) <= n_new always: overflow = n + n_new - max_voxels <= n_new
-            total = n + n_new - len(free)
+            # storage stays compact: len(free) <= n_new (overflow = n + n_new - max_voxels),
+            # so the new voxels take the freed slots, then the ones after the stored range
+            total = n + n_new
             self._grow(total)
-            sl = np.concatenate([free, np.arange(n, total)])
-            self._keys[sl] = keys[new]
-            self._sum_xyz[sl] = add_xyz[new]
-            self._sum_rgb[sl] = add_rgb[new]
-            self._sum_conf[sl] = add_conf[new]
-            self._count[sl] = add_cnt[new]
-            self._last_tick[sl] = self._tick
+            slots = np.concatenate([free, np.arange(n_stored, n_stored + n_new - len(free))])
+            self._sum_xyz[slots] = add_xyz[new]
+            self._sum_rgb[slots] = add_rgb[new]
+            self._sum_conf[slots] = add_conf[new]
+            self._count[slots] = add_cnt[new]
+            self._last_tick[slots] = self._tick
+            # merge the (sorted) new keys into the sorted index: 12 bytes a voxel move, not
+            # the ~80 of the whole storage
+            new_keys = keys[new]
+            at = np.searchsorted(self._keys[:n], new_keys)
+            self._keys[:total] = np.insert(self._keys[:n], at, new_keys)
+            self._slot[:total] = np.insert(self._slot[:n], at, slots.astype(np.int32))
             self._n = total
-            order = np.argsort(self._keys[:self._n], kind="stable")
-            self._permute(order)
-
-    def _permute(self, order: np.ndarray) -> None:
-        """Reorder the first len(order) voxels (keeps arrays sorted by key after a gather)."""
-        k = len(order)
-        for arr in self._arrays():
-            arr[:k] = arr[:self._n][order]
-        self._n = k
 
     def _victims(self, n_evict: int, camera_position: Optional[np.ndarray]) -> np.ndarray:
-        """Storage indices of the ``n_evict`` voxels first in the order (oldest tick, then the
-        secondary criterion, then storage order) - the order of a stable lexsort, found in
-        O(n): the oldest ticks by a partition, a sort only among the voxels of the boundary
-        tick (one insert's worth). (A full lexsort of a 500k map plus a compaction cost
-        ~120 ms per insert once the map was full.)"""
+        """Index positions (into the sorted keys) of the ``n_evict`` voxels first in the order
+        (oldest tick, then the secondary criterion, then key order) - a stable lexsort's order,
+        found in O(n): the oldest ticks by a partition, a sort only among the voxels of the
+        boundary tick (one insert's worth). (A full lexsort of a 500k map plus compactions
+        cost ~120 ms per insert once the map was full.)"""
         n = self._n
         n_evict = min(n_evict, n)
         if n_evict <= 0:
             return np.empty(0, np.int64)
-        ticks = self._last_tick[:n]
+        ticks = self._last_tick[self._slot[:n]]
         boundary = np.partition(ticks, n_evict - 1)[n_evict - 1]   # the n_evict-th oldest tick
         older = np.flatnonzero(ticks < boundary)
-        tie = np.flatnonzero(ticks == boundary)                     # storage order
+        tie = np.flatnonzero(ticks == boundary)                     # key order
+        tie_slot = self._slot[tie]
         if camera_position is not None:
             cam = np.asarray(camera_position, np.float64).reshape(3)
-            centre = self._sum_xyz[tie] / self._count[tie, None]
+            centre = self._sum_xyz[tie_slot] / self._count[tie_slot, None]
             secondary = -np.linalg.norm(centre - cam, axis=1)      # farthest first
         else:
-            secondary = self._count[tie].astype(np.float64)        # fewest hits first
+            secondary = self._count[tie_slot].astype(np.float64)   # fewest hits first
         chosen = tie[np.argsort(secondary, kind="stable")[:n_evict - len(older)]]
         return np.concatenate([older, chosen])
 
     # ----------------------------------------------------------------- output
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Copies of the map: ``points`` [V, 3] float32 (mean position), ``colors`` [V, 3] uint8
-        (mean RGB), ``confidence`` [V] float32 (mean), ``counts`` [V] int64 (hits),
-        ``last_update`` [V] int64 (insert tick)."""
-        n = self._n
-        cnt = self._count[:n]
+        """Copies of the map, in voxel-key order: ``points`` [V, 3] float32 (mean position),
+        ``colors`` [V, 3] uint8 (mean RGB), ``confidence`` [V] float32 (mean), ``counts`` [V]
+        int64 (hits), ``last_update`` [V] int64 (insert tick)."""
+        slot = self._slot[:self._n]
+        cnt = self._count[slot]
         return {
-            "points": (self._sum_xyz[:n] / cnt[:, None]).astype(np.float32),
-            "colors": np.clip(np.rint(self._sum_rgb[:n] / cnt[:, None]), 0, 255).astype(np.uint8),
-            "confidence": (self._sum_conf[:n] / cnt).astype(np.float32),
-            "counts": cnt.copy(),
-            "last_update": self._last_tick[:n].copy(),
+            "points": (self._sum_xyz[slot] / cnt[:, None]).astype(np.float32),
+            "colors": np.clip(np.rint(self._sum_rgb[slot] / cnt[:, None]), 0, 255).astype(np.uint8),
+            "confidence": (self._sum_conf[slot] / cnt).astype(np.float32),
+            "counts": cnt,
+            "last_update": self._last_tick[slot],
         }
 
     def save_ply(self, path: Union[str, Path]) -> Path:
