@@ -148,22 +148,25 @@ def _reference_map(inserts, voxel_size, max_voxels):
     return {k: (v[0] / v[1], v[1]) for k, v in vox.items()}
 
 
-def test_voxel_map_equals_the_plain_python_rule_through_evictions():
-    """Random inserts into a small map that overflows again and again (evicted slots reused,
-    an insert alone overflowing): the same voxels, means and counts as the plain rule."""
+@pytest.mark.parametrize("max_voxels,per_insert,extent", [(60, 40, 6), (1500, 1000, 30)])
+def test_voxel_map_equals_the_plain_python_rule_through_evictions(max_voxels, per_insert,
+                                                                   extent):
+    """Random inserts into a map that overflows again and again (evicted slots reused, an
+    insert alone overflowing; in the larger case the storage also grows past its initial 1024
+    rows while evicting): the same voxels, means and counts as the plain rule."""
     rng = np.random.default_rng(8)
     inserts = []
-    for t in range(12):
-        n = 40 if t != 7 else 200                           # insert 7 alone overflows
-        pts = rng.integers(-6, 6, size=(n, 3)) + rng.random((n, 3))
+    for t in range(8):
+        n = per_insert if t != 5 else 5 * max_voxels        # insert 5 alone overflows
+        pts = rng.integers(-extent, extent, size=(n, 3)) + rng.random((n, 3))
         inserts.append((pts, rng.normal(size=3) * 3))
-    vm = VoxelMap(voxel_size=1.0, max_voxels=60)
-    for pts, cam in inserts:
+    vm = VoxelMap(voxel_size=1.0, max_voxels=max_voxels)
+    for i, (pts, cam) in enumerate(inserts):                # the state after EVERY insert
         vm.insert(pts, camera_position=cam)
-    want = _reference_map(inserts, 1.0, 60)
-    arr = vm.to_arrays()
-    got_keys = [tuple(k) for k in np.floor(arr["points"]).astype(int)]
-    assert sorted(got_keys) == sorted(want) and len(vm) <= 60
-    for k, p, c in zip(got_keys, arr["points"], arr["counts"]):
-        np.testing.assert_allclose(p, want[k][0], atol=1e-5)
-        assert c == want[k][1]
+        want = _reference_map(inserts[:i + 1], 1.0, max_voxels)
+        arr = vm.to_arrays()
+        got_keys = [tuple(k) for k in np.floor(arr["points"]).astype(int)]
+        assert sorted(got_keys) == sorted(want) and len(vm) <= max_voxels, i
+        for k, p, c in zip(got_keys, arr["points"], arr["counts"]):
+            np.testing.assert_allclose(p, want[k][0], atol=1e-5)
+            assert c == want[k][1]

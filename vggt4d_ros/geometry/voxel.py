@@ -161,6 +161,9 @@ class VoxelMap:
 
         new = ~found
         n_new = int(new.sum())
+        # capacity first, while the stored range is still [0, n): growing copies [0, _n) and
+        # eviction below shrinks _n before the freed slots (inside that range) are refilled
+        self._grow(min(n + n_new, self.max_voxels))
         overflow = n + n_new - self.max_voxels
         free = np.empty(0, np.int64)      # storage slots of evicted voxels, reused by new ones
         if overflow > 0:
@@ -189,7 +192,6 @@ class VoxelMap:
             # storage stays compact: len(free) <= n_new (overflow = n + n_new - max_voxels),
             # so the new voxels take the freed slots, then the ones after the stored range
             total = n + n_new
-            self._grow(total)
             slots = np.concatenate([free, np.arange(n_stored, n_stored + n_new - len(free))])
             self._sum_xyz[slots] = add_xyz[new]
             self._sum_rgb[slots] = add_rgb[new]
