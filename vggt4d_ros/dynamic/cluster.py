@@ -185,15 +185,22 @@ class _LloydState:
             dst.copy_(src)
         self.empty.zero_()
 
-    def step(self) -> None:
+    def step(self, relocate: bool = False) -> None:
+        """One Lloyd iteration. ``relocate`` (eager only: it reads the device on the host):
+        an iteration that meets an empty cluster relocates it, as scikit-learn does, instead
+        of setting ``empty``."""
         dist = _sq_dists(self.x, self.centres, self.x_sq)
         labels = dist.argmin(1)
         onehot = (self.rows == labels[None]).double()                   # [k, M]
         counts = onehot.sum(1)
         stop = (self.done | (self.shift <= self.abs_tol) | (labels == self.previous).all()
                 | (self.iters >= self.max_iter))
-        self.empty |= ~stop & (counts == 0).any()
-        new = (onehot @ self.x) / counts.clamp_min(1)[:, None]
+        sums = onehot @ self.x
+        if not relocate:
+            self.empty |= ~stop & (counts == 0).any()
+        elif bool(~stop & (counts == 0).any()):
+            _relocate_empty(self.x, labels, dist, sums, counts)
+        new = sums / counts.clamp_min(1)[:, None]
         shift = ((new - self.centres) ** 2).sum()
         self.labels.copy_(labels)
         self.centres.copy_(torch.where(stop, self.centres, new))
@@ -203,31 +210,11 @@ class _LloydState:
         self.done.copy_(stop)
 
 
-def _lloyd_eager(x: Tensor, x_sq: Tensor, st: _LloydState) -> None:
-    """scikit-learn's Lloyd loop from ``st`` (with the empty-cluster relocation), one host read
-    per iteration; leaves the final labels and centres in ``st``."""
-    centres, previous = st.centres.clone(), st.previous.clone()
-    shift = st.shift.clone()
-    it0, max_iter = int(st.iters), int(st.max_iter)
-    rows = st.rows
-    labels = previous
-    for it in range(it0, max_iter + 1):
-        dist = _sq_dists(x, centres, x_sq)
-        labels = dist.argmin(1)
-        onehot = (rows == labels[None]).double()                        # [k, M]
-        counts = onehot.sum(1)
-        same = (labels == previous).all()
-        flags = torch.stack([shift <= st.abs_tol, same, (counts == 0).any()]).tolist()
-        if flags[0] or flags[1] or it == max_iter:
-            break                     # shift: labels of the new centres; same: converged
-        sums = onehot @ x
-        if flags[2]:
-            _relocate_empty(x, labels, dist, sums, counts)
-        new = sums / counts.clamp_min(1)[:, None]
-        shift = ((new - centres) ** 2).sum()
-        centres, previous = new, labels
-    st.labels.copy_(labels)
-    st.centres.copy_(centres)
+def _lloyd_eager(st: _LloydState) -> None:
+    """scikit-learn's Lloyd loop from ``st`` with the empty-cluster relocation (host reads
+    every iteration) until it stops; leaves the final labels and centres in ``st``."""
+    while not bool(st.done):
+        st.step(relocate=True)
 
 
 LLOYD_BLOCK = 8            # Lloyd iterations per CUDA-graph replay (one host read each)
@@ -320,7 +307,7 @@ def kmeans_torch(x: Tensor, k: int, seed: int = KMEANS_SEED, max_iter: int = 300
             done, empty = torch.stack([st.done, st.empty]).tolist()
             if empty:                                   # rare: redo with the relocation
                 st.restore()
-                _lloyd_eager(st.x, st.x_sq, st)
+                _lloyd_eager(st)
                 break
             if done:
                 break
