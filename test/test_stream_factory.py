@@ -119,6 +119,9 @@ class _FakePipeline:
         self.model = type("M", (), {})()
         self.model.aggregator = _FakeAggregator()
 
+    def embed_patches(self, images):                  # [S, 3, H, W] -> [S, N, C]
+        return self.model.aggregator.embed_patches(images[None])
+
     def __call__(self, images, patch_tokens=None):
         assert patch_tokens is not None and patch_tokens.shape[0] == images.shape[0]
         return _FakeResult(images.shape[0], images.shape[2], images.shape[3], patch_tokens)

@@ -330,7 +330,7 @@ class Vggt4dPipeline:
             # saliency) runs on a side stream while the rest of pass 1 occupies the GPU
             if patch_tokens is None:
                 with timer("embed"):
-                    patch_tokens = self._embed(images, amp)
+                    patch_tokens = self.embed_patches(images)
             feats = patch_tokens.reshape(s, gh * gw, -1)
             cluster_task = SideTask(
                 lambda: cluster_features(feats, cfg.feature_clusters, cfg.kmeans_seed,
@@ -393,8 +393,12 @@ class Vggt4dPipeline:
                             token_mask=token_mask, threshold=float(thr), pass1_extrinsic=ext1,
                             fallback=fallback)
 
-    def _embed(self, images: Tensor, amp: Optional[torch.dtype]) -> Tensor:
-        """DINO patch tokens ``[S, N, C]`` exactly as pass 1 would compute them."""
+    @torch.no_grad()
+    def embed_patches(self, images: Tensor) -> Tensor:
+        """DINO patch tokens ``[S, N, C]`` of ``images [S, 3, H, W]``, exactly as pass 1
+        computes them (same autocast): what a per-frame token cache may pass back as
+        ``patch_tokens``."""
+        amp = self._autocast_dtype(images.device)
         ctx = torch.autocast(images.device.type, dtype=amp) if amp is not None else _null()
         with ctx:
             return self.model.aggregator.embed_patches(images[None])

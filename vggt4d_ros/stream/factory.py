@@ -22,7 +22,6 @@ The model packages are imported lazily, so ``stream/`` imports without them.
 from __future__ import annotations
 
 import inspect
-from contextlib import nullcontext
 import os
 import time
 import warnings
@@ -129,7 +128,8 @@ class Vggt4dWindowPredictor:
             params = inspect.signature(pipeline.__call__).parameters
         except (TypeError, ValueError):
             params = {}
-        self.supports_token_cache = "patch_tokens" in params and self._cache_size > 0
+        self.supports_token_cache = ("patch_tokens" in params and self._cache_size > 0
+                                     and callable(getattr(pipeline, "embed_patches", None)))
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -154,12 +154,8 @@ class Vggt4dWindowPredictor:
             self._cache_shape = shape
         missing = [i for i, k in enumerate(frame_keys) if k not in self._cache]
         if missing:
-            # same autocast as the pipeline's own pass 1, so cached == recomputed tokens
-            amp_of = getattr(self.pipeline, "_autocast_dtype", None)
-            amp = amp_of(x.device) if callable(amp_of) else None
-            ctx = torch.autocast(x.device.type, dtype=amp) if amp is not None else nullcontext()
-            with torch.no_grad(), ctx:
-                tok = self.pipeline.model.aggregator.embed_patches(x[missing][None])
+            # the pipeline's own embedding (pass 1's autocast): cached == recomputed tokens
+            tok = self.pipeline.embed_patches(x[missing])
             for j, i in enumerate(missing):
                 self._cache[frame_keys[i]] = tok[j]
         self.cache_misses += len(missing)
