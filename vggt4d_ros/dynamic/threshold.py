@@ -112,10 +112,15 @@ def _multiotsu_cuts(hist: Tensor, classes: Sequence[int]) -> List[Tensor]:
     return out
 
 
-def _bin_centres(lo: Tensor, hi: Tensor, nbins: int) -> Tensor:
-    """Centres ``[nbins]`` float64 of the equal-width bins over ``[lo, hi]``."""
+def _multiotsu_thresholds(v: Tensor, lo: Tensor, hi: Tensor, classes: Sequence[int],
+                          nbins: int) -> List[Tensor]:
+    """Per entry of ``classes``, the ``n-1`` multi-Otsu thresholds (float32, ascending) of
+    ``v`` over its range ``[lo, hi]``: bin centres of the last bin of each lower class
+    (scikit-image convention). No host synchronisation."""
     i = torch.arange(nbins, dtype=torch.float64, device=lo.device)
-    return lo.double() + (i + 0.5) * (hi.double() - lo.double()) / nbins
+    centres = lo.double() + (i + 0.5) * (hi.double() - lo.double()) / nbins
+    return [centres[cuts - 1].float()
+            for cuts in _multiotsu_cuts(_histogram(v, lo, hi, nbins), classes)]
 
 
 def multiotsu_torch(values: Tensor, classes: int, nbins: int = OTSU_BINS) -> Tensor:
@@ -128,8 +133,7 @@ def multiotsu_torch(values: Tensor, classes: int, nbins: int = OTSU_BINS) -> Ten
     lo, hi = torch.aminmax(v)
     if not float(hi) > float(lo):
         raise ValueError("multi-Otsu needs at least two distinct values")
-    cuts = _multiotsu_cuts(_histogram(v, lo, hi, nbins), (classes,))[0]
-    return _bin_centres(lo, hi, nbins)[cuts - 1].float()
+    return _multiotsu_thresholds(v, lo, hi, (classes,), nbins)[0]
 
 
 def adaptive_threshold(values: Tensor, classes: Sequence[int] = OTSU_CLASSES,
@@ -174,9 +178,7 @@ def adaptive_threshold(values: Tensor, classes: Sequence[int] = OTSU_CLASSES,
 def _adaptive_threshold_fast(v: Tensor, classes: Tuple[int, ...], nbins: int) -> Tensor:
     """Sync-free fast backend of :func:`adaptive_threshold` (0-dim float32 tensor)."""
     lo, hi = torch.aminmax(v)
-    centres = _bin_centres(lo, hi, nbins)
-    all_cuts = _multiotsu_cuts(_histogram(v, lo, hi, nbins), classes)
-    thresholds = [centres[cuts - 1].float() for cuts in all_cuts]
+    thresholds = _multiotsu_thresholds(v, lo, hi, classes, nbins)
     scores = torch.stack([_class_score(v, t) for t in thresholds])
     tops = torch.stack([t.max() for t in thresholds])
     best = tops.gather(0, scores.argmax().view(1))[0]                    # first max wins
