@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional
@@ -89,27 +88,14 @@ def profile_piece(fn: Callable[[], object], device: torch.device, top: int = 12
 
 def time_overlap(first: Callable[[], object], second: Callable[[], object],
                  warmup: int, repeats: int, device: torch.device) -> Dict[str, float]:
-    """Median ms of ``first``, ``second``, and both at once (second on a side stream/thread)."""
-    side = torch.cuda.Stream(device)
+    """Median ms of ``first``, ``second``, and both at once (second as the pipeline runs it
+    with ``overlap_stages``: a :class:`~vggt4d_ros.dynamic.side_task.SideTask`)."""
+    from vggt4d_ros.dynamic.side_task import SideTask
 
     def both():
-        main = torch.cuda.current_stream(device)
-        side.wait_stream(main)
-        err: List[BaseException] = []
-
-        def work():
-            try:
-                with torch.inference_mode(), torch.cuda.stream(side):
-                    second()
-            except BaseException as exc:   # re-raised in the caller's thread
-                err.append(exc)
-        th = threading.Thread(target=work)
-        th.start()
+        task = SideTask(second, device, name="profile-side")
         first()
-        th.join()
-        main.wait_stream(side)
-        if err:
-            raise err[0]
+        task.result()
 
     with torch.inference_mode():
         a = time_fn(first, warmup, repeats, device).median_s
