@@ -214,6 +214,10 @@ def ablation_steps() -> List[tuple]:
             kw.setdefault(flag, False)              # each switched on by its own step
         return lambda model: Vggt4dPipeline(model, Vggt4dConfig(**kw))
 
+    # the last cumulative step (= the product defaults); the variants after it start here
+    defaults = dict(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
+                    compile_blocks=True, compile_heads=True)
+
     return [
         ("reference_fp32", "reference path: fp32 eager, stored Q/K + full Gram tensors, "
          "sklearn/skimage, full 2nd forward, host refinement", ref(None)),
@@ -242,25 +246,17 @@ def ablation_steps() -> List[tuple]:
          pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
               compile_blocks=True)),
         ("+compiled_heads", "torch.compile'd camera and DPT heads (float32, fused "
-         "elementwise kernels)",
-         pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
-              compile_blocks=True, compile_heads=True)),
+         "elementwise kernels)", pipe(**defaults)),
         ("+cuda_graph_kmeans (not default yet)", "k-means loops (DINO tokens; refinement "
-         "seeding + Lloyd) as CUDA-graph replays",
-         pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
-              compile_blocks=True, compile_heads=True, cuda_graphs=True)),
+         "seeding + Lloyd) as CUDA-graph replays", pipe(**defaults, cuda_graphs=True)),
         ("+graphs_and_overlap (not default)", "CUDA-graph k-means AND the side-stream overlap "
          "(graph replays leave the worker thread little Python to run)",
-         pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
-              compile_blocks=True, compile_heads=True, cuda_graphs=True,
-              overlap_stages=True)),
+         pipe(**defaults, cuda_graphs=True, overlap_stages=True)),
         ("+overlapped_stages (not default)", "k-means during pass 1 and the refinement's "
          "pose-free half during pass 2, on a side CUDA stream from a worker thread",
-         pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
-              compile_blocks=True, compile_heads=True, overlap_stages=True)),
+         pipe(**defaults, overlap_stages=True)),
         ("+bf16_heads (numerics change; not default)", "DPT depth head under bf16 autocast",
-         pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
-              compile_blocks=True, compile_heads=True, head_dtype="bf16")),
+         pipe(**defaults, head_dtype="bf16")),
     ]
 
 
