@@ -100,9 +100,8 @@ def default_engine_factory(settings: P.NodeSettings, device: str):
     except Exception as exc:  # checkpoint missing / truncated / wrong architecture, ...
         raise StartupError(f"cannot load model.checkpoint '{settings['model.checkpoint']}' on "
                            f"{device}: {exc}") from exc
-    from vggt4d_ros.stream.fallback import AdaptiveWindowPredictor, FallbackConfig
-    low = settings["window.min_size"] or settings["window.stride"] + 1   # OOM fallback floor
-    predictor = AdaptiveWindowPredictor(predictor, FallbackConfig(min_window_size=low))
+    from vggt4d_ros.stream.fallback import with_oom_fallback
+    predictor = with_oom_fallback(predictor, settings["window.min_size"], settings["window.stride"])
     return StreamEngine(predictor, stream_config(settings))
 
 

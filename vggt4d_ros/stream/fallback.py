@@ -42,7 +42,7 @@ import numpy as np
 from vggt4d_ros.stream.predictor import WindowPrediction
 
 __all__ = ["AdaptiveWindowPredictor", "FallbackConfig", "WindowTooLargeError",
-           "is_out_of_memory", "free_accelerator_memory"]
+           "with_oom_fallback", "is_out_of_memory", "free_accelerator_memory"]
 
 
 class WindowTooLargeError(MemoryError):
@@ -194,6 +194,14 @@ class AdaptiveWindowPredictor:
             self.limit += 1
             if self.limit >= asked:
                 self.limit = None
+
+
+def with_oom_fallback(predictor: Any, min_window: int, stride: int) -> AdaptiveWindowPredictor:
+    """``predictor`` inside the fallback as the node and the replay configure it: windows
+    shrink down to ``min_window`` frames, 0 meaning ``stride + 1`` (every new frame of a
+    steady-state window is still predicted)."""
+    return AdaptiveWindowPredictor(predictor, FallbackConfig(min_window_size=min_window
+                                                             or stride + 1))
 
 
 def _prepend(head: WindowPrediction, tail: WindowPrediction) -> WindowPrediction:

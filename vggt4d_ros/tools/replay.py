@@ -329,15 +329,6 @@ def make_predictor(settings: ReplaySettings) -> Any:
     return factory.build_predictor(cfg)
 
 
-def with_oom_fallback(predictor: Any, settings: ReplaySettings) -> Any:
-    """``predictor`` inside the node's out-of-memory fallback (``stream.fallback``): a window
-    that raises CUDA OOM is retried on its newest frames, down to ``min_window`` (0: stride +
-    1) frames; the smaller size is kept for the following windows."""
-    from vggt4d_ros.stream.fallback import AdaptiveWindowPredictor, FallbackConfig
-    low = settings.min_window or settings.stride + 1
-    return AdaptiveWindowPredictor(predictor, FallbackConfig(min_window_size=low))
-
-
 def make_engine(predictor: Any, settings: ReplaySettings) -> Any:
     """StreamEngine as the node configures it, but with the keep_all drop policy (offline:
     every frame is processed)."""
@@ -406,7 +397,8 @@ class _ReplayRun:
                                      or getattr(predictor, "random_weights", False)):
             weights_note = RANDOM_WEIGHTS_NOTE
         self.predictor_name = type(predictor).__name__
-        predictor = with_oom_fallback(predictor, settings)
+        from vggt4d_ros.stream.fallback import with_oom_fallback
+        predictor = with_oom_fallback(predictor, settings.min_window, settings.stride)
         self.predictor, self.weights_note = predictor, weights_note
         self.engine = make_engine(predictor, settings)
         self.twist = TwistEstimator()           # as the node: base_link velocity
@@ -682,10 +674,11 @@ def settings_from_args(a: argparse.Namespace) -> ReplaySettings:
         raise InputError(f"--resolution must be a positive multiple of 14, got {a.resolution}")
     return ReplaySettings(
         checkpoint=str(a.checkpoint), window=a.window, stride=a.stride, resolution=a.resolution,
-        keyframes=a.keyframes, min_window=a.min_window, device=a.device, dtype=a.dtype, dynamic=not a.no_dynamic,
-        refine=not a.no_refine, cuda_graphs=a.cuda_graphs, voxel_size=a.voxel_size, seed=a.seed, storage=a.storage,
-        bag=not a.no_bag, viz=not a.no_viz, depth_format=a.depth_format, input_kind=a.kind,
-        topic=a.topic, input_stride=a.input_stride, max_frames=a.max_frames)
+        keyframes=a.keyframes, min_window=a.min_window, device=a.device, dtype=a.dtype,
+        dynamic=not a.no_dynamic, refine=not a.no_refine, cuda_graphs=a.cuda_graphs,
+        voxel_size=a.voxel_size, seed=a.seed, storage=a.storage, bag=not a.no_bag,
+        viz=not a.no_viz, depth_format=a.depth_format, input_kind=a.kind, topic=a.topic,
+        input_stride=a.input_stride, max_frames=a.max_frames)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
