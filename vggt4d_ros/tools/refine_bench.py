@@ -37,9 +37,9 @@ def count_syncs(args) -> int:
 
 
 def knn_check(device: torch.device) -> float:
-    """Largest |difference| between the kNN mean distances of the device path (Triton block
-    minima + compiled second stage on CUDA) and the portable CPU path, on random clouds with
-    padded references; raises AssertionError above 1e-5 (m)."""
+    """Largest |difference| between the kNN mean distances of the device path (the two
+    Triton kernels on CUDA) and the portable CPU path, on random clouds with padded
+    references; raises AssertionError above 1e-5 (m)."""
     worst = 0.0
     for s, q, r in ((3, 1000, 8192), (2, 5000, 4096), (4, 700, 300)):
         g = torch.Generator().manual_seed(q)
