@@ -219,9 +219,11 @@ def test_dynamic_mask_kmeans_graph_path_equals_sklearn(emulated_cuda_graphs):
     np.testing.assert_array_equal(graph_labels.numpy(), kmeans_torch(dup, 5, seed=0)[0].numpy())
 
 
-def test_graph_cache_is_a_bounded_lru():
+def test_graph_cache_is_a_bounded_lru(monkeypatch):
+    from vggt4d_ros.dynamic import cuda_graph
     from vggt4d_ros.dynamic.cuda_graph import GraphCache
-    cache, built = GraphCache(2), []
+    monkeypatch.setattr(cuda_graph, "_named_caches", {})
+    cache, built = GraphCache(2, "lru"), []
 
     def build(name):
         return lambda: built.append(name) or name
@@ -230,6 +232,7 @@ def test_graph_cache_is_a_bounded_lru():
     cache.get("c", build("c"))                               # evicts b (least recent)
     assert len(cache) == 2 and cache.get("b", build("b2")) == "b2"
     assert built == ["a", "b", "c", "b2"]
+    assert cuda_graph.cache_stats() == {"lru": {"hits": 1, "builds": 4, "size": 2}}
     with pytest.raises(ValueError):
         GraphCache(0)
 

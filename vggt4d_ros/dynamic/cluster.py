@@ -250,7 +250,8 @@ class _KMeansGraphs:
         self.seed_step = cuda_graph.capture(seed_step, device)
 
 
-_graphs: "cuda_graph.GraphCache[_KMeansGraphs]" = cuda_graph.GraphCache(_GRAPH_CACHE_SIZE)
+_graphs: "cuda_graph.GraphCache[_KMeansGraphs]" = \
+    cuda_graph.GraphCache(_GRAPH_CACHE_SIZE, "feature_kmeans")
 
 
 def _kmeans_graphs(m: int, c: int, k: int, trials: int,
@@ -355,11 +356,13 @@ def cluster_mean_map(saliency: Tensor, labels: Tensor,
     flat_lab = labels.reshape(-1).long()
     flat_sal = saliency.reshape(-1).float()
     k = num_clusters if num_clusters is not None else int(flat_lab.max()) + 1
-    sums = torch.zeros(k, dtype=flat_sal.dtype, device=flat_sal.device).index_add_(
-        0, flat_lab, flat_sal)
-    # integer scatter-add, not bincount (which reads max(labels) on the host on CUDA)
-    counts = torch.zeros(k, dtype=torch.long, device=flat_lab.device).scatter_add_(
-        0, flat_lab, torch.ones_like(flat_lab)).to(flat_sal.dtype)
+    # per-cluster masked reductions, not index_add_: float atomics on CUDA add in a varying
+    # order, so the same window could give a different threshold and mask from run to run
+    # (seen on the device: a CUDA-graph replay and the eager call differed); a [k, N] mask is
+    # small (64 x 12k tokens per 16-frame window) and integer counts are exact
+    member = flat_lab[None, :] == torch.arange(k, device=flat_lab.device)[:, None]
+    sums = torch.where(member, flat_sal[None, :], flat_sal.new_zeros(())).sum(1)
+    counts = member.sum(1).to(flat_sal.dtype)
     means = sums / counts.clamp_min(1)
     per_token = means[flat_lab].reshape(saliency.shape)
     return minmax_normalize(per_token, dims=tuple(range(1, saliency.dim())))

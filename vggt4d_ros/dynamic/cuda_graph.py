@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Callable, Generic, Hashable, Optional, TypeVar
+from typing import Callable, Dict, Generic, Hashable, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -42,6 +42,13 @@ def capture(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
 
 
 T = TypeVar("T")
+_named_caches: "Dict[str, GraphCache]" = {}
+
+
+def cache_stats() -> Dict[str, Dict[str, int]]:
+    """Per named cache: ``hits`` (replays of a cached graph), ``builds`` (captures), ``size``."""
+    return {name: {"hits": c.hits, "builds": c.builds, "size": len(c)}
+            for name, c in _named_caches.items()}
 
 
 class GraphCache(Generic[T]):
@@ -53,10 +60,15 @@ class GraphCache(Generic[T]):
     warning: ``get`` then returns None and callers run their eager path (same results), so a
     driver or PyTorch that cannot capture costs speed, never windows."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, name: str = "") -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
+        self.name = name
+        self.hits = 0           # replays of a cached entry
+        self.builds = 0         # captures (a stream whose shapes keep changing shows here)
+        if name:
+            _named_caches[name] = self
         self._lock = threading.Lock()
         self._items: "OrderedDict[Hashable, T]" = OrderedDict()
         self.disabled_reason = ""
@@ -71,7 +83,9 @@ class GraphCache(Generic[T]):
                 return None
             if key in self._items:
                 self._items.move_to_end(key)
+                self.hits += 1
                 return self._items[key]
+            self.builds += 1
             while len(self._items) >= self.capacity:
                 self._items.popitem(last=False)
             try:

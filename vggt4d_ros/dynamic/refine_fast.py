@@ -413,7 +413,8 @@ class _RefineKMeansGraph:
         return self.labels, self.centres, self.saw_empty
 
 
-_refine_graphs: "cuda_graph.GraphCache[_RefineKMeansGraph]" = cuda_graph.GraphCache(3)
+_refine_graphs: "cuda_graph.GraphCache[_RefineKMeansGraph]" = \
+    cuda_graph.GraphCache(3, "refine_kmeans")
 
 
 def _refine_kmeans_graph(s: int, q: int, k: int, trials: int, iters: int, dtype: torch.dtype,

@@ -239,4 +239,5 @@ class _CoarseMaskGraph:
             return self.thr.clone(), self.mask.clone()
 
 
-_coarse_graphs: "cuda_graph.GraphCache[_CoarseMaskGraph]" = cuda_graph.GraphCache(2)
+_coarse_graphs: "cuda_graph.GraphCache[_CoarseMaskGraph]" = \
+    cuda_graph.GraphCache(2, "coarse_mask")
