@@ -1,4 +1,4 @@
-"""SideTask (dynamic/side_task.py) and the pipeline's overlap option, on CPU (inline path).
+"""SideTask (dynamic/side_task.py) and the pipeline's overlap options, on CPU (inline and deferred).
 
 The CUDA path (worker thread + side stream) runs on the GPU device only; the benchmarks in
 docs/BENCHMARKS.md (runs 8-10) exercise it there.
@@ -54,3 +54,47 @@ def test_compiled_heads_are_restored_by_the_plain_path():
     model.use_fused_blocks(False)
     assert all("forward" not in h.__dict__ for h in (model.camera_head, model.depth_head,
                                                        model.point_head))
+
+
+def test_profile_lists_the_side_tasks_as_stages():
+    """tools/profile_window attributes kernels by the pipeline's named profiler ranges; the
+    k-means and the refinement's pose-free half (side tasks) have theirs too, so the per-stage
+    table accounts for the whole window (they were missing from it on the device)."""
+    from vggt4d_ros.tools.profile_window import profile_stages
+    torch.manual_seed(0)
+    model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+    images = torch.rand(4, 3, 56, 70, generator=torch.Generator().manual_seed(2))
+    pipe = Vggt4dPipeline(model, Vggt4dConfig(cluster_backend="fast"))
+    with torch.inference_mode():
+        stages = profile_stages(pipe, images)["stages"]
+    assert {"pass1", "cluster", "threshold", "pass2", "refine_prep", "refine"} <= set(stages)
+    assert stages["cluster"]["wall_ms"] > 0 and stages["refine_prep"]["wall_ms"] > 0
+
+
+def test_deferred_side_task_runs_at_launch_once_and_inline_at_creation():
+    calls = []
+    task = SideTask(lambda: calls.append("side") or 3, torch.device("cpu"), "deferred")
+    calls.append("pass")                       # the caller queues its pass first
+    task.launch()
+    task.launch()                              # a second launch is a no-op
+    assert task.result() == 3 and calls == ["pass", "side"]
+    late = SideTask(lambda: calls.append("late") or 4, torch.device("cpu"), "deferred")
+    assert late.result() == 4 and calls[-1] == "late"       # result() runs an unlaunched one
+    SideTask(lambda: calls.append("inline"), torch.device("cpu"), "inline")
+    assert calls[-1] == "inline"
+    with pytest.raises(ValueError, match="mode"):
+        SideTask(lambda: None, torch.device("cpu"), "later")
+
+
+def test_pipeline_interleave_option_gives_the_same_result_on_cpu():
+    torch.manual_seed(0)
+    model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+    images = torch.rand(5, 3, 56, 70, generator=torch.Generator().manual_seed(5))
+    cfgs = {mode: Vggt4dConfig(cluster_backend="fast", interleave_stages=mode == "deferred")
+            for mode in ("inline", "deferred")}
+    assert {m: c.side_task_mode() for m, c in cfgs.items()} == {"inline": "inline",
+                                                                "deferred": "deferred"}
+    assert Vggt4dConfig(overlap_stages=True, interleave_stages=True).side_task_mode() == "thread"
+    res = {m: Vggt4dPipeline(model, c)(images) for m, c in cfgs.items()}
+    for key in ("extrinsic", "depth", "coarse_mask", "mask", "saliency"):
+        assert torch.equal(getattr(res["inline"], key), getattr(res["deferred"], key)), key

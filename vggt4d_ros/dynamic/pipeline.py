@@ -6,8 +6,8 @@ Data flow for images ``[S, 3, H, W]`` in [0, 1]:
    caller's per-frame cache), then the plain VGGT forward runs on them; the global-attention
    Q/K of the 11 saliency layers are reduced on the fly by
    :class:`~.saliency.GramSaliencyReducer` (nothing else is captured). The k-means over the
-   tokens (step 2) needs nothing else, so with ``overlap_stages`` on CUDA it runs on a side
-   stream during pass 1 (``side_task.py``; off by default, see the config).
+   tokens (step 2) needs nothing else, so with ``interleave_stages`` (or ``overlap_stages``)
+   on CUDA it runs on a side stream during pass 1 (``side_task.py``; see the config).
 2. Saliency ``[S, h, w]`` -> feature clustering -> bilinear upsample -> adaptive multi-Otsu
    threshold -> coarse mask ``M0 [S, H, W]``.
 3. Pass 2: VGGT again with dynamic tokens removed from keys/values in layers 0-4. Only the
@@ -16,7 +16,8 @@ Data flow for images ``[S, 3, H, W]`` in [0, 1]:
    patch embedding is identical in both passes).
 4. Refinement (pass-1 depth + intrinsics, pass-2 poses, M0) -> final mask. Its outlier
    removal and clustering need no pose (``refine.prepare_refinement``); they run before pass 2
-   (or beside it, with ``overlap_stages``) and only the residual test waits for the poses.
+   (or beside it, with ``interleave_stages`` / ``overlap_stages``) and only the residual test
+   waits for the poses.
 5. Outputs: poses from pass 2; depth, depth confidence, intrinsics from pass 1; world points =
    pass-1 depth unprojected (official VGGT convention, ``pixel_offset`` 0) with pass-1
    intrinsics and pass-2 poses; their confidence = pass-1 depth confidence.
@@ -111,13 +112,21 @@ class Vggt4dConfig:
     # Python launches competing for the GIL with the main thread's cost as much as the overlap
     # saved (H100, 16 frames: 313 ms in order vs 317-331 ms overlapped, docs/BENCHMARKS.md).
     overlap_stages: bool = False
+    # On CUDA, interleave those two stages with the passes on the calling thread instead:
+    # pass 1's (pass 2's) kernels are queued first, then the k-means (the refinement's
+    # pose-free half) runs on a high-priority side stream while the GPU works through the
+    # queue, so its host time (Python, launches, its own host reads) is hidden without a
+    # second thread contending for the GIL (side_task.py "deferred"; same results). H100, 16
+    # frames: 295 -> 274 ms per window; 500-frame stream 17.6 -> 20.2 frames/s (run 12).
+    interleave_stages: bool = True
     # On CUDA, run the fast k-means loops (DINO-token clustering; the refinement's seeding +
     # Lloyd iterations) and the threshold stage (cluster map, upsampling, multi-Otsu) as
     # CUDA-graph replays instead of ~15 small launches per iteration / ~260 per threshold
     # (launch-bound: k-means ~38 ms wall for ~10 ms of GPU work, threshold 4.4 ms for 1.2,
-    # H100, 16 frames). Same arithmetic as the eager path (tested on CPU under an emulated
-    # capture). Off until measured on a GPU (scripts/device_cuda_graph_check.sh).
-    cuda_graphs: bool = False
+    # H100, 16 frames). Same arithmetic and labels as the eager path (CPU tests under an
+    # emulated capture; tools/graph_check on the device). Measured on an H100: 16-frame window
+    # 327 -> 295 ms (docs/BENCHMARKS.md, run 11). A capture that fails falls back to eager.
+    cuda_graphs: bool = True
     min_frames: int = 2
     points_pixel_offset: float = 0.0        # world points: official VGGT unprojection
 
@@ -140,6 +149,12 @@ class Vggt4dConfig:
                              f"got {self.refine_backend!r}")
         if self.min_frames < 2:
             raise ValueError("min_frames must be >= 2 (saliency needs a source frame)")
+
+    def side_task_mode(self) -> str:
+        """How the k-means and the refinement's pose-free half run (``side_task.SideTask``)."""
+        if self.overlap_stages:
+            return "thread"
+        return "deferred" if self.interleave_stages else "inline"
 
     def saliency_specs(self) -> Tuple[SaliencyMapSpec, ...]:
         """The five statistics of spec §2 with this config's layer sets."""
@@ -183,7 +198,8 @@ class Vggt4dResult:
     ``[S, H, W]``; saliency ``[S, h, w]`` in [0, 1] or None; coarse_mask / mask ``[S, H, W]``
     bool (dynamic = True); timings: seconds per stage ("total" = wall time of the call;
     "cluster" and "refine_prep" are the side tasks' own durations, concurrent with pass 1 /
-    pass 2 when ``overlap_stages`` is on; "cluster_wait" the wait for the k-means).
+    pass 2 with ``overlap_stages`` or ``interleave_stages`` (then included in "pass1" /
+    "pass2" too); "cluster_wait" the wait for the k-means).
     Extra (additive): token_mask ``[S, N]`` bool or None (pass-2 dynamic tokens); threshold
     (float, NaN when not computed); pass1_extrinsic ``[S, 3, 4]``; fallback: reason or "".
     """
@@ -335,10 +351,12 @@ class Vggt4dPipeline:
             cluster_task = SideTask(
                 lambda: cluster_features(feats, cfg.feature_clusters, cfg.kmeans_seed,
                                          cfg.cluster_backend, cfg.cuda_graphs),
-                dev, enabled=cfg.overlap_stages, name="vggt4d-kmeans")
+                dev, cfg.side_task_mode(), name="vggt4d-kmeans", stage="cluster")
         with timer("pass1"), self._attention_kernels():
             out1 = self.model(images, control=control, patch_tokens=patch_tokens,
                               autocast_dtype=amp, heads=heads1, head_autocast_dtype=head_amp)
+            if cluster_task is not None:
+                cluster_task.launch()       # deferred: beside pass 1's queued kernels
         ext1 = out1["extrinsic"][0].float()
         intr1 = out1["intrinsic"][0].float()
         depth1 = out1["depth"][0, ..., 0].float()
@@ -365,12 +383,15 @@ class Vggt4dPipeline:
                 rcfg = cfg.refine_config(dev)
                 refine_task = SideTask(
                     lambda: prepare_refinement(depth1, intr1, coarse, images.float(), rcfg),
-                    dev, enabled=cfg.overlap_stages, name="vggt4d-refine")
+                    dev, cfg.side_task_mode(), name="vggt4d-refine",
+                    stage="refine_prep")
             with timer("pass2"):
                 control2, token_mask = build_intervention_control(
                     coarse, cfg.intervention_layers, patch_size=cfg.patch_size)
                 if bool(token_mask.any()):
                     ext = self._pass2(images, control2, out1, amp)
+                if refine_task is not None:
+                    refine_task.launch()    # deferred: beside pass 2's queued kernels
                 else:
                     fallback = "coarse mask has no dynamic token: pass 2 skipped (= pass 1)"
             bad = ~torch.isfinite(ext).all(dim=(-2, -1))

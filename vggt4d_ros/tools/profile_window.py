@@ -23,14 +23,15 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from vggt4d_ros.tools.bench import RANDOM_LABEL, build_random_vggt
-from vggt4d_ros.tools.bench_util import synchronize, time_fn, write_report
+from vggt4d_ros.tools.bench_util import config_overrides, synchronize, time_fn, write_report
 
 
 def profile_stages(pipe, images: torch.Tensor, top: int = 8) -> Dict[str, object]:
     """Per-stage wall / GPU-kernel time of one pipeline call (after the caller's warm-up).
 
-    A kernel belongs to the stage during whose (CPU) time range it was launched: the
-    pipeline's timer synchronises at every stage boundary, so launches cannot straddle two.
+    A kernel belongs to the innermost stage during whose (CPU) time range it was launched:
+    the pipeline's timer synchronises at every stage boundary, so launches cannot straddle
+    two; an interleaved side task's range lies inside its pass's.
     """
     from torch.profiler import ProfilerActivity, profile
     synchronize(images.device)
@@ -49,10 +50,10 @@ def profile_stages(pipe, images: torch.Tensor, top: int = 8) -> Dict[str, object
             continue
         all_kernels.extend(ks)
         t = e.time_range.start
-        for name, t0, t1 in ranges:
-            if t0 <= t <= t1:
-                per_stage[name].extend(ks)
-                break
+        # the innermost range wins: an interleaved side task runs inside its pass's range
+        inside = [(t0, name) for name, t0, t1 in ranges if t0 <= t <= t1]
+        if inside:
+            per_stage[max(inside)[1]].extend(ks)
     stages = {}
     for name, ks in per_stage.items():
         by_name: Dict[str, float] = defaultdict(float)
@@ -93,7 +94,7 @@ def time_overlap(first: Callable[[], object], second: Callable[[], object],
     from vggt4d_ros.dynamic.side_task import SideTask
 
     def both():
-        task = SideTask(second, device, name="profile-side")
+        task = SideTask(second, device, "thread", name="profile-side")
         first()
         task.result()
 
@@ -180,9 +181,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("profile_window: CUDA is not available (this tool is for the GPU device)",
               file=sys.stderr)
         return 2
-    import ast
     from vggt4d_ros.dynamic.pipeline import Vggt4dConfig, Vggt4dPipeline
-    overrides = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides = config_overrides(args.set)
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     model = build_random_vggt(dev)
