@@ -71,11 +71,22 @@ def test_bench_stream_reports_the_per_window_split():
     from vggt4d_ros.tools.bench import bench_stream
     torch.manual_seed(0)
     model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
-    r = bench_stream(model, frames=10, height=28, width=42, window=4, stride=2,
-                     device=torch.device("cpu"))
-    assert r["frames_out"] == 10
+    r = bench_stream(model, frames=11, height=28, width=42, window=4, stride=2,
+                     device=torch.device("cpu"), warmup_frames=4, overrides={"refine": False})
+    assert r["frames_out"] == 11 and r["overrides"] == {"refine": False}
+    assert r["flush_s"] > 0 and r["wall_s"] > 0          # the odd last frame: a flush window
+    assert isinstance(r["cuda_graph_caches"], dict) and r["warmup_s"] > 0
     split = r["window_ms_median"]
     assert set(split) == {"total_ms", "predict_ms", "preprocess_ms", "pipeline_ms", "align_ms",
                           "emit_ms"}
     assert all(math.isfinite(v) and v >= 0 for v in split.values())
     assert split["pipeline_ms"] <= split["predict_ms"] <= split["total_ms"]
+
+
+def test_config_overrides_parse_python_literals_and_refuse_malformed_items():
+    from vggt4d_ros.tools.bench_util import config_overrides
+    assert config_overrides(["cuda_graphs=False", "feature_clusters=32", "head_dtype='bf16'"]) \
+        == {"cuda_graphs": False, "feature_clusters": 32, "head_dtype": "bf16"}
+    for bad in ("cuda_graphs", "=1", "x=not a literal"):
+        with pytest.raises(ValueError):
+            config_overrides([bad])

@@ -33,8 +33,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from vggt4d_ros.tools.bench_util import (H100_BF16_DENSE_TFLOPS, synchronize, tflops, time_fn,
-                                         vggt_flops, write_report)
+from vggt4d_ros.tools.bench_util import (H100_BF16_DENSE_TFLOPS, config_overrides, synchronize,
+                                         tflops, time_fn, vggt_flops, write_report)
 
 RANDOM_LABEL = "random weights: geometry is meaningless"
 
@@ -210,13 +210,14 @@ def ablation_steps() -> List[tuple]:
         return lambda model: (lambda x: reference_vggt4d(model, x, amp=amp))
 
     def pipe(**kw):
-        for flag in ("compile_blocks", "compile_heads", "overlap_stages"):
+        for flag in ("compile_blocks", "compile_heads", "overlap_stages", "cuda_graphs"):
             kw.setdefault(flag, False)              # each switched on by its own step
         return lambda model: Vggt4dPipeline(model, Vggt4dConfig(**kw))
 
-    # the last cumulative step (= the product defaults); the variants after it start here
-    defaults = dict(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
+    compiled = dict(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
                     compile_blocks=True, compile_heads=True)
+    # the last cumulative step (= the product defaults); the variants after it start here
+    defaults = dict(compiled, cuda_graphs=True)
 
     return [
         ("reference_fp32", "reference path: fp32 eager, stored Q/K + full Gram tensors, "
@@ -246,12 +247,9 @@ def ablation_steps() -> List[tuple]:
          pipe(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
               compile_blocks=True)),
         ("+compiled_heads", "torch.compile'd camera and DPT heads (float32, fused "
-         "elementwise kernels)", pipe(**defaults)),
-        ("+cuda_graph_kmeans (not default yet)", "k-means loops (DINO tokens; refinement "
-         "seeding + Lloyd) as CUDA-graph replays", pipe(**defaults, cuda_graphs=True)),
-        ("+graphs_and_overlap (not default)", "CUDA-graph k-means AND the side-stream overlap "
-         "(graph replays leave the worker thread little Python to run)",
-         pipe(**defaults, cuda_graphs=True, overlap_stages=True)),
+         "elementwise kernels)", pipe(**compiled)),
+        ("+cuda_graphs", "k-means loops (DINO tokens; refinement seeding + Lloyd) and the "
+         "threshold stage as CUDA-graph replays", pipe(**defaults)),
         ("+overlapped_stages (not default)", "k-means during pass 1 and the refinement's "
          "pose-free half during pass 2, on a side CUDA stream from a worker thread",
          pipe(**defaults, overlap_stages=True)),
@@ -280,23 +278,31 @@ def bench_ablation(model, images: torch.Tensor, warmup: int, repeats: int
 
 
 def bench_stream(model, frames: int, height: int, width: int, window: int, stride: int,
-                 device: torch.device, warmup_frames: int = 0) -> Dict[str, object]:
+                 device: torch.device, warmup_frames: int = 0,
+                 overrides: Optional[Dict[str, object]] = None) -> Dict[str, object]:
     """A long stream through StreamEngine + Vggt4dWindowPredictor (the node's path).
 
-    ``warmup_frames`` first go through a separate engine, untimed (``warmup_s`` reports how
-    long): the compiled graphs of every window shape the stream meets are built there, as a
-    node does in its first seconds, so ``fps`` is the steady state.
+    ``warmup_frames`` (plus ``frames % stride``, so that the last, shorter window's shape is
+    met too) first go through a separate engine, untimed (``warmup_s`` reports how long): the
+    compiled graphs of every window shape the stream meets are built there, as a node does in
+    its first seconds. ``fps`` is the steady state: frames pushed per second of the push loop;
+    the end-of-stream flush (the last, shorter window) is reported apart (``flush_s``).
+    ``overrides``: Vggt4dConfig fields (as ``--set``).
     """
+    from vggt4d_ros.dynamic import cuda_graph
+    overrides = dict(overrides or {})
     warmup_s = 0.0
     if warmup_frames:
         t0 = time.perf_counter()
-        bench_stream(model, warmup_frames, height, width, window, stride, device)
+        bench_stream(model, warmup_frames + frames % stride, height, width, window, stride,
+                     device, overrides=overrides)
         warmup_s = time.perf_counter() - t0
     from vggt4d_ros.dynamic.pipeline import Vggt4dConfig, Vggt4dPipeline
     from vggt4d_ros.stream.engine import FrameInput, StreamConfig, StreamEngine
     from vggt4d_ros.stream.factory import Vggt4dWindowPredictor
 
-    pipe = Vggt4dPipeline(model, Vggt4dConfig(cluster_backend="fast"))
+    graphs_before = cuda_graph.cache_stats()
+    pipe = Vggt4dPipeline(model, Vggt4dConfig(**{"cluster_backend": "fast", **overrides}))
     predictor = Vggt4dWindowPredictor(pipe, width, str(device), label=RANDOM_LABEL)
     engine = StreamEngine(predictor, StreamConfig(window_size=window, stride=stride,
                                                   drop_policy="keep_all"))
@@ -318,11 +324,17 @@ def bench_stream(model, frames: int, height: int, width: int, window: int, strid
             if device.type == "cuda":
                 mem.append(torch.cuda.memory_allocated() / 1e9)
         n_out += len(outs)
-    n_out += len(engine.flush())
     wall = time.perf_counter() - t0
+    t_flush = time.perf_counter()
+    n_out += len(engine.flush())
+    synchronize(device)
+    flush_s = time.perf_counter() - t_flush
+    graphs = {name: {k: v - graphs_before.get(name, {}).get(k, 0) if k != "size" else v
+                     for k, v in st.items()} for name, st in cuda_graph.cache_stats().items()}
     return {"frames": frames, "frames_out": n_out, "window": window, "stride": stride,
-            "warmup_frames": warmup_frames, "warmup_s": warmup_s,
-            "wall_s": wall, "fps": frames / wall, "window_latency_s_median": float(np.median(lat))
+            "overrides": overrides, "warmup_frames": warmup_frames, "warmup_s": warmup_s,
+            "wall_s": wall, "fps": frames / wall, "flush_s": flush_s, "cuda_graph_caches": graphs,
+            "window_latency_s_median": float(np.median(lat))
             if lat else None, "window_latency_s_max": float(np.max(lat)) if lat else None,
             "gpu_mem_gb_after_windows": mem,
             "gpu_mem_growth_gb": (mem[-1] - mem[min(2, len(mem) - 1)]) if len(mem) > 2 else None,
@@ -361,8 +373,15 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="VGGT config JSON (default: full VGGT-1B)")
     p.add_argument("--skip", nargs="*", default=[], choices=["plain", "vggt4d", "ablation",
                                                              "stream", "attention"])
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="Vggt4dConfig overrides for the vggt4d and stream sections (python "
+                        "literals), e.g. cuda_graphs=False interleave_stages=True")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    try:
+        args.overrides = config_overrides(args.set)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.height % 14 or args.width % 14 or min(args.height, args.width) <= 0:
         p.error("--height and --width must be positive multiples of 14")
     if min(args.frames) < 1 or args.stream_frames < 0 or args.window < 2 or \
@@ -397,7 +416,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{report['device']} torch {torch.__version__} | {args.config or 'VGGT-1B'} {RANDOM_LABEL} | "
           f"{args.width}x{args.height}", flush=True)
     gen = torch.Generator(device=dev).manual_seed(1)
-    pipe = Vggt4dPipeline(model, Vggt4dConfig(cluster_backend="fast"))
+    pipe = Vggt4dPipeline(model, Vggt4dConfig(**{"cluster_backend": "fast", **args.overrides}))
+    report["overrides"] = args.overrides
     for s in args.frames:
         images = torch.rand(s, 3, args.height, args.width, device=dev, generator=gen)
         if "plain" not in args.skip:
@@ -450,11 +470,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         st = bench_stream(model, args.stream_frames, args.height, args.width, args.window,
-                          args.stride, dev, warmup_frames=3 * args.window)
+                          args.stride, dev, warmup_frames=3 * args.window,
+                          overrides=args.overrides)
         report["stream"] = st
         print(f"stream {st['frames']} frames W{args.window}/S{args.stride} (after "
               f"{st['warmup_frames']} warm-up frames, {st['warmup_s']:.1f} s): {st['fps']:.1f} "
-              f"frames/s, window latency median {st['window_latency_s_median']}, GPU memory "
+              f"frames/s (end-of-stream flush {st['flush_s']:.2f} s apart), CUDA-graph caches "
+              f"{st['cuda_graph_caches']}, window latency median "
+              f"{st['window_latency_s_median']}, GPU memory "
               f"growth {st['gpu_mem_growth_gb']} GB, peak {st['peak_gb']:.2f} GB; per window "
               f"(median ms) {st['window_ms_median']}", flush=True)
     report["total_s"] = time.perf_counter() - t_start

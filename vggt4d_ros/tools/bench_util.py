@@ -96,6 +96,22 @@ def gpu_memory_gb() -> Optional[float]:
     return torch.cuda.memory_allocated() / 1e9 if torch.cuda.is_available() else None
 
 
+def config_overrides(items: List[str]) -> Dict[str, object]:
+    """``["KEY=VALUE", ...]`` (Python literals, e.g. ``cuda_graphs=False``) -> dict, for the
+    tools' ``--set`` of Vggt4dConfig fields. Raises ValueError on a malformed item."""
+    import ast
+    out: Dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as exc:
+            raise ValueError(f"--set {key}: {value!r} is not a Python literal") from exc
+    return out
+
+
 def write_report(report: Dict[str, object], out: Optional[str], default_name: str
                  ) -> Optional[str]:
     """Write ``report`` as JSON to ``out``, else to ``$OUT/default_name`` when ``$OUT`` is set
