@@ -288,3 +288,31 @@ def test_coarse_mask_graph_path_equals_eager_and_reads_nothing_on_the_host(
         assert torch.equal(graph[0], eager[0]) and torch.equal(graph[1], eager[1])
         assert graph[1].any() and not graph[1].all()
     assert len(emulated_cuda_graphs) == 1
+
+
+def test_cached_graphs_serve_inference_mode_and_no_grad_callers_alike(emulated_cuda_graphs,
+                                                                       monkeypatch):
+    """The graph caches are process-wide: buffers built during an ``inference_mode`` call
+    (vggt4d-bench, the node) must take in-place updates from a later ``no_grad`` call (the
+    pipeline's own decorator) - inference tensors refuse that ("Inplace update to inference
+    tensor outside InferenceMode", seen on the device)."""
+    from vggt4d_ros.dynamic import refine_fast, threshold
+    from vggt4d_ros.dynamic.cuda_graph import GraphCache
+    monkeypatch.setattr(threshold, "_coarse_graphs", GraphCache(2))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 6, generator=g)
+    sal, lab = torch.rand(2, 5, 7, generator=g), torch.randint(0, 4, (2, 5, 7), generator=g)
+    pts, valid = torch.randn(2, 1024, 3, generator=g), torch.rand(2, 1024, generator=g) < 0.9
+
+    def run_all():
+        out = [kmeans_torch(x, 8, 42, cuda_graphs=True)[0],
+               threshold.coarse_mask(sal, lab, (10, 14), 4, backend="fast", cuda_graphs=True)[1],
+               refine_fast.batched_kmeans(pts, valid, 5, torch.Generator().manual_seed(1),
+                                          cuda_graphs=True)[0]]
+        return [t.clone() for t in out]
+    with torch.inference_mode():
+        first = run_all()
+    with torch.no_grad():
+        second = run_all()
+    assert len(emulated_cuda_graphs) >= 3                   # the no_grad call reused them
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -89,7 +89,10 @@ class GraphCache(Generic[T]):
             while len(self._items) >= self.capacity:
                 self._items.popitem(last=False)
             try:
-                item = build()
+                # normal tensors, not inference tensors: an entry built during an
+                # inference_mode call must take in-place updates from no_grad callers too
+                with torch.inference_mode(False):
+                    item = build()
             except RuntimeError as exc:          # capture refused by CUDA / PyTorch
                 self.disabled_reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 self._items.clear()
