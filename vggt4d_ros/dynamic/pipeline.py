@@ -124,9 +124,12 @@ class Vggt4dConfig:
     # CUDA-graph replays instead of ~15 small launches per iteration / ~260 per threshold
     # (launch-bound: k-means ~38 ms wall for ~10 ms of GPU work, threshold 4.4 ms for 1.2,
     # H100, 16 frames). Same arithmetic and labels as the eager path (CPU tests under an
-    # emulated capture; tools/graph_check on the device). Measured on an H100: 16-frame window
-    # 327 -> 295 ms (docs/BENCHMARKS.md, run 11). A capture that fails falls back to eager.
-    cuda_graphs: bool = True
+    # emulated capture; tools/graph_check on the device). A capture that fails falls back to
+    # eager. Off by default: it paid in order (16-frame window 327 -> 295 ms, H100), but once
+    # the stages are interleaved with the passes their launches are hidden anyway, and in a
+    # 500-frame stream the refinement graph's padded query counts cost GPU time: 24.2-25.0
+    # frames/s without graphs vs 22.8-23.3 with (docs/BENCHMARKS.md, runs 13-17).
+    cuda_graphs: bool = False
     min_frames: int = 2
     points_pixel_offset: float = 0.0        # world points: official VGGT unprojection
 
