@@ -192,7 +192,9 @@ def test_dynamic_pipeline_all_dynamic_mask(tiny_model, monkeypatch):
     assert res.coarse_mask.all() and res.token_mask.all()
     assert torch.isfinite(res.extrinsic).all()
     assert not torch.equal(res.extrinsic, res.pass1_extrinsic)   # pass 2 really ran
-    assert res.mask.shape == res.coarse_mask.shape
+    assert res.mask.shape == res.coarse_mask.shape and res.fallback == ""
+    no_refine = Vggt4dPipeline(tiny_model, Vggt4dConfig(refine=False))(_images(4))
+    assert no_refine.fallback == "" and torch.equal(no_refine.mask, no_refine.coarse_mask)
 
 
 def test_dynamic_pipeline_nan_pose_falls_back_to_pass1(tiny_model, monkeypatch):

@@ -393,10 +393,10 @@ class Vggt4dPipeline:
                     coarse, cfg.intervention_layers, patch_size=cfg.patch_size)
                 if bool(token_mask.any()):
                     ext = self._pass2(images, control2, out1, amp)
-                if refine_task is not None:
-                    refine_task.launch()    # deferred: beside pass 2's queued kernels
                 else:
                     fallback = "coarse mask has no dynamic token: pass 2 skipped (= pass 1)"
+                if refine_task is not None:
+                    refine_task.launch()    # deferred: beside pass 2's queued kernels
             bad = ~torch.isfinite(ext).all(dim=(-2, -1))
             if bool(bad.any()):
                 warnings.warn(f"non-finite pass-2 pose in frames {bad.nonzero().flatten().tolist()}"
