@@ -365,17 +365,25 @@ class StreamEngine:
 
     def _anchor_records(self) -> list[FrameRecord]:
         """[recovery anchor (only while LOST)], keyframes not in the overlap (oldest first), then
-        the overlap frames."""
+        the overlap frames.
+
+        The recovery anchor takes the place of the oldest overlap frame instead of adding one:
+        a window one frame longer is a new input shape, and on CUDA the compiled model then
+        compiles for it (15-23 s on the H100) - in the first LOST window, when the stream is
+        already in trouble. So windows keep ``window_size`` (+ keyframes) frames."""
         extra = list(self._keyframes) if self.config.max_keyframes else []
+        history = list(self._history)
         if self._recovery is not None:
             extra = [self._recovery] + extra
-        seen = {r.key for r in self._history}
+            if len(history) > 1 and all(r.key != self._recovery.key for r in history):
+                history = history[1:]
+        seen = {r.key for r in history}
         out = []
         for rec in extra:
             if rec.key not in seen:
                 seen.add(rec.key)
                 out.append(rec)
-        return out + list(self._history)
+        return out + history
 
     def _odom_from_window(self, pred: WindowPrediction, anchors, frame_valid: list[bool],
                           rng: np.random.Generator) -> tuple[AlignResult, Sim3]:
