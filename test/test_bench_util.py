@@ -76,6 +76,7 @@ def test_bench_stream_reports_the_per_window_split():
     assert r["frames_out"] == 11 and r["overrides"] == {"refine": False}
     assert r["flush_s"] > 0 and r["wall_s"] > 0          # the odd last frame: a flush window
     assert isinstance(r["cuda_graph_caches"], dict) and r["warmup_s"] > 0
+    assert max(r["window_sizes"]) == 4 and min(r["window_sizes"]) == 3     # flush: 2 + 1
     split = r["window_ms_median"]
     assert set(split) == {"total_ms", "predict_ms", "preprocess_ms", "pipeline_ms", "align_ms",
                           "emit_ms"}

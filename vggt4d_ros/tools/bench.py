@@ -308,6 +308,13 @@ def bench_stream(model, frames: int, height: int, width: int, window: int, strid
     graphs_before = cuda_graph.cache_stats()
     pipe = Vggt4dPipeline(model, Vggt4dConfig(**{"cluster_backend": "fast", **overrides}))
     predictor = Vggt4dWindowPredictor(pipe, width, str(device), label=RANDOM_LABEL)
+    window_sizes: Dict[int, int] = {}     # frames per predictor call: each size compiles once
+    predict = predictor.predict
+
+    def counted_predict(images, frame_keys):
+        window_sizes[len(frame_keys)] = window_sizes.get(len(frame_keys), 0) + 1
+        return predict(images, frame_keys)
+    predictor.predict = counted_predict
     engine = StreamEngine(predictor, StreamConfig(window_size=window, stride=stride,
                                                   drop_policy="keep_all"))
     rng = np.random.default_rng(0)
@@ -337,6 +344,7 @@ def bench_stream(model, frames: int, height: int, width: int, window: int, strid
                      for k, v in st.items()} for name, st in cuda_graph.cache_stats().items()}
     return {"frames": frames, "frames_out": n_out, "window": window, "stride": stride,
             "overrides": overrides, "warmup_frames": warmup_frames, "warmup_s": warmup_s,
+            "window_sizes": dict(sorted(window_sizes.items())),
             "wall_s": wall, "fps": frames / wall, "flush_s": flush_s, "cuda_graph_caches": graphs,
             "window_latency_s_median": float(np.median(lat))
             if lat else None, "window_latency_s_max": float(np.max(lat)) if lat else None,
@@ -480,7 +488,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"stream {st['frames']} frames W{args.window}/S{args.stride} (after "
               f"{st['warmup_frames']} warm-up frames, {st['warmup_s']:.1f} s): {st['fps']:.1f} "
               f"frames/s (end-of-stream flush {st['flush_s']:.2f} s apart), CUDA-graph caches "
-              f"{st['cuda_graph_caches']}, window latency median "
+              f"{st['cuda_graph_caches']}, window sizes {st['window_sizes']}, window latency "
+              f"median "
               f"{st['window_latency_s_median']}, GPU memory "
               f"growth {st['gpu_mem_growth_gb']} GB, peak {st['peak_gb']:.2f} GB; per window "
               f"(median ms) {st['window_ms_median']}", flush=True)
