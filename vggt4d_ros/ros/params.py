@@ -59,14 +59,16 @@ PARAMS: tuple[ParamSpec, ...] = (
               "(multiple of 14)", lo=28, hi=1022, step=14),
     ParamSpec("model.seed", 0, "seed of 'random_tiny' weights", lo=0, hi=2**31 - 1),
     # window
-    ParamSpec("window.size", 16, "frames per window (new frames + overlap + keyframes)",
+    ParamSpec("window.size", 16, "frames per window: new frames + overlap (keyframes come on "
+              "top; on CUDA each distinct window size compiles once, ~15-25 s)",
               lo=2, hi=128),
     ParamSpec("window.stride", 8, "new frames per window; window.size - stride frames overlap "
               "with the previous window (must be < window.size)", lo=1, hi=127),
     ParamSpec("window.min_size", 0, "CUDA out-of-memory fallback: a window that does not fit "
               "is retried with fewer (the newest) frames, down to this many; 0 = stride + 1 "
               "(else stride < min_size <= size)", lo=0, hi=128),
-    ParamSpec("window.keyframes", 0, "older keyframes added to each window for stability",
+    ParamSpec("window.keyframes", 0, "older keyframes added to each window for stability "
+              "(windows grow by up to this many frames: new sizes compile once on CUDA)",
               lo=0, hi=32),
     # VGGT4D
     ParamSpec("vggt4d.dynamic", True, "run the VGGT4D dynamic-mask pipeline (false = plain "
