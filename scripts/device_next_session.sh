@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# GPU device, one call (< 600 s): the checks left open by session 14 (docs/BENCHMARKS.md,
+# runs 11-20). Run from the repository root on the device:
+#   bash scripts/device_next_session.sh        (outputs under $OUT, else out/device)
+# 1. the final defaults with plain VGGT in the same bench process (ratio), and a 500-frame
+#    stream whose window sizes must be {16, 12 (the flush)} only - a LOST window no longer
+#    adds the recovery anchor (a 17-frame window compiled for 15-23 s in runs 18/19);
+# 2. graph_check (the CUDA-graph option: labels equal to eager and scikit-learn).
+# Each step has its own timeout and log file (never piped: a pipe's buffer is lost when the
+# call times out).
+set -u
+out=${OUT:-out/device}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1
+date -u +%FT%TZ >> "$out/gpu.txt"
+git rev-parse HEAD >> "$out/gpu.txt" 2>/dev/null
+
+timeout 420 python -m vggt4d_ros.tools.bench --frames 16 --repeats 7 --skip ablation attention \
+    --out "$out/bench.json" > "$out/bench.log" 2>&1
+echo "bench rc=$?"
+timeout 110 python -m vggt4d_ros.tools.graph_check --repeats 5 \
+    --out "$out/graph_check.json" > "$out/graph_check.log" 2>&1
+echo "graph_check rc=$? (0 = labels equal)"
+grep -E "^plain|^vggt4d|^stream" "$out/bench.log" | cut -c1-900
+tail -n 2 "$out/graph_check.log" | cut -c1-600
