@@ -290,8 +290,8 @@ def test_coarse_mask_graph_path_equals_eager_and_reads_nothing_on_the_host(
     assert len(emulated_cuda_graphs) == 1
 
 
-def test_cached_graphs_serve_inference_mode_and_no_grad_callers_alike(emulated_cuda_graphs,
-                                                                       monkeypatch):
+def test_cached_graphs_serve_inference_mode_and_no_grad_callers_alike(
+        emulated_cuda_graphs, monkeypatch):
     """The graph caches are process-wide: buffers built during an ``inference_mode`` call
     (vggt4d-bench, the node) must take in-place updates from a later ``no_grad`` call (the
     pipeline's own decorator) - inference tensors refuse that ("Inplace update to inference
