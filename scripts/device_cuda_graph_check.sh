@@ -5,13 +5,7 @@
 # Then, in a second call: python -m vggt4d_ros.tools.bench --frames 16 --skip ablation stream
 # Each step has its own timeout and writes its log to a file (never piped: a pipe's buffer is
 # lost when the call times out).
-set -u
-out=${OUT:-out/device}
-mkdir -p "$out"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1
-date -u +%FT%TZ >> "$out/gpu.txt"
-git rev-parse HEAD >> "$out/gpu.txt" 2>/dev/null
+source "$(dirname "$0")/device_prelude.sh"      # sets $out, PYTHONPATH, gpu.txt
 
 timeout 110 python -m vggt4d_ros.tools.graph_check --repeats 5 \
     --out "$out/graph_check.json" > "$out/graph_check.log" 2>&1

@@ -8,13 +8,7 @@
 # 2. graph_check (the CUDA-graph option: labels equal to eager and scikit-learn).
 # Each step has its own timeout and log file (never piped: a pipe's buffer is lost when the
 # call times out).
-set -u
-out=${OUT:-out/device}
-mkdir -p "$out"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1
-date -u +%FT%TZ >> "$out/gpu.txt"
-git rev-parse HEAD >> "$out/gpu.txt" 2>/dev/null
+source "$(dirname "$0")/device_prelude.sh"      # sets $out, PYTHONPATH, gpu.txt
 
 timeout 420 python -m vggt4d_ros.tools.bench --frames 16 --repeats 7 --skip ablation attention \
     --out "$out/bench.json" > "$out/bench.log" 2>&1
