@@ -117,7 +117,8 @@ class Vggt4dConfig:
     # pose-free half) runs on a high-priority side stream while the GPU works through the
     # queue, so its host time (Python, launches, its own host reads) is hidden without a
     # second thread contending for the GIL (side_task.py "deferred"; same results). H100, 16
-    # frames: 295 -> 274 ms per window; 500-frame stream 17.6 -> 20.2 frames/s (run 12).
+    # frames: 295 -> 274 ms per window; 500-frame stream 17.6 -> 20.2 frames/s (run 12, CUDA
+    # graphs on in both; 24-25 frames/s with the final defaults, runs 17-18).
     interleave_stages: bool = True
     # On CUDA, run the fast k-means loops (DINO-token clustering; the refinement's seeding +
     # Lloyd iterations) and the threshold stage (cluster map, upsampling, multi-Otsu) as
@@ -128,7 +129,7 @@ class Vggt4dConfig:
     # eager. Off by default: it paid in order (16-frame window 327 -> 295 ms, H100), but once
     # the stages are interleaved with the passes their launches are hidden anyway, and in a
     # 500-frame stream the refinement graph's padded query counts cost GPU time: 24.2-25.0
-    # frames/s without graphs vs 22.8-23.3 with (docs/BENCHMARKS.md, runs 13-17).
+    # frames/s without graphs vs 22.8-23.3 with (docs/BENCHMARKS.md, runs 13-18).
     cuda_graphs: bool = False
     min_frames: int = 2
     points_pixel_offset: float = 0.0        # world points: official VGGT unprojection
