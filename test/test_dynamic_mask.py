@@ -290,15 +290,12 @@ def test_coarse_mask_graph_path_equals_eager_and_reads_nothing_on_the_host(
     assert len(emulated_cuda_graphs) == 1
 
 
-def test_cached_graphs_serve_inference_mode_and_no_grad_callers_alike(
-        emulated_cuda_graphs, monkeypatch):
+def test_cached_graphs_serve_inference_mode_and_no_grad_callers_alike(emulated_cuda_graphs):
     """The graph caches are process-wide: buffers built during an ``inference_mode`` call
     (vggt4d-bench, the node) must take in-place updates from a later ``no_grad`` call (the
     pipeline's own decorator) - inference tensors refuse that ("Inplace update to inference
     tensor outside InferenceMode", seen on the device)."""
     from vggt4d_ros.dynamic import refine_fast, threshold
-    from vggt4d_ros.dynamic.cuda_graph import GraphCache
-    monkeypatch.setattr(threshold, "_coarse_graphs", GraphCache(2))
     g = torch.Generator().manual_seed(3)
     x = torch.randn(300, 6, generator=g)
     sal, lab = torch.rand(2, 5, 7, generator=g), torch.randint(0, 4, (2, 5, 7), generator=g)
