@@ -15,6 +15,12 @@ from vggt4d_ros.model.vggt import VGGT
 from vggt4d_ros.stream.factory import TINY_VGGT_CONFIG
 
 
+def _tiny_vggt() -> VGGT:
+    """A fresh seeded tiny random VGGT (fresh: one test switches its fused blocks)."""
+    torch.manual_seed(0)
+    return VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+
+
 def test_side_task_inline_on_cpu_returns_and_raises():
     calls = []
     task = SideTask(lambda: calls.append(1) or 7, torch.device("cpu"))
@@ -29,8 +35,7 @@ def test_side_task_inline_on_cpu_returns_and_raises():
 
 
 def test_pipeline_overlap_option_gives_the_same_result_on_cpu():
-    torch.manual_seed(0)
-    model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+    model = _tiny_vggt()
     g = torch.Generator().manual_seed(5)
     images = torch.rand(5, 3, 56, 70, generator=g)
     res = {flag: Vggt4dPipeline(model, Vggt4dConfig(cluster_backend="fast",
@@ -44,8 +49,7 @@ def test_pipeline_overlap_option_gives_the_same_result_on_cpu():
 def test_compiled_heads_are_restored_by_the_plain_path():
     """use_fused_blocks(compile=True) wraps the heads' forwards; use_fused_blocks(False) puts
     the eager class forward back (the benchmark's official-recipe baseline relies on it)."""
-    torch.manual_seed(0)
-    model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+    model = _tiny_vggt()
     model.use_fused_blocks(True, compile=True)           # wrapping is lazy: nothing compiles
     assert "forward" in model.depth_head.__dict__ and "forward" in model.camera_head.__dict__
     model.use_fused_blocks(True, compile=True, compile_heads=False)
@@ -61,8 +65,7 @@ def test_profile_lists_the_side_tasks_as_stages():
     k-means and the refinement's pose-free half (side tasks) have theirs too, so the per-stage
     table accounts for the whole window (they were missing from it on the device)."""
     from vggt4d_ros.tools.profile_window import profile_stages
-    torch.manual_seed(0)
-    model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+    model = _tiny_vggt()
     images = torch.rand(4, 3, 56, 70, generator=torch.Generator().manual_seed(2))
     pipe = Vggt4dPipeline(model, Vggt4dConfig(cluster_backend="fast"))
     with torch.inference_mode():
@@ -87,8 +90,7 @@ def test_deferred_side_task_runs_at_launch_once_and_inline_at_creation():
 
 
 def test_pipeline_interleave_option_gives_the_same_result_on_cpu():
-    torch.manual_seed(0)
-    model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+    model = _tiny_vggt()
     images = torch.rand(5, 3, 56, 70, generator=torch.Generator().manual_seed(5))
     cfgs = {mode: Vggt4dConfig(cluster_backend="fast", interleave_stages=mode == "deferred")
             for mode in ("inline", "deferred")}
