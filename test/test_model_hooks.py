@@ -159,3 +159,42 @@ def test_fused_block_path_is_bitwise_equal():
     for key in ("pose_enc", "depth", "world_points", "depth_conf"):
         assert torch.equal(plain[key], fused[key]), key
     assert torch.equal(captured[(False, 0)], captured[(True, 0)])
+
+
+def test_fused_block_path_under_autocast_casts_qk_like_sdpa():
+    """Under bf16 autocast the fused path casts q/k to bf16 itself (where SDPA would cast them)
+    and still gives the module path's outputs bit for bit; a Q/K hook sees q/k uncast (the
+    dtype the module path gives it: float32 from the qk-norm on CUDA, bf16 on CPU)."""
+    import torch
+    from vggt4d_ros.model.config import VGGTConfig
+    from vggt4d_ros.model.hooks import AttentionControl
+    from vggt4d_ros.model.layers import block as block_mod
+    from vggt4d_ros.model.vggt import VGGT
+    from vggt4d_ros.stream.factory import TINY_VGGT_CONFIG
+    torch.manual_seed(0)
+    model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+    images = torch.rand(3, 3, 28, 42)
+    seen = []
+    casts = []
+    real = block_mod._sdpa_qk_dtype
+
+    def spy(x, on_qk):
+        casts.append(real(x, on_qk))
+        return casts[-1]
+
+    def control():
+        return AttentionControl(capture={"global": {0}},
+                                on_qk=lambda kind, l, q, k: seen.append(q.dtype))
+    with torch.no_grad():
+        plain = model(images, control=control(), autocast_dtype=torch.bfloat16)
+        model.use_fused_blocks(True)
+        block_mod._sdpa_qk_dtype = spy
+        try:
+            fused = model(images, control=control(), autocast_dtype=torch.bfloat16)
+        finally:
+            block_mod._sdpa_qk_dtype = real
+            model.use_fused_blocks(False)
+    assert torch.bfloat16 in casts and None in casts      # the hooked layer is not cast
+    assert len(seen) == 2 and seen[0] == seen[1]
+    for key in ("pose_enc", "depth", "world_points"):
+        assert torch.equal(plain[key], fused[key]), key

@@ -53,7 +53,8 @@ class Block(nn.Module):
             x, self.norm1.weight, self.norm1.bias, self.norm1.eps, a.qkv.weight, a.qkv.bias,
             a.num_heads, qn.weight if qn else None, qn.bias if qn else None,
             kn.weight if kn else None, kn.bias if kn else None, qn.eps if qn else 1e-5,
-            rope.cos if rope is not None else None, rope.sin if rope is not None else None)
+            rope.cos if rope is not None else None, rope.sin if rope is not None else None,
+            _sdpa_qk_dtype(x, on_qk))
         out = attend(q, k, v, on_qk, keys)
         g1 = self.ls1.gamma if isinstance(self.ls1, LayerScale) else None
         g2 = self.ls2.gamma if isinstance(self.ls2, LayerScale) else None
@@ -61,3 +62,13 @@ class Block(nn.Module):
             x, out, a.proj.weight, a.proj.bias, g1, self.norm2.weight, self.norm2.bias,
             self.norm2.eps, self.mlp.fc1.weight, self.mlp.fc1.bias, self.mlp.fc2.weight,
             self.mlp.fc2.bias, g2)
+
+
+def _sdpa_qk_dtype(x: torch.Tensor, on_qk: Optional[QKCallback]) -> Optional[torch.dtype]:
+    """The dtype SDPA will cast q/k to (the autocast dtype), so that the fused block casts them
+    itself; None when autocast is off or a hook reads q/k (VGGT4D's Gram statistics see the
+    float32 q/k the official code captures)."""
+    device = x.device.type
+    if on_qk is not None or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
