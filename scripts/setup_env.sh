@@ -21,6 +21,12 @@ if ! python -c 'import torch' 2>/dev/null; then
   pip install -q torch==2.13.0
 fi
 pip install -q -r requirements.txt -r requirements-ros.txt
+# Triton's CPU interpreter runs the refinement's CUDA kernels in the tests
+# (test/test_triton_kernels.py). A CUDA torch brings its own matching Triton; next to a CPU
+# torch we add the GPU device's version.
+if python -c 'import sys, torch; sys.exit(torch.version.cuda is not None)'; then
+  python -c 'import triton' 2>/dev/null || pip install -q triton==3.6.0
+fi
 if [ -x scripts/build_interfaces.sh ]; then
   scripts/build_interfaces.sh "$VENV"
 fi

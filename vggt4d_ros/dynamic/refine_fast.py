@@ -32,7 +32,10 @@ Differences from the reference path (all documented approximations):
 2. **k-means** (``k = 30``): batched k-means++ seeding (greedy, ``2 + ln k`` candidates per
    step, drawn up front from a torch generator seeded with ``cfg.seed`` - NOT scikit-learn's
    random stream), then ``kmeans_iters`` (default 30) Lloyd iterations without an early stop
-   (no sync; with ``cfg.cuda_graphs`` on CUDA all of it is one cached CUDA-graph replay, the
+   (no sync; on CUDA each iteration's assignment and centre sums are one Triton kernel,
+   ``_kmeans_triton``, whose per-program partial sums make the centres deterministic - the
+   torch path's scatter-add atomics were not; with ``cfg.cuda_graphs`` on CUDA all of it
+   is one cached CUDA-graph replay, the
    query count padded to one of 2 sizes per octave so that windows share shapes); an empty
    cluster takes a point far from its centre (the first empty cluster of a
    frame the farthest point; the e-th the farthest point of the e-th of k strided blocks of
@@ -82,6 +85,7 @@ REF_POINTS = 8192          # kNN reference subsample per frame
 STATS_POINTS = 4096        # per-frame sample for the outlier mean/std
 KNN_GROUPED = True         # two-stage exact kNN selection (see _knn_indices)
 KMEANS_ITERS = 30          # fixed Lloyd iterations
+USE_TRITON_KMEANS = True   # CUDA: fused Triton Lloyd step (False: the torch bmm/scatter path)
 _FAR = 1e15                # coordinate of padded (invalid) reference points
 _FAR_TEST = 1e14           # kNN distances above this are "no neighbour"
 _CHUNK_ELEMS = 1 << 26     # distance-matrix entries per kNN chunk (all frames together)
@@ -172,6 +176,17 @@ def _triton_knn(device: torch.device):
     except ImportError:               # a CUDA build without Triton
         return None
     return _knn_triton
+
+
+def _triton_kmeans(x: Tensor):
+    """The Triton Lloyd-step kernel (``_kmeans_triton``) for float32 CUDA points, else None."""
+    if x.device.type != "cuda" or x.dtype != torch.float32:
+        return None
+    try:
+        from . import _kmeans_triton
+    except ImportError:               # a CUDA build without Triton
+        return None
+    return _kmeans_triton
 
 
 def _block_min_sq_dists(queries: Tensor, ref_blocks: Tensor) -> Tensor:
@@ -452,6 +467,8 @@ class _LloydIterations:
         self.x, self.valid, self.k, self.iters = x, valid, k, iters
         self.lab_pad = torch.full((s, q), k, dtype=torch.long, device=x.device)
         self.kf = min(k, q)
+        # CUDA float32: the fused Triton Lloyd step (_kmeans_triton); else torch
+        self._kernel = _triton_kmeans(x) if USE_TRITON_KMEANS else None
         self.refresh()
 
     def refresh(self) -> None:
@@ -460,11 +477,16 @@ class _LloydIterations:
         # frame f uses min(k, #valid_f) centres
         self.active = torch.arange(self.k, device=x.device)[None] < valid.sum(1)[:, None]
         self.w = valid.to(x.dtype)
+        if self._kernel is not None:
+            self.valid_i8 = valid.to(torch.int8)
+            return
         self.x_aug = torch.cat([x, torch.ones_like(x[..., :1])], -1)      # [S, Q, 4]
         self.x_sq = (x * x).sum(-1)
 
     def assign(self, c: Tensor) -> Tuple[Tensor, Tensor]:
         """(squared distance to the nearest active centre, its index), both ``[S, Q]``."""
+        if self._kernel is not None:
+            return self._kernel.lloyd_step(self.x, self.valid_i8, c, self.active)[:2]
         # |x−c|² = |x|² + (|c|² − 2 x·c): one bmm [S, Q, k] (TF32 off; inactive -> +inf)
         c_aug = torch.cat([-2.0 * c, (c * c).sum(-1, keepdim=True)], -1).transpose(1, 2)
         with _full_fp32_matmul():
@@ -472,19 +494,30 @@ class _LloydIterations:
         best, lab = d.min(2)
         return best + self.x_sq, lab
 
+    def step(self, c: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """One assignment pass -> (``own [S, Q]`` as :meth:`assign`, per-centre sums of the
+        valid points ``[S, k, 3]``, their counts ``[S, k]``)."""
+        if self._kernel is not None:      # CUDA: one Triton kernel, deterministic sums
+            own, _, sums, counts = self._kernel.lloyd_step(self.x, self.valid_i8, c,
+                                                           self.active)
+            return own, sums, counts
+        own, labels = self.assign(c)
+        lab = torch.where(self.valid, labels, self.lab_pad)
+        # float scatter-add: a one-hot bmm instead (tiny [S, k, 4] output, long reduction)
+        # took 39.5 ms for the k-means at Q = 24576 on an H100, ~3x this path; its atomics
+        # make the sums' last bits order-dependent (labels only flip on exact near-ties)
+        x, k, s = self.x, self.k, self.x.shape[0]
+        sums = x.new_zeros(s, k + 1, 3).scatter_add_(1, lab[..., None].expand(-1, -1, 3), x)
+        counts = x.new_zeros(s, k + 1).scatter_add_(1, lab, torch.ones_like(self.w))
+        return own, sums[:, :k], counts[:, :k]
+
     def run(self, centres: Tensor, relocate: bool) -> Tuple[Tensor, Tensor]:
         x, k, s = self.x, self.k, self.x.shape[0]
         saw_empty = torch.zeros((), dtype=torch.bool, device=x.device)
         for _ in range(self.iters):
-            own, labels = self.assign(centres)
-            lab = torch.where(self.valid, labels, self.lab_pad)
-            # float scatter-add: a one-hot bmm instead (tiny [S, k, 4] output, long reduction)
-            # took 39.5 ms for the k-means at Q = 24576 on an H100, ~3x this path; its atomics
-            # make the sums' last bits order-dependent (labels only flip on exact near-ties)
-            sums = x.new_zeros(s, k + 1, 3).scatter_add_(1, lab[..., None].expand(-1, -1, 3), x)
-            counts = x.new_zeros(s, k + 1).scatter_add_(1, lab, torch.ones_like(self.w))
-            new = sums[:, :k] / counts[:, :k, None].clamp_min(1)
-            empty = self.active & (counts[:, :k] == 0)
+            own, sums, counts = self.step(centres)
+            new = sums / counts[..., None].clamp_min(1)
+            empty = self.active & (counts == 0)
             if not relocate:
                 saw_empty = saw_empty | empty.any()
                 centres = new

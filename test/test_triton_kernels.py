@@ -1,0 +1,105 @@
+"""The refinement's Triton kernels (CUDA-only in production) run here in Triton's CPU
+interpreter (``TRITON_INTERPRET=1``) against the portable torch path they replace.
+
+Each check runs in a subprocess: the interpreter is chosen when a kernel is defined, so the
+variable must be set before ``_knn_triton`` / ``_kmeans_triton`` are imported - and must not
+leak into the other tests. Triton comes with a CUDA torch; scripts/setup_env.sh installs the
+device's version (3.6.0) next to a CPU torch for these tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_interpreted(code: str) -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_lloyd_step_kernel_matches_torch_step():
+    """One fused Lloyd step = the torch assignment + scatter-add sums: same labels, counts and
+    (up to float32 summation order) sums, with inactive centres and invalid points."""
+    out = _run_interpreted("""
+        import json, torch
+        from vggt4d_ros.dynamic import _kmeans_triton as km
+        from vggt4d_ros.dynamic import refine_fast as rf
+        torch.manual_seed(0)
+        s, q, k = 3, 700, 30
+        x = torch.randn(s, q, 3)
+        valid = torch.rand(s, q) > 0.2
+        valid[2, 10:] = False                       # 10 points: only 10 active centres
+        ref = rf._LloydIterations(x.double(), valid, k, 1)
+        c = x[:, :k].clone()
+        own, lab, sums, counts = km.lloyd_step(x, valid, c, ref.active, block_q=128)
+        own_t, lab_t = ref.assign(c.double())
+        _, sums_t, counts_t = ref.step(c.double())
+        print(json.dumps({
+            "labels_differ": int((lab != lab_t)[valid].sum()),
+            "own_err": float((own.double() - own_t)[valid].abs().max()),
+            "sums_err": float((sums.double() - sums_t).abs().max()),
+            "counts_equal": bool(torch.equal(counts.double(), counts_t)),
+            "inactive_empty": bool((counts[2, 10:] == 0).all()),
+            "labels_active": bool(ref.active.gather(1, lab)[valid].all())}))
+    """)
+    assert out["labels_differ"] == 0
+    assert out["own_err"] < 1e-5 and out["sums_err"] < 1e-4
+    assert out["counts_equal"] and out["inactive_empty"] and out["labels_active"]
+
+
+def test_batched_kmeans_through_the_kernel_matches_torch_path():
+    """batched_kmeans with the Triton Lloyd step (as on CUDA) gives the torch path's clusters
+    (same seeding; float32 both; labels equal up to near-ties)."""
+    out = _run_interpreted("""
+        import json, torch
+        from vggt4d_ros.dynamic import _kmeans_triton as km
+        from vggt4d_ros.dynamic import refine_fast as rf
+        torch.manual_seed(1)
+        s, q = 2, 600
+        centres = torch.randn(s, 8, 3) * 4
+        x = (centres.repeat_interleave(q // 8, 1) + 0.3 * torch.randn(s, q, 3)).float()
+        valid = torch.rand(s, q) > 0.1
+        def run(kernel):
+            rf._triton_kmeans = (lambda pts: km) if kernel else (lambda pts: None)
+            g = torch.Generator().manual_seed(3)
+            return rf.batched_kmeans(x, valid, 8, g, iters=10)
+        lab_k, act_k = run(True)
+        lab_t, act_t = run(False)
+        print(json.dumps({"agree": float((lab_k == lab_t)[valid].float().mean()),
+                          "active_equal": bool(torch.equal(act_k, act_t))}))
+    """)
+    assert out["active_equal"]
+    assert out["agree"] > 0.999
+
+
+def test_knn_kernels_match_torch_path():
+    """Block minima and the mean distance to the k nearest references (arg-min selection, the
+    default) equal the portable torch path, with padded (far) references in one frame."""
+    out = _run_interpreted("""
+        import json, torch
+        from vggt4d_ros.dynamic import _knn_triton as kn
+        from vggt4d_ros.dynamic import refine_fast as rf
+        torch.manual_seed(0)
+        s, q, r = 2, 40, 512
+        qs, refs = torch.randn(s, q, 3), torch.randn(s, r, 3)
+        refs[1, 500:] = rf._FAR
+        rb = refs.reshape(s, r // 16, 16, 3)
+        bm = kn.block_min_sq_dists(qs, rb)
+        bm_t = rf._block_min_sq_dists(qs, rb)
+        kn.MEAN_BY_SORT = False
+        mean = kn.knn_mean_from_block_min(qs, rb, bm, 20, rf._FAR_TEST)
+        mean_t = rf._knn_mean_from_block_min(qs, rb, bm_t, 20)
+        print(json.dumps({"block_min_err": float((bm - bm_t).abs().max()),
+                          "mean_err": float((mean - mean_t).abs().max())}))
+    """)
+    assert out["block_min_err"] < 1e-5
+    assert out["mean_err"] < 1e-5
