@@ -84,6 +84,7 @@ from .refine import (RefineConfig, _dilate, _erode, boundary_sharpen, check_refi
 REF_POINTS = 8192          # kNN reference subsample per frame
 STATS_POINTS = 4096        # per-frame sample for the outlier mean/std
 KNN_GROUPED = True         # two-stage exact kNN selection (see _knn_indices)
+KNN_GROUP = 0              # references per block (power of two); 0: ~16·k blocks
 KMEANS_ITERS = 30          # fixed Lloyd iterations
 USE_TRITON_KMEANS = True   # CUDA: fused Triton Lloyd step (False: the torch bmm/scatter path)
 _FAR = 1e15                # coordinate of padded (invalid) reference points
@@ -239,7 +240,7 @@ def _mean_knn_to_refs(queries: Tensor, refs: Tensor, k: int,
     group = 1
     if KNN_GROUPED if grouped is None else grouped:
         # ~16·kk blocks: G·kk second-stage candidates stay small enough for a one-block top-k
-        group = 1 << max(0, int(math.log2(max(1, r // (16 * kk)))))
+        group = KNN_GROUP or 1 << max(0, int(math.log2(max(1, r // (16 * kk)))))
         if group > 1:
             pad = (-r) % group
             refs = torch.cat([refs, refs.new_full((s, pad, 3), _FAR)], 1) if pad else refs
