@@ -147,22 +147,24 @@ def test_patch_token_cache_embeds_shared_frames_once_and_is_bounded():
 
 
 def test_cuda_graphs_option_reaches_the_pipeline_from_the_node_and_the_replay():
-    """vggt4d.cuda_graphs (node parameter, default off) and vggt4d-replay --cuda-graphs end up
-    in the pipeline's Vggt4dConfig.cuda_graphs (on the CPU they change nothing)."""
+    """vggt4d.cuda_graphs (node parameter, default on) and vggt4d-replay --[no-]cuda-graphs end
+    up in the pipeline's Vggt4dConfig.cuda_graphs (on the CPU they change nothing); the node,
+    the replay and the pipeline share the default."""
     pytest.importorskip("rclpy")
+    from vggt4d_ros.dynamic.pipeline import Vggt4dConfig
     from vggt4d_ros.ros import node as node_mod
     from vggt4d_ros.ros import params as P
     from vggt4d_ros.tools import replay as rp
     values = {spec.name: spec.default for spec in P.PARAMS}
-    assert values["vggt4d.cuda_graphs"] is False
-    values.update({"model.checkpoint": "random_tiny", "vggt4d.cuda_graphs": True})
+    assert values["vggt4d.cuda_graphs"] is True is Vggt4dConfig().cuda_graphs
+    values.update({"model.checkpoint": "random_tiny", "vggt4d.cuda_graphs": False})
     cfg = node_mod.predictor_config(P.NodeSettings(values), "cpu")
-    assert cfg.cuda_graphs is True
+    assert cfg.cuda_graphs is False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert build_predictor(cfg).pipeline.config.cuda_graphs is True
-    args = rp.build_parser().parse_args(["in", "--out", "o", "--cuda-graphs"])
+        assert build_predictor(cfg).pipeline.config.cuda_graphs is False
+    args = rp.build_parser().parse_args(["in", "--out", "o", "--no-cuda-graphs"])
     settings = rp.settings_from_args(args)
-    assert settings.cuda_graphs is True
+    assert settings.cuda_graphs is False
     assert rp.settings_from_args(rp.build_parser().parse_args(["in", "--out", "o"])).cuda_graphs \
-        is False
+        is True

@@ -126,11 +126,12 @@ class Vggt4dConfig:
     # (launch-bound: k-means ~38 ms wall for ~10 ms of GPU work, threshold 4.4 ms for 1.2,
     # H100, 16 frames). Same arithmetic and labels as the eager path (CPU tests under an
     # emulated capture; tools/graph_check on the device). A capture that fails falls back to
-    # eager. Off by default: it paid in order (16-frame window 327 -> 295 ms, H100), but once
-    # the stages are interleaved with the passes their launches are hidden anyway, and in a
-    # 500-frame stream the refinement graph's padded query counts cost GPU time: 24.2-25.0
-    # frames/s without graphs vs 22.8-23.3 with (docs/BENCHMARKS.md, runs 13-18).
-    cuda_graphs: bool = False
+    # eager. The graphs are captured on a high-priority stream so that their kernels keep
+    # interleaving with the model passes (captured at normal priority they queued behind
+    # them, and graphs lost in the stream, runs 13-23). H100, 16 frames, same process:
+    # 252.4 vs 258.0 ms per window, 500-frame stream 25.3 vs 23.7 frames/s (run 27); stream
+    # 24.2 vs 23.5 (run 24); costs ~0.2 GB of graph memory (docs/BENCHMARKS.md, runs 21-27).
+    cuda_graphs: bool = True
     min_frames: int = 2
     points_pixel_offset: float = 0.0        # world points: official VGGT unprojection
 

@@ -83,7 +83,7 @@ class PredictorConfig:
     dynamic: bool = True
     refine: bool = True
     cluster_backend: str = "torch"
-    cuda_graphs: bool = False            # Vggt4dConfig.cuda_graphs (CUDA-graph k-means)
+    cuda_graphs: bool = True             # Vggt4dConfig.cuda_graphs (CUDA-graph k-means)
     token_cache_size: int = 64
     local_files_only: bool = False
 

@@ -218,7 +218,7 @@ def ablation_steps() -> List[tuple]:
     compiled = dict(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
                     compile_blocks=True, compile_heads=True)
     # the last cumulative step (= the product defaults); the variants after it start here
-    defaults = dict(compiled, interleave_stages=True)
+    defaults = dict(compiled, interleave_stages=True, cuda_graphs=True)
 
     return [
         ("reference_fp32", "reference path: fp32 eager, stored Q/K + full Gram tensors, "
@@ -251,12 +251,13 @@ def ablation_steps() -> List[tuple]:
          "elementwise kernels)", pipe(**compiled)),
         ("+interleaved_stages", "k-means after pass 1's launches and the refinement's "
          "pose-free half after pass 2's, on a high-priority side stream, same thread",
+         pipe(**compiled, interleave_stages=True)),
+        ("+cuda_graphs", "k-means loops (DINO tokens; refinement seeding + Lloyd) and the "
+         "threshold stage as CUDA-graph replays (captured at high priority)",
          pipe(**defaults)),
-        ("+cuda_graphs (not default)", "k-means loops (DINO tokens; refinement seeding + "
-         "Lloyd) and the threshold stage as CUDA-graph replays",
-         pipe(**defaults, cuda_graphs=True)),
-        ("+overlapped_stages (not default)", "the same two stages from a worker thread "
-         "instead (GIL contention)", pipe(**defaults, overlap_stages=True)),
+        ("+overlapped_stages (not default)", "the two side stages from a worker thread "
+         "instead of interleaved (GIL contention)",
+         pipe(**dict(defaults, interleave_stages=False), overlap_stages=True)),
         ("+bf16_heads (numerics change; not default)", "DPT depth head under bf16 autocast",
          pipe(**defaults, head_dtype="bf16")),
     ]

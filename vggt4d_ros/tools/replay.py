@@ -104,7 +104,7 @@ class ReplaySettings:
     dtype: str = "auto"              # auto = bf16/fp16 on cuda, fp32 on cpu (node: model.dtype)
     dynamic: bool = True             # False = plain VGGT (no VGGT4D masks / key suppression)
     refine: bool = True              # VGGT4D mask refinement
-    cuda_graphs: bool = False        # CUDA-graph k-means (node: vggt4d.cuda_graphs)
+    cuda_graphs: bool = True         # CUDA-graph k-means (node: vggt4d.cuda_graphs)
     voxel_size: float = 0.05         # static map voxel, odom units (node: map.voxel_size)
     max_voxels: int = 500_000        # node: map.max_voxels
     backwards_reset_s: float = 0.5   # node: stamps.backwards_reset
@@ -646,9 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference dtype (auto: bf16/fp16 on cuda, fp32 on cpu)")
     p.add_argument("--no-dynamic", action="store_true", help="plain VGGT (no VGGT4D masks)")
     p.add_argument("--no-refine", action="store_true", help="skip VGGT4D mask refinement")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA: k-means loops and threshold as CUDA-graph replays (same "
-                        "results; node: vggt4d.cuda_graphs)")
+                        "results; default on; node: vggt4d.cuda_graphs)")
     p.add_argument("--voxel-size", type=float, default=0.05, help="static map voxel, odom units")
     p.add_argument("--input-stride", type=int, default=1, help="use every N-th input frame")
     p.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
