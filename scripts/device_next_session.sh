@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# GPU device, one call (< 600 s): the checks left open by session 14 (docs/BENCHMARKS.md,
-# runs 11-20). Run from the repository root on the device:
+# GPU device, one call (< 600 s): re-measure the defaults (docs/BENCHMARKS.md, runs 21-27).
+# Run from the repository root on the device:
 #   bash scripts/device_next_session.sh        (outputs under $OUT, else out/device)
-# 1. the final defaults with plain VGGT in the same bench process (ratio), and a 500-frame
-#    stream whose window sizes must be {16, 12 (the flush)} only - a LOST window no longer
-#    adds the recovery anchor (a 17-frame window compiled for 15-23 s in runs 18/19);
-# 2. graph_check (the CUDA-graph option: labels equal to eager and scikit-learn).
+# 1. the defaults (CUDA graphs captured at high priority, interleaved side stages) with plain
+#    VGGT in the same bench process (ratio), and a 500-frame stream: its window sizes must be
+#    {16, 12 (the flush)} and no window may take seconds (a compile);
+# 2. graph_check (the CUDA-graph path: labels equal to eager and scikit-learn).
 # Each step has its own timeout and log file (never piped: a pipe's buffer is lost when the
 # call times out).
 source "$(dirname "$0")/device_prelude.sh"      # sets $out, PYTHONPATH, gpu.txt
