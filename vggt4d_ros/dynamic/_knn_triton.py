@@ -17,10 +17,12 @@ import triton.language as tl
 
 # launch parameters (module-level so that a device probe can compare variants)
 BLOCK_Q_MIN = 64        # queries per program, first stage
-BLOCK_Q_MEAN = 8        # queries per program, second stage (8: 12.6 ms, 16: 15.0, 32: 24.4;
-                        # H100 run 25, 16 frames x 24,576 queries x 8,192 references)
-MEAN_BY_SORT = False    # second stage: kk arg-min steps (True: one sort of the candidates;
-                        # 19.9 vs 10.6 ms for a 16-frame window, H100 run 21)
+# second stage, queries per program: 8 -> 12.6 ms, 16 -> 15.0, 32 -> 24.4 (H100 run 25,
+# 16 frames x 24,576 queries x 8,192 references)
+BLOCK_Q_MEAN = 8
+# second stage: kk arg-min steps (True: one sort of the candidates; 19.9 vs 10.6 ms for a
+# 16-frame window, H100 run 21)
+MEAN_BY_SORT = False
 
 
 @triton.jit

@@ -513,7 +513,7 @@ class _LloydIterations:
         return own, sums[:, :k], counts[:, :k]
 
     def run(self, centres: Tensor, relocate: bool) -> Tuple[Tensor, Tensor]:
-        x, k, s = self.x, self.k, self.x.shape[0]
+        x = self.x
         saw_empty = torch.zeros((), dtype=torch.bool, device=x.device)
         for _ in range(self.iters):
             own, sums, counts = self.step(centres)
