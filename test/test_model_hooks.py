@@ -184,7 +184,7 @@ def test_fused_block_path_under_autocast_casts_qk_like_sdpa():
 
     def control():
         return AttentionControl(capture={"global": {0}},
-                                on_qk=lambda kind, l, q, k: seen.append(q.dtype))
+                                on_qk=lambda kind, layer, q, k: seen.append(q.dtype))
     with torch.no_grad():
         plain = model(images, control=control(), autocast_dtype=torch.bfloat16)
         model.use_fused_blocks(True)
@@ -198,3 +198,36 @@ def test_fused_block_path_under_autocast_casts_qk_like_sdpa():
     assert len(seen) == 2 and seen[0] == seen[1]
     for key in ("pose_enc", "depth", "world_points"):
         assert torch.equal(plain[key], fused[key]), key
+
+
+def test_last_layer_tokens_gives_the_full_rows_of_the_leading_tokens():
+    """aggregator.run(last_layer_tokens=n): the last global block computes only the first n
+    tokens of each frame; those rows equal the full computation's (module and fused block
+    paths, with key suppression active), earlier layers are untouched."""
+    import torch
+    from vggt4d_ros.model.config import VGGTConfig
+    from vggt4d_ros.model.hooks import AttentionControl
+    from vggt4d_ros.model.vggt import VGGT
+    from vggt4d_ros.stream.factory import TINY_VGGT_CONFIG
+    torch.manual_seed(0)
+    model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+    agg = model.aggregator
+    x = torch.rand(1, 3, 3, 28, 42)
+    keep = torch.rand(1, 3, 5 + 6, generator=torch.Generator().manual_seed(1)) > 0.3
+
+    def control():
+        return AttentionControl(key_keep=keep, key_mask_layers={0, agg.depth - 1})
+    last = agg.depth - 1
+    for fused in (False, True):
+        model.use_fused_blocks(fused)
+        with torch.no_grad():
+            full = agg.run(x, control=control())
+            for n in (1, 3):
+                part = agg.run(x, control=control(), last_layer_tokens=n)
+                assert part.layers[last].shape == (1, 3, n, full.layers[last].shape[-1])
+                assert torch.allclose(part.layers[last], full.layers[last][:, :, :n],
+                                      atol=1e-6, rtol=1e-5), (fused, n)
+                assert torch.equal(part.layers[0], full.layers[0])
+    model.use_fused_blocks(False)
+    with pytest.raises(ValueError, match="last_layer_tokens"):
+        agg.run(x, last_layer_tokens=0)

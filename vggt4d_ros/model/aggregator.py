@@ -114,8 +114,15 @@ class Aggregator(nn.Module):
 
     def run(self, images: torch.Tensor, control: Optional[AttentionControl] = None,
             patch_tokens: Optional[torch.Tensor] = None,
-            keep_layers: Optional[Iterable[int]] = None) -> AggregatorOutput:
-        """Like ``forward`` but also returns the DINO patch tokens (see AggregatorOutput)."""
+            keep_layers: Optional[Iterable[int]] = None,
+            last_layer_tokens: Optional[int] = None) -> AggregatorOutput:
+        """Like ``forward`` but also returns the DINO patch tokens (see AggregatorOutput).
+
+        ``last_layer_tokens`` n: the last global block computes only the first n tokens of
+        each frame (n = 1: the camera token, all the camera head reads) and the last layer's
+        output is ``[B, S, n, 2C]``; every token still serves as key/value, so those rows
+        equal the full computation's. Ignored when a Q/K hook reads that layer.
+        """
         if images.dim() != 5:
             raise ValueError("aggregator expects images [B, S, 3, H, W], got "
                              f"{tuple(images.shape)}")
@@ -151,11 +158,25 @@ class Aggregator(nn.Module):
             tokens = self.frame_blocks[i](tokens.reshape(b * s, t, c), rope=rope_f, on_qk=f_hook,
                                           keys=frame_sel if masked else None)
             frame_out = tokens
+            # last layer, first tokens only: nothing reads the other rows of its output
+            rows = (_leading_rows(s, t, last_layer_tokens, images.device)
+                    if last_layer_tokens is not None and i == self.depth - 1 and g_hook is None
+                    else None)
             tokens = self.global_blocks[i](tokens.reshape(b, s * t, c), rope=rope_g,
-                                           on_qk=g_hook, keys=global_sel if masked else None)
+                                           on_qk=g_hook, keys=global_sel if masked else None,
+                                           rows=rows)
             if i in keep:
-                layers.append(torch.cat([frame_out.reshape(b, s, t, c),
-                                         tokens.reshape(b, s, t, c)], dim=-1))
+                n_out = t if rows is None else last_layer_tokens
+                layers.append(torch.cat([frame_out.reshape(b, s, t, c)[:, :, :n_out],
+                                         tokens.reshape(b, s, n_out, c)], dim=-1))
             else:
                 layers.append(None)
         return AggregatorOutput(layers, p, patch_tokens)
+
+
+def _leading_rows(frames: int, tokens: int, n: int, device: torch.device) -> torch.Tensor:
+    """Positions of the first ``n`` tokens of every frame in the global sequence -> [S·n]."""
+    if not 1 <= n <= tokens:
+        raise ValueError(f"last_layer_tokens must be in [1, {tokens}], got {n}")
+    start = torch.arange(frames, device=device)[:, None] * tokens
+    return (start + torch.arange(n, device=device)[None]).flatten()

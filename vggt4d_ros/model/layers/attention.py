@@ -52,7 +52,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[RopeTables] = None,
                 on_qk: Optional[QKCallback] = None,
-                keys: Optional[KeySelection] = None) -> torch.Tensor:
+                keys: Optional[KeySelection] = None,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``rows`` [R] long: only these query positions (every token still a key/value) ->
+        [B', R, C]; ``on_qk`` then sees those q rows."""
         b, t, c = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                  # [B', heads, T, d]
@@ -60,8 +63,10 @@ class Attention(nn.Module):
         if rope is not None:
             q = RotaryPositionEmbedding2D.apply(q, rope)
             k = RotaryPositionEmbedding2D.apply(k, rope)
+        if rows is not None:
+            q = q.index_select(2, rows)
         out = attend(q, k, v, on_qk, keys)
-        return self.proj(out.transpose(1, 2).reshape(b, t, c))
+        return self.proj(out.transpose(1, 2).reshape(b, q.shape[2], c))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, on_qk: Optional[QKCallback],

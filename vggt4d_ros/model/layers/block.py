@@ -36,15 +36,20 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[RopeTables] = None,
                 on_qk: Optional[QKCallback] = None,
-                keys: Optional[KeySelection] = None) -> torch.Tensor:
+                keys: Optional[KeySelection] = None,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B', T, C] -> [B', T, C]; with ``rows`` [R] long only those tokens' outputs,
+        [B', R, C] (all T tokens still act as keys/values: the same values as the full
+        output's rows, without the other rows' attention queries and MLP)."""
         if self.fused is not None:
-            return self._forward_fused(x, rope, on_qk, keys)
-        x = x + self.ls1(self.attn(self.norm1(x), rope=rope, on_qk=on_qk, keys=keys))
+            return self._forward_fused(x, rope, on_qk, keys, rows)
+        attn = self.attn(self.norm1(x), rope=rope, on_qk=on_qk, keys=keys, rows=rows)
+        x = (x if rows is None else x.index_select(1, rows)) + self.ls1(attn)
         return x + self.ls2(self.mlp(self.norm2(x)))
 
     def _forward_fused(self, x: torch.Tensor, rope: Optional[RopeTables],
-                       on_qk: Optional[QKCallback], keys: Optional[KeySelection]
-                       ) -> torch.Tensor:
+                       on_qk: Optional[QKCallback], keys: Optional[KeySelection],
+                       rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Same maths as ``forward`` through the (compilable) functions of ``layers/fused``."""
         a, fn = self.attn, self.fused
         qn = a.q_norm if isinstance(a.q_norm, nn.LayerNorm) else None
@@ -55,6 +60,8 @@ class Block(nn.Module):
             kn.weight if kn else None, kn.bias if kn else None, qn.eps if qn else 1e-5,
             rope.cos if rope is not None else None, rope.sin if rope is not None else None,
             _sdpa_qk_dtype(x, on_qk))
+        if rows is not None:
+            q, x = q.index_select(2, rows), x.index_select(1, rows)
         out = attend(q, k, v, on_qk, keys)
         g1 = self.ls1.gamma if isinstance(self.ls1, LayerScale) else None
         g2 = self.ls2.gamma if isinstance(self.ls2, LayerScale) else None
