@@ -57,12 +57,13 @@ def lloyd_step(x: torch.Tensor, valid: torch.Tensor, centres: torch.Tensor,
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One assignment + centre-sum pass of every frame's k-means.
 
-    Args: ``x [S, Q, 3]`` float32 CUDA points, ``valid [S, Q]`` bool or int8 (the points that
-    count),
-    ``centres [S, k, 3]``, ``active [S, k]`` bool (inactive centres are never nearest).
-    Returns ``(own [S, Q]`` squared distance to the nearest active centre, ``labels [S, Q]``
-    int64 its index, ``sums [S, k, 3]`` sum of the valid points of each centre, ``counts
-    [S, k]``)``. Labels and distances of invalid points are computed but not counted.
+    Args: ``x [S, Q, 3]`` float32 CUDA points, ``valid [S, Q]`` bool or int8 (the points
+    that count), ``centres [S, k, 3]``, ``active [S, k]`` bool (inactive centres are never
+    nearest).
+    Returns ``(own, labels, sums, counts)``: ``own [S, Q]`` squared distance to the nearest
+    active centre, ``labels [S, Q]`` int64 its index, ``sums [S, k, 3]`` the sum of the valid
+    points of each centre, ``counts [S, k]`` their number. Labels and distances of invalid
+    points are computed but not counted.
     """
     s, q, _ = x.shape
     k = centres.shape[1]
