@@ -82,6 +82,9 @@ def test_bench_stream_reports_the_per_window_split():
                           "emit_ms"}
     assert all(math.isfinite(v) and v >= 0 for v in split.values())
     assert split["pipeline_ms"] <= split["predict_ms"] <= split["total_ms"]
+    stages = r["pipeline_stage_ms_median"]        # the pipeline's own stages, in the stream
+    assert {"pass1", "total"} <= set(stages) and "s" not in stages
+    assert all(math.isfinite(v) and v >= 0 for v in stages.values())
 
 
 def test_config_overrides_parse_python_literals_and_refuse_malformed_items():
