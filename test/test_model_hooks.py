@@ -231,3 +231,33 @@ def test_last_layer_tokens_gives_the_full_rows_of_the_leading_tokens():
     model.use_fused_blocks(False)
     with pytest.raises(ValueError, match="last_layer_tokens"):
         agg.run(x, last_layer_tokens=0)
+
+
+def test_gathered_keys_use_the_any_length_sdpa_kernels(monkeypatch):
+    """Key suppression by gathered index (a key count that changes with every window) runs
+    SDPA inside ``_any_length_kernels`` (on CUDA: no cuDNN, whose plans are built per key
+    count); mask selections and plain attention do not; the result is the plain gathered
+    attention."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+    from vggt4d_ros.model.layers import attention as att
+    entered = []
+    real = att._any_length_kernels
+
+    def spy(q):
+        entered.append(q.shape)
+        return contextlib.nullcontext()
+    monkeypatch.setattr(att, "_any_length_kernels", spy)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 10, 8, generator=g) for _ in range(3))
+    index = torch.tensor([[0, 2, 3, 7]] * 2)
+    out = att.attend(q, k, v, None, att.KeySelection(index=index))
+    assert len(entered) == 1
+    ref = F.scaled_dot_product_attention(q, k[:, :, index[0]], v[:, :, index[0]])
+    assert torch.allclose(out, ref, atol=1e-6)
+    att.attend(q, k, v, None, att.KeySelection(mask=torch.ones(2, 1, 1, 10, dtype=torch.bool)))
+    att.attend(q, k, v, None, None)
+    assert len(entered) == 1
+    assert isinstance(real(q), contextlib.nullcontext)      # CPU: the default backends
