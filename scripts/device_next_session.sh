@@ -5,6 +5,9 @@
 # 1. the defaults (CUDA graphs captured at high priority, interleaved side stages) with plain
 #    VGGT in the same bench process (ratio), and a 500-frame stream: its window sizes must be
 #    {16, 12 (the flush)} and no window may take seconds (a compile);
+#    Check of the last commit of session 15 (not measured yet): "VGGT4D stages in the stream"
+#    must show pass2 close to the isolated window's pass2 (run 30: 156.4 vs 102.3 ms, cuDNN
+#    building a plan per gathered-key count; now FlashAttention-2 for those layers);
 # 2. graph_check (the CUDA-graph path: labels equal to eager and scikit-learn).
 # Each step has its own timeout and log file (never piped: a pipe's buffer is lost when the
 # call times out).
