@@ -103,3 +103,13 @@ def test_knn_kernels_match_torch_path():
     """)
     assert out["block_min_err"] < 1e-5
     assert out["mean_err"] < 1e-5
+
+
+def test_kernels_are_not_specialised_on_the_query_count():
+    """The query count changes with every window; a kernel specialised on it (Triton's
+    default: divisible by 16 or not) compiled again mid-stream - a 13.4 s window on the H100
+    (docs/BENCHMARKS.md, run 21)."""
+    from vggt4d_ros.dynamic import _kmeans_triton, _knn_triton
+    for kernel in (_knn_triton._block_min_kernel, _knn_triton._knn_mean_kernel,
+                   _kmeans_triton._lloyd_step_kernel):
+        assert "num_q" in kernel.do_not_specialize, kernel
