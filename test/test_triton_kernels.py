@@ -40,7 +40,8 @@ def test_lloyd_step_kernel_matches_torch_step():
         valid[2, 10:] = False                       # 10 points: only 10 active centres
         ref = rf._LloydIterations(x.double(), valid, k, 1)
         c = x[:, :k].clone()
-        own, lab, sums, counts = km.lloyd_step(x, valid, c, ref.active, block_q=128)
+        own, lab, sums, counts = km.lloyd_step(x, valid, c, km.centre_penalty(ref.active),
+                                               block_q=128)
         own_t, lab_t = ref.assign(c.double())
         _, sums_t, counts_t = ref.step(c.double())
         print(json.dumps({

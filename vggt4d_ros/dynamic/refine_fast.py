@@ -35,8 +35,8 @@ Differences from the reference path (all documented approximations):
    (no sync; on CUDA each iteration's assignment and centre sums are one Triton kernel,
    ``_kmeans_triton``, whose per-program partial sums make the centres deterministic - the
    torch path's scatter-add atomics were not; with ``cfg.cuda_graphs`` on CUDA all of it
-   is one cached CUDA-graph replay, the
-   query count padded to one of 2 sizes per octave so that windows share shapes); an empty
+   is one cached CUDA-graph replay, the query count padded to one of 2 sizes per octave so
+   that windows share shapes); an empty
    cluster takes a point far from its centre (the first empty cluster of a
    frame the farthest point; the e-th the farthest point of the e-th of k strided blocks of
    points, blocks ranked by their farthest point - ``_block_farthest``, cheaper than a top-k per
@@ -480,6 +480,7 @@ class _LloydIterations:
         self.w = valid.to(x.dtype)
         if self._kernel is not None:
             self.valid_i8 = valid.to(torch.int8)
+            self.penalty = self._kernel.centre_penalty(self.active)
             return
         self.x_aug = torch.cat([x, torch.ones_like(x[..., :1])], -1)      # [S, Q, 4]
         self.x_sq = (x * x).sum(-1)
@@ -487,7 +488,7 @@ class _LloydIterations:
     def assign(self, c: Tensor) -> Tuple[Tensor, Tensor]:
         """(squared distance to the nearest active centre, its index), both ``[S, Q]``."""
         if self._kernel is not None:
-            return self._kernel.lloyd_step(self.x, self.valid_i8, c, self.active)[:2]
+            return self._kernel.lloyd_step(self.x, self.valid_i8, c, self.penalty)[:2]
         # |x−c|² = |x|² + (|c|² − 2 x·c): one bmm [S, Q, k] (TF32 off; inactive -> +inf)
         c_aug = torch.cat([-2.0 * c, (c * c).sum(-1, keepdim=True)], -1).transpose(1, 2)
         with _full_fp32_matmul():
@@ -500,7 +501,7 @@ class _LloydIterations:
         valid points ``[S, k, 3]``, their counts ``[S, k]``)."""
         if self._kernel is not None:      # CUDA: one Triton kernel, deterministic sums
             own, _, sums, counts = self._kernel.lloyd_step(self.x, self.valid_i8, c,
-                                                           self.active)
+                                                           self.penalty)
             return own, sums, counts
         own, labels = self.assign(c)
         lab = torch.where(self.valid, labels, self.lab_pad)
