@@ -76,8 +76,8 @@ def validate_frame(frame: FrameInput) -> None:
 class InputQueue:
     """Thread-safe input stage: validates stamps/sizes, assigns keys, applies the drop policy.
 
-    ``submit`` is cheap (safe to call from a camera callback); ``pop_all`` is called by the
-    single worker that runs the windows.
+    ``submit`` is cheap (safe to call from a camera callback); ``pop`` / ``pop_all`` are called
+    by the single worker that runs the windows; ``peek_frames`` may be called from any thread.
     """
 
     def __init__(self, drop_policy: str = "keep_all", max_queue: int = 64,
@@ -143,6 +143,32 @@ class InputQueue:
                 self._n_frames -= 1
                 self.dropped["queue_full"] += 1
                 return
+
+    def pop(self) -> Optional[QueueItem]:
+        """Take the oldest queued item (frame or reset marker), None if the queue is empty."""
+        with self._lock:
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            if isinstance(item, QueuedFrame):
+                self._n_frames -= 1
+            return item
+
+    def num_items(self) -> int:
+        """Queued items: frames and reset markers."""
+        with self._lock:
+            return len(self._items)
+
+    def peek_frames(self, n: int) -> list[QueuedFrame]:
+        """The oldest ``n`` queued frames without taking them; fewer if the queue holds fewer or
+        a reset marker comes first (frames after a marker belong to another sequence)."""
+        out: list[QueuedFrame] = []
+        with self._lock:
+            for item in self._items:
+                if len(out) >= n or isinstance(item, ResetMarker):
+                    break
+                out.append(item)
+        return out
 
     def pop_all(self) -> list[QueueItem]:
         """Take every queued item (frames and reset markers, in arrival order)."""

@@ -34,6 +34,19 @@ Threads
     ``submit`` (camera callback) and ``poll`` (one worker) may run concurrently; ``push`` =
     ``submit`` + ``poll`` for single-threaded use. ``reset`` waits for a running window.
 
+Pipelining (``StreamConfig.pipelined``, default on)
+    Predictions run on one engine-owned thread. Window n+1's frames are known before window n
+    is aligned and emitted: its anchors are window n's overlap (and keyframes), its new frames
+    the next ``stride`` queued ones. As soon as those are queued (already when window n's
+    prediction returns, or later from ``submit``), window n+1's prediction starts on the GPU
+    while the CPU aligns and emits window n and the caller publishes it. The started
+    prediction is used only if window n+1, once its turn comes, has exactly the frames it was
+    started with (same keys); otherwise (window n went LOST and re-shows its last good frame,
+    a keyframe was evicted, a reset came) it is discarded and the window predicted again.
+    Results therefore never depend on timing: pipelined and serial runs emit the same frames.
+    The predictor is only ever called from that one thread, one window at a time, so GPU
+    memory is that of one window. ``close()`` stops the thread.
+
 Memory (bounded; a long run keeps flat retained memory)
     overlap + keyframe (+ one recovery-anchor) records, at most ``window_size`` pending frames,
     the input queue (``max_queue`` under ``drop_oldest``), the voxel map (``max_voxels``) and
@@ -44,7 +57,9 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -90,6 +105,7 @@ class StreamConfig:
     max_voxels: int = 500_000
     trajectory_capacity: int = 100_000
     seed: int = 0                       # subsampling RNG (deterministic per window)
+    pipelined: bool = True              # predict window n+1 while window n is emitted (above)
 
     def __post_init__(self) -> None:
         if self.window_size < 2:
@@ -187,6 +203,28 @@ class StreamCounters:
     resets: dict[str, int] = field(default_factory=dict)
     queue_depth: int = 0
     pending: int = 0                     # taken from the queue, waiting for their window
+    lookahead_hits: int = 0              # windows whose prediction started early and was used
+    lookahead_misses: int = 0            # early predictions discarded (window changed)
+
+
+@dataclass
+class _NextWindow:
+    """What the next window will hold, known before the current one is emitted: its anchors
+    (keys, input images) and the new frames it takes (``need``), of which ``taken`` are
+    already out of the input queue (the engine's pending frames)."""
+
+    anchor_keys: list[int]
+    anchor_images: list[np.ndarray]
+    taken: list[QueuedFrame]
+    need: int
+
+
+@dataclass
+class _Lookahead:
+    """A prediction started before its window's turn: the window's frame keys and the result."""
+
+    keys: tuple[int, ...]
+    result: Future
 
 
 class StreamEngine:
@@ -201,6 +239,18 @@ class StreamEngine:
         self._queue = InputQueue(cfg.drop_policy, cfg.max_queue,
                                  int(round(cfg.backwards_reset_s * 1e9)))
         self._lock = threading.RLock()
+        # pipelining state (module docstring), guarded by _ahead_lock: submit may start the
+        # next window's prediction while poll emits the current one
+        self._ahead_lock = threading.Lock()
+        self._next_window: Optional[_NextWindow] = None
+        self._lookahead: Optional[_Lookahead] = None
+        self._lookahead_hits = 0
+        self._lookahead_misses = 0
+        self._predict_thread: Optional[ThreadPoolExecutor] = None
+        if cfg.pipelined:
+            self._predict_thread = ThreadPoolExecutor(1, thread_name_prefix="vggt4d_predict")
+            # an engine dropped without close() still releases its (idle) thread
+            weakref.finalize(self, self._predict_thread.shutdown, wait=False)
         self.static_map = VoxelMap(cfg.voxel_size, cfg.max_voxels)
         self._traj_stamp = np.zeros(cfg.trajectory_capacity, np.int64)
         self._traj_tq = np.zeros((cfg.trajectory_capacity, 7), np.float64)
@@ -212,7 +262,6 @@ class StreamEngine:
         self._resets: Counter[str] = Counter()
         self._dropped_local: Counter[str] = Counter()
         self.last_reset_reason = ""
-        self._backlog: list = []                          # queue items not consumed (error)
         self._undelivered: list[FrameOutput] = []         # outputs of a poll that raised
         self._sequence = 0                                # +1 per reset (FrameOutput.sequence)
         self._clear_sequence()
@@ -229,30 +278,65 @@ class StreamEngine:
         return StreamCounters(self._queue.frames_in, self._frames_out, dict(dropped),
                               self._windows, self._lost_windows, self._lost_events,
                               self._recoveries, dict(self._resets), len(self._queue),
-                              len(self._pending))
+                              len(self._pending), self._lookahead_hits, self._lookahead_misses)
 
     def submit(self, frame: FrameInput) -> Optional[str]:
-        """Validate and queue a frame (thread-safe, cheap). Returns the drop reason or None."""
-        return self._queue.submit(frame)
+        """Validate and queue a frame (thread-safe, cheap). Returns the drop reason or None.
 
-    def poll(self) -> list[FrameOutput]:
-        """Run every window that the queued frames complete; returns the frames they emit.
+        Pipelined: the frame that completes the next window starts its prediction (on the
+        prediction thread; this call does not wait for it)."""
+        reason = self._queue.submit(frame)
+        if reason is None:
+            self._start_next_window()
+        return reason
 
+    def poll(self, max_windows: Optional[int] = None) -> list[FrameOutput]:
+        """Run the windows that the frames queued when the call starts complete (every one, or
+        at most ``max_windows``; the rest stay queued); returns the frames they emit.
+
+        A worker that publishes between windows calls ``poll(max_windows=1)`` until it returns
+        nothing, so that each window is published as soon as it is emitted.
         If the predictor raises, the failed window's new frames are counted as dropped
         (``inference_error``) and the exception propagates; frames queued behind it and outputs
         already produced by this call are kept and returned by the next ``poll``.
         """
+        if max_windows is not None and max_windows < 1:
+            raise ValueError(f"max_windows must be None or >= 1, got {max_windows}")
         with self._lock:
             out, self._undelivered = self._undelivered, []
-            items, self._backlog = self._backlog + self._queue.pop_all(), []
-            for k, item in enumerate(items):
+            budget = self._queue.num_items()          # not frames queued during this call
+            windows = self._windows
+            while budget and (max_windows is None or self._windows - windows < max_windows):
+                item = self._take_item()
+                if item is None:                      # dropped meanwhile (drop_oldest)
+                    break
+                budget -= 1
                 try:
                     out += self._consume(item)
                 except Exception:
-                    self._backlog = items[k + 1:]
                     self._undelivered = out
                     raise
             return out
+
+    def close(self) -> None:
+        """Stop the prediction thread (after a running prediction). Idempotent; windows after
+        ``close`` are predicted in the calling thread."""
+        with self._ahead_lock:
+            thread, self._predict_thread = self._predict_thread, None
+            self._next_window = self._lookahead = None
+        if thread is not None:
+            thread.shutdown(wait=True)
+
+    def _take_item(self):
+        """The oldest queued item; a frame also joins the planned next window's taken frames."""
+        with self._ahead_lock:
+            item = self._queue.pop()
+            if self._next_window is not None and item is not None:
+                if isinstance(item, QueuedFrame):
+                    self._next_window.taken.append(item)
+                else:                                 # a new sequence: the plan is void
+                    self._next_window = None
+            return item
 
     def _consume(self, item) -> list[FrameOutput]:
         """One queue item: a reset marker, or a frame that may complete a window."""
@@ -281,11 +365,10 @@ class StreamEngine:
         """Forget the sequence: queued/pending frames (counted as dropped ``reset``), trajectory,
         map, anchors. State becomes RESET; the next window starts a new odometry frame."""
         with self._lock:
-            backlog = sum(isinstance(i, QueuedFrame) for i in self._backlog)
-            self._dropped_local["reset"] += (self._queue.clear() + len(self._pending) + backlog
+            self._dropped_local["reset"] += (self._queue.clear() + len(self._pending)
                                              + len(self._undelivered))
             self._frames_out -= len(self._undelivered)    # never delivered: dropped instead
-            self._pending, self._backlog, self._undelivered = [], [], []
+            self._pending, self._undelivered = [], []
             self._reset_sequence(reason)
 
     def trajectory(self) -> list[tuple[int, np.ndarray]]:
@@ -318,6 +401,9 @@ class StreamEngine:
         self._traj_count = 0
         self.last_window: Optional[WindowOutput] = None
         self.static_map.clear()
+        with self._ahead_lock:
+            # a started prediction of the old sequence is never used (it finishes unobserved)
+            self._next_window = self._lookahead = None
 
     def _reset_sequence(self, reason: str) -> None:
         self._sequence += 1
@@ -339,13 +425,16 @@ class StreamEngine:
         t0 = time.perf_counter()
         anchor_recs = self._anchor_records()
         keys = [r.key for r in anchor_recs] + [f.key for f in new_frames]
-        images = np.stack([r.image for r in anchor_recs] + [f.image for f in new_frames])
         try:
-            pred = self.predictor.predict(images, keys).validate(len(keys))
+            pred = self._predict(anchor_recs, new_frames, keys).validate(len(keys))
         except Exception:
             self._dropped_local["inference_error"] += len(new_frames)
             raise
         t_pred = time.perf_counter()
+        # the next window's prediction may start now, assuming this one tracks; corrected
+        # after the emit if it does not (a prediction already started is then discarded)
+        history = (list(self._history) + list(new_frames))[-self.config.overlap:]
+        self._plan_next_window(self._select_anchors(history, None))
         if anchor_recs and anchor_recs[0].depth.shape != pred.resolution_hw:
             raise ValueError("predictor resolution changed within a sequence: "
                              f"{anchor_recs[0].depth.shape} -> {pred.resolution_hw}")
@@ -357,11 +446,59 @@ class StreamEngine:
         t_align = time.perf_counter()
         new_idx = list(range(len(anchor_recs), len(keys)))
         outputs = self._emit(pred, sim, res, anchors, new_idx, new_frames, frame_valid, rng)
+        self._plan_next_window(self._anchor_records())
         timings = dict(pred.timings)
         timings.update(predict_s=t_pred - t0, align_s=t_align - t_pred,
                        total_s=time.perf_counter() - t0)
         self.last_window.timings = timings
         return outputs
+
+    # ------------------------------------------------------------------ predictions
+    def _predict(self, anchor_recs: list[FrameRecord], new_frames: list[QueuedFrame],
+                 keys: list[int]) -> WindowPrediction:
+        """The window's prediction: the one started early if it has exactly these frames, else
+        predicted now (on the prediction thread when pipelined)."""
+        with self._ahead_lock:
+            early, self._lookahead, self._next_window = self._lookahead, None, None
+            thread = self._predict_thread
+        if early is not None:
+            if early.keys == tuple(keys):
+                self._lookahead_hits += 1
+                return early.result.result()
+            self._lookahead_misses += 1
+            # one window at a time on the device: let the discarded prediction finish first
+            early.result.exception()
+        images = np.stack([r.image for r in anchor_recs] + [f.image for f in new_frames])
+        if thread is None:
+            return self.predictor.predict(images, keys)
+        return thread.submit(self.predictor.predict, images, keys).result()
+
+    def _plan_next_window(self, anchors: Sequence) -> None:
+        """Record the next window's anchors (records or queued frames, ``.key`` / ``.image``)
+        and start its prediction if its new frames are already queued."""
+        with self._ahead_lock:
+            if self._predict_thread is None or self._lookahead is not None:
+                return
+            self._next_window = _NextWindow([a.key for a in anchors], [a.image for a in anchors],
+                                            list(self._pending), self.config.stride)
+        self._start_next_window()
+
+    def _start_next_window(self) -> None:
+        """Start the planned next window's prediction once its new frames are all queued."""
+        with self._ahead_lock:
+            plan = self._next_window
+            if plan is None or self._lookahead is not None or self._predict_thread is None:
+                return
+            frames = plan.taken[:plan.need]
+            if len(frames) < plan.need:
+                frames = frames + self._queue.peek_frames(plan.need - len(frames))
+                if len(frames) < plan.need:
+                    return
+            keys = plan.anchor_keys + [f.key for f in frames]
+            images = np.stack(plan.anchor_images + [f.image for f in frames])
+            self._lookahead = _Lookahead(tuple(keys), self._predict_thread.submit(
+                self.predictor.predict, images, keys))
+            self._next_window = None
 
     def _anchor_records(self) -> list[FrameRecord]:
         """[recovery anchor (only while LOST)], keyframes not in the overlap (oldest first), then
@@ -371,11 +508,15 @@ class StreamEngine:
         a window one frame longer is a new input shape, and on CUDA the compiled model then
         compiles for it (15-23 s on the H100) - in the first LOST window, when the stream is
         already in trouble. So windows keep ``window_size`` (+ keyframes) frames."""
+        return self._select_anchors(list(self._history), self._recovery)
+
+    def _select_anchors(self, history: list, recovery: Optional[FrameRecord]) -> list:
+        """``_anchor_records`` for a given overlap ``history`` and recovery anchor (items with
+        ``.key``): [recovery], keyframes not in the history, then the history."""
         extra = list(self._keyframes) if self.config.max_keyframes else []
-        history = list(self._history)
-        if self._recovery is not None:
-            extra = [self._recovery] + extra
-            if len(history) > 1 and all(r.key != self._recovery.key for r in history):
+        if recovery is not None:
+            extra = [recovery] + extra
+            if len(history) > 1 and all(r.key != recovery.key for r in history):
                 history = history[1:]
         seen = {r.key for r in history}
         out = []
