@@ -128,6 +128,7 @@ def stream_config(settings: P.NodeSettings):
         "window_size": settings["window.size"],
         "stride": settings["window.stride"],
         "max_keyframes": settings["window.keyframes"],
+        "pipelined": settings["window.pipelined"],
         # the node enforces drop_newest itself; the engine queue only knows drop_oldest
         "drop_policy": "drop_oldest",
         "max_queue": settings["queue_size"],
@@ -464,14 +465,19 @@ class Vggt4dNode(Node):
                                                        int(lost))
 
     def _poll_once(self) -> None:
+        # One window per poll: each window is published as soon as it is emitted (while the
+        # engine predicts the next one), not after every queued window has run.
         # _publish_lock: a ~/reset waits until this window's outputs are out, so nothing of
         # the old sequence is published after the reset answer.
-        with self._publish_lock:
-            self._poll_and_publish()
+        while not self._stop.is_set():
+            with self._publish_lock:
+                if not self._poll_and_publish():
+                    return
 
-    def _poll_and_publish(self) -> None:
+    def _poll_and_publish(self) -> bool:
+        """Run at most one window and publish it; False when no window ran."""
         with self._engine_lock:
-            outs = self.engine.poll()
+            outs = self.engine.poll(max_windows=1)
             window = self.engine.last_window
             state = self.engine.state
             resets = sum(self.engine.counters.resets.values())
@@ -488,6 +494,7 @@ class Vggt4dNode(Node):
         if outs or state != self._last_state:
             stamp = outs[-1].stamp_ns if outs else self._last_output_stamp
             self._publish_status(stamp, getattr(window, "reason", "") if window else "")
+        return bool(outs)
 
     def _publish_frame(self, out) -> None:
         stamp = ns_to_time(out.stamp_ns)
@@ -652,6 +659,8 @@ class Vggt4dNode(Node):
                 ("queue_depth", counters.queue_depth),
                 ("window_pending", counters.pending),
                 ("windows", counters.windows),
+                ("windows_predicted_ahead", counters.lookahead_hits),
+                ("predictions_ahead_discarded", counters.lookahead_misses),
                 ("latency_last_s", float(lat[-1])),
                 ("latency_p50_s", float(np.nanpercentile(lat, 50)) if self.latencies else "nan"),
                 ("latency_p99_s", float(np.nanpercentile(lat, 99)) if self.latencies else "nan"),
@@ -745,6 +754,9 @@ class Vggt4dNode(Node):
         self._wake.set()
         if self._worker is not None and self._worker.is_alive():
             self._worker.join(timeout=30.0)
+        close = getattr(getattr(self, "engine", None), "close", None)   # prediction thread
+        if callable(close):
+            close()
         super().destroy_node()
 
 

@@ -70,6 +70,9 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("window.keyframes", 0, "older keyframes added to each window for stability "
               "(windows grow by up to this many frames: new sizes compile once on CUDA)",
               lo=0, hi=32),
+    ParamSpec("window.pipelined", True, "predict the next window on the GPU while the current "
+              "one is aligned, emitted and published (same outputs; hides the host time "
+              "between windows)"),
     # VGGT4D
     ParamSpec("vggt4d.dynamic", True, "run the VGGT4D dynamic-mask pipeline (false = plain "
               "VGGT, every pixel static)"),
