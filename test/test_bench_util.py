@@ -58,9 +58,11 @@ def test_graph_check_tool_runs_under_emulated_capture(emulated_cuda_graphs, monk
     assert all(r["graph_equals_eager"] and r["graph_equals_sklearn"] for r in rows.values())
 
 
-def test_bench_stream_reports_the_per_window_split():
-    """vggt4d-bench's stream part on the CPU with a tiny random model: every frame comes out
-    and the per-window split (pipeline, alignment, emit) is reported."""
+@pytest.mark.parametrize("run", ["serial", "pipelined", "live30"])
+def test_bench_stream_reports_the_per_window_split(run):
+    """vggt4d-bench's stream part on the CPU with a tiny random model, driven like the node
+    (camera thread, worker polling one window at a time): every frame comes out and the
+    per-window split (pipeline, alignment, emit) is reported."""
     import math
 
     import torch
@@ -68,20 +70,32 @@ def test_bench_stream_reports_the_per_window_split():
     from vggt4d_ros.model.config import VGGTConfig
     from vggt4d_ros.model.vggt import VGGT
     from vggt4d_ros.stream.factory import TINY_VGGT_CONFIG
-    from vggt4d_ros.tools.bench import bench_stream
+    from vggt4d_ros.tools.bench import STREAM_RUNS, bench_stream
     torch.manual_seed(0)
     model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+    pipelined, rate = STREAM_RUNS[run]
     r = bench_stream(model, frames=11, height=28, width=42, window=4, stride=2,
-                     device=torch.device("cpu"), warmup_frames=4, overrides={"refine": False})
+                     device=torch.device("cpu"), warmup_frames=4, overrides={"refine": False},
+                     pipelined=pipelined, rate_hz=rate)
     assert r["frames_out"] == 11 and r["overrides"] == {"refine": False}
+    assert r["pipelined"] == pipelined and r["camera_rate_hz"] == rate
     assert r["flush_s"] > 0 and r["wall_s"] > 0          # the odd last frame: a flush window
     assert isinstance(r["cuda_graph_caches"], dict) and r["warmup_s"] > 0
     assert max(r["window_sizes"]) == 4 and min(r["window_sizes"]) == 3     # flush: 2 + 1
+    assert r["lookahead_misses"] == 0 and r["queue_depth_max"] >= 0
+    assert 0 < r["window_latency_s_median"] <= r["window_latency_s_p95"] \
+        <= r["window_latency_s_max"]
     split = r["window_ms_median"]
     assert set(split) == {"total_ms", "predict_ms", "preprocess_ms", "pipeline_ms", "align_ms",
                           "emit_ms"}
     assert all(math.isfinite(v) and v >= 0 for v in split.values())
-    assert split["pipeline_ms"] <= split["predict_ms"] <= split["total_ms"]
+    assert split["predict_ms"] <= split["total_ms"]
+    if run == "serial":
+        # serial: the engine waits for the whole prediction; pipelined, every window after the
+        # first was started while the previous one was emitted (the wait is shorter)
+        assert r["lookahead_hits"] == 0 and split["pipeline_ms"] <= split["predict_ms"]
+    elif run == "pipelined":
+        assert r["lookahead_hits"] == 3           # windows 1-3 of 4 full windows (+ the flush)
     stages = r["pipeline_stage_ms_median"]        # the pipeline's own stages, in the stream
     assert {"pass1", "total"} <= set(stages) and "s" not in stages
     assert all(math.isfinite(v) and v >= 0 for v in stages.values())

@@ -16,8 +16,10 @@ the weights; every geometric output of this run is meaningless) and prints:
    thresholds, refinement on the host, a full second forward with its own patch embedding
    and every head) and switches the speed-ups on one at a time.
 4. A stream of ``--stream-frames`` frames (window 16, stride 8) through the same
-   ``StreamEngine`` + ``Vggt4dWindowPredictor`` the node uses: frames/s, per-window latency,
-   stitching time and GPU memory after every window (flat = bounded).
+   ``StreamEngine`` + ``Vggt4dWindowPredictor`` the node uses, driven as the node drives it
+   (camera thread submits, worker polls one window at a time): frames/s, per-window latency,
+   stitching time and GPU memory after every window (flat = bounded); pipelined and serial
+   engine with every frame queued (throughput), and pipelined behind a 30 Hz camera.
 
 Timing: CUDA-synchronised, warm-up calls, median of ``--repeats``. Results go to stdout and,
 as JSON, to ``--out`` (default ``$OUT/bench.json`` when ``$OUT`` is set).
@@ -282,25 +284,43 @@ def bench_ablation(model, images: torch.Tensor, warmup: int, repeats: int
     return rows
 
 
+STREAM_RUNS = {          # name: (engine pipelined, camera rate in Hz; 0 = every frame at once)
+    "pipelined": (True, 0.0),
+    "serial": (False, 0.0),
+    "live30": (True, 30.0),
+}
+
+
 def bench_stream(model, frames: int, height: int, width: int, window: int, stride: int,
                  device: torch.device, warmup_frames: int = 0,
-                 overrides: Optional[Dict[str, object]] = None) -> Dict[str, object]:
-    """A long stream through StreamEngine + Vggt4dWindowPredictor (the node's path).
+                 overrides: Optional[Dict[str, object]] = None, pipelined: bool = True,
+                 rate_hz: float = 0.0) -> Dict[str, object]:
+    """A long stream through StreamEngine + Vggt4dWindowPredictor, driven as the node drives it.
+
+    A feeder thread is the camera: it submits every frame at once (``rate_hz`` 0: the
+    throughput of the engine) or at ``rate_hz`` (a live camera: does the node keep up?); the
+    calling thread is the node's worker, ``poll(max_windows=1)`` until every frame of the full
+    windows is out. ``pipelined``: ``StreamConfig.pipelined`` (next window predicted while
+    this one is emitted).
 
     ``warmup_frames`` (plus ``frames % stride``, so that the last, shorter window's shape is
     met too) first go through a separate engine, untimed (``warmup_s`` reports how long): the
     compiled graphs of every window shape the stream meets are built there, as a node does in
-    its first seconds. ``fps`` is the steady state: frames pushed per second of the push loop;
-    the end-of-stream flush (the last, shorter window) is reported apart (``flush_s``).
+    its first seconds. ``fps``: frames of the full windows per second, first submit to last
+    output; the end-of-stream flush (the last, shorter window) is reported apart
+    (``flush_s``). Window latency: submit of the window's newest frame to the poll that
+    returns the window. GPU memory: allocated after every prediction (flat = bounded).
     ``overrides``: Vggt4dConfig fields (as ``--set``).
     """
+    import threading
+
     from vggt4d_ros.dynamic import cuda_graph
     overrides = dict(overrides or {})
     warmup_s = 0.0
     if warmup_frames:
         t0 = time.perf_counter()
         bench_stream(model, warmup_frames + frames % stride, height, width, window, stride,
-                     device, overrides=overrides)
+                     device, overrides=overrides, pipelined=pipelined)
         warmup_s = time.perf_counter() - t0
     from vggt4d_ros.dynamic.pipeline import Vggt4dConfig, Vggt4dPipeline
     from vggt4d_ros.stream.engine import FrameInput, StreamConfig, StreamEngine
@@ -310,45 +330,72 @@ def bench_stream(model, frames: int, height: int, width: int, window: int, strid
     pipe = Vggt4dPipeline(model, Vggt4dConfig(**{"cluster_backend": "fast", **overrides}))
     predictor = Vggt4dWindowPredictor(pipe, width, str(device), label=RANDOM_LABEL)
     window_sizes: Dict[int, int] = {}     # frames per predictor call: each size compiles once
+    mem: List[float] = []
     predict = predictor.predict
 
     def counted_predict(images, frame_keys):
         window_sizes[len(frame_keys)] = window_sizes.get(len(frame_keys), 0) + 1
-        return predict(images, frame_keys)
+        out = predict(images, frame_keys)
+        if device.type == "cuda":        # between predictions: what the stream retains
+            mem.append(torch.cuda.memory_allocated() / 1e9)
+        return out
     predictor.predict = counted_predict
     engine = StreamEngine(predictor, StreamConfig(window_size=window, stride=stride,
-                                                  drop_policy="keep_all"))
+                                                  drop_policy="keep_all", pipelined=pipelined))
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, size=(height, width + 8 * frames // 4, 3), dtype=np.uint8)
-    mem, lat, stages = [], [], []
+    # a panning view of one random texture: consecutive frames overlap
+    images = [np.ascontiguousarray(base[:, (2 * i) % (base.shape[1] - width):][:, :width])
+              for i in range(frames)]
+    stamps = [int(i * 1e9 / 30) for i in range(frames)]
+    submitted: Dict[int, float] = {}
+
+    def camera():
+        start = time.perf_counter()
+        for i, (stamp, img) in enumerate(zip(stamps, images)):
+            if rate_hz:
+                time.sleep(max(0.0, start + i / rate_hz - time.perf_counter()))
+            submitted[stamp] = time.perf_counter()
+            engine.submit(FrameInput(stamp_ns=stamp, image=img, frame_id="camera_optical_frame"))
+
+    full = window + (frames - window) // stride * stride if frames >= window else 0
+    lat, stages, depth = [], [], []
     n_out = 0
+    feeder = threading.Thread(target=camera, name="bench_camera", daemon=True)
     t0 = time.perf_counter()
-    for i in range(frames):
-        off = 2 * i   # a panning view of one random texture: consecutive frames overlap
-        img = np.ascontiguousarray(base[:, off % (base.shape[1] - width):][:, :width])
-        t_push = time.perf_counter()
-        outs = engine.push(FrameInput(stamp_ns=int(i * 1e9 / 30), image=img,
-                                      frame_id="camera_optical_frame"))
-        if outs:
-            synchronize(device)
-            lat.append(time.perf_counter() - t_push)
-            stages.append(dict(getattr(engine.last_window, "timings", None) or {}))
-            if device.type == "cuda":
-                mem.append(torch.cuda.memory_allocated() / 1e9)
+    feeder.start()
+    if not rate_hz:
+        feeder.join()                   # every frame queued before the worker starts
+    while n_out < full:
+        outs = engine.poll(max_windows=1)
+        if not outs:
+            time.sleep(0.0005)
+            continue
+        lat.append(time.perf_counter() - submitted[outs[-1].stamp_ns])
+        stages.append(dict(getattr(engine.last_window, "timings", None) or {}))
+        depth.append(engine.counters.queue_depth)
         n_out += len(outs)
     wall = time.perf_counter() - t0
+    feeder.join()
     t_flush = time.perf_counter()
     n_out += len(engine.flush())
     synchronize(device)
     flush_s = time.perf_counter() - t_flush
+    counters = engine.counters
+    engine.close()
     graphs = {name: {k: v - graphs_before.get(name, {}).get(k, 0) if k != "size" else v
                      for k, v in st.items()} for name, st in cuda_graph.cache_stats().items()}
     return {"frames": frames, "frames_out": n_out, "window": window, "stride": stride,
+            "pipelined": pipelined, "camera_rate_hz": rate_hz,
             "overrides": overrides, "warmup_frames": warmup_frames, "warmup_s": warmup_s,
             "window_sizes": dict(sorted(window_sizes.items())),
-            "wall_s": wall, "fps": frames / wall, "flush_s": flush_s, "cuda_graph_caches": graphs,
-            "window_latency_s_median": float(np.median(lat))
-            if lat else None, "window_latency_s_max": float(np.max(lat)) if lat else None,
+            "wall_s": wall, "fps": full / wall, "flush_s": flush_s, "cuda_graph_caches": graphs,
+            "lookahead_hits": counters.lookahead_hits,
+            "lookahead_misses": counters.lookahead_misses,
+            "queue_depth_max": max(depth) if depth else 0,
+            "window_latency_s_median": float(np.median(lat)) if lat else None,
+            "window_latency_s_p95": float(np.percentile(lat, 95)) if lat else None,
+            "window_latency_s_max": float(np.max(lat)) if lat else None,
             "gpu_mem_gb_after_windows": mem,
             "gpu_mem_growth_gb": (mem[-1] - mem[min(2, len(mem) - 1)]) if len(mem) > 2 else None,
             "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else 0,
@@ -359,7 +406,9 @@ def bench_stream(model, frames: int, height: int, width: int, window: int, strid
 def _window_breakdown(stages: List[Dict[str, float]]) -> Dict[str, float]:
     """Median per-window split of the stream's time (ms): the predictor's pre-processing and
     pipeline, the rest of predict (output transfer, wrapper), Sim(3) alignment and the emit
-    step (static points, map fusion, records) - where the host time between windows goes."""
+    step (static points, map fusion, records) - where the host time between windows goes.
+    ``predict_ms`` is the time the engine WAITED for the prediction: pipelined, a prediction
+    started while the previous window was emitted is partly done when its turn comes."""
     def med(key: str) -> float:
         vals = [s[key] for s in stages if key in s]
         return float(np.median(vals)) * 1e3 if vals else float("nan")
@@ -387,6 +436,9 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=518)
     p.add_argument("--ablation-frames", type=int, default=16)
     p.add_argument("--stream-frames", type=int, default=500)
+    p.add_argument("--stream-runs", nargs="+", default=list(STREAM_RUNS), choices=list(STREAM_RUNS),
+                   help="stream runs: pipelined / serial engine with every frame queued at "
+                        "once (throughput), pipelined engine behind a 30 Hz camera (live)")
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--stride", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
@@ -488,22 +540,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         for row in report["ablation"]:
             row["speedup_vs_reference"] = base / row["median_s"]
     if "stream" not in args.skip and args.stream_frames:
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        st = bench_stream(model, args.stream_frames, args.height, args.width, args.window,
-                          args.stride, dev, warmup_frames=3 * args.window,
-                          overrides=args.overrides)
-        report["stream"] = st
-        print(f"stream {st['frames']} frames W{args.window}/S{args.stride} (after "
-              f"{st['warmup_frames']} warm-up frames, {st['warmup_s']:.1f} s): {st['fps']:.1f} "
-              f"frames/s (end-of-stream flush {st['flush_s']:.2f} s apart), CUDA-graph caches "
-              f"{st['cuda_graph_caches']}, window sizes {st['window_sizes']}, window latency "
-              f"median "
-              f"{st['window_latency_s_median']}, GPU memory "
-              f"growth {st['gpu_mem_growth_gb']} GB, peak {st['peak_gb']:.2f} GB; per window "
-              f"(median ms) {st['window_ms_median']}; VGGT4D stages in the stream (median ms) "
-              f"{st['pipeline_stage_ms_median']}", flush=True)
+        report["stream_runs"] = {}
+        for k, name in enumerate(args.stream_runs):
+            pipelined, rate = STREAM_RUNS[name]
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            st = bench_stream(model, args.stream_frames, args.height, args.width, args.window,
+                              args.stride, dev, warmup_frames=3 * args.window if k == 0 else 0,
+                              overrides=args.overrides, pipelined=pipelined, rate_hz=rate)
+            report["stream_runs"][name] = st
+            report["stream"] = report["stream"] or st
+            camera = f"camera {rate:g} Hz" if rate else "all frames queued"
+            print(f"stream[{name}] {st['frames']} frames W{args.window}/S{args.stride}, "
+                  f"{'pipelined' if pipelined else 'serial'}, {camera} (after "
+                  f"{st['warmup_frames']} warm-up frames, {st['warmup_s']:.1f} s): "
+                  f"{st['fps']:.1f} frames/s (end-of-stream flush {st['flush_s']:.2f} s apart), "
+                  f"predicted ahead {st['lookahead_hits']} (discarded "
+                  f"{st['lookahead_misses']}), queue max {st['queue_depth_max']}, window "
+                  f"latency median {st['window_latency_s_median']:.3f} p95 "
+                  f"{st['window_latency_s_p95']:.3f} max {st['window_latency_s_max']:.3f} s, "
+                  f"CUDA-graph caches {st['cuda_graph_caches']}, window sizes "
+                  f"{st['window_sizes']}, GPU memory growth {st['gpu_mem_growth_gb']} GB, "
+                  f"peak {st['peak_gb']:.2f} GB; per window (median ms) "
+                  f"{st['window_ms_median']}; VGGT4D stages in the stream (median ms) "
+                  f"{st['pipeline_stage_ms_median']}", flush=True)
     report["total_s"] = time.perf_counter() - t_start
     write_report(report, args.out, "bench.json")
     return 0
