@@ -186,6 +186,20 @@ def test_replay_is_deterministic(synth: tuple[SynthWorld, Path], replayed: Path,
     assert _strip_timings(again / "summary.json") == _strip_timings(replayed / "summary.json")
 
 
+def test_serial_replay_writes_the_same_as_the_pipelined_default(
+        synth: tuple[SynthWorld, Path], replayed: Path, tmp_path: Path) -> None:
+    world, scene = synth
+    serial = tmp_path / "serial"
+    _replay(world, scene / "bag_sqlite3", serial, pipelined=False)
+    for rel in ("trajectory.txt", "frames.txt", "static_map.ply",
+                *[f"masks/{i:06d}.png" for i in range(N_FRAMES)],
+                *[f"depth/{i:06d}.npz" for i in range(N_FRAMES)]):
+        assert (serial / rel).read_bytes() == (replayed / rel).read_bytes(), rel
+    a, b = _strip_timings(serial / "summary.json"), _strip_timings(replayed / "summary.json")
+    assert a["settings"].pop("pipelined") is False and b["settings"].pop("pipelined") is True
+    assert a == b
+
+
 def test_replay_folder_input_mcap_and_png16_depth(synth: tuple[SynthWorld, Path],
                                                   tmp_path: Path) -> None:
     world, scene = synth

@@ -450,6 +450,10 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="Vggt4dConfig overrides for the vggt4d and stream sections (python "
                         "literals), e.g. cuda_graphs=False interleave_stages=True")
+    p.add_argument("--switch-interval", type=float, default=None, metavar="S",
+                   help="sys.setswitchinterval for this process (Python's GIL hand-over "
+                        "period, default 0.005 s): how long the prediction thread can wait for "
+                        "the GIL while the worker emits a window")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     try:
@@ -467,6 +471,8 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(argv)
     dev = torch.device(args.device)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("vggt4d-bench: CUDA is not available (this benchmark is for the GPU device)",
               file=sys.stderr)
@@ -485,6 +491,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "command": "vggt4d-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
                  "cudnn": torch.backends.cudnn.allow_tf32},
+        "switch_interval_s": sys.getswitchinterval(),
         "size": [args.height, args.width], "plain": [], "vggt4d": [], "ablation": None,
         "stream": None, "attention_backends": None}
     print(f"{report['device']} torch {torch.__version__} | {args.config or 'VGGT-1B'} {RANDOM_LABEL} | "

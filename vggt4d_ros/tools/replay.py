@@ -105,6 +105,8 @@ class ReplaySettings:
     dynamic: bool = True             # False = plain VGGT (no VGGT4D masks / key suppression)
     refine: bool = True              # VGGT4D mask refinement
     cuda_graphs: bool = True         # CUDA-graph k-means (node: vggt4d.cuda_graphs)
+    pipelined: bool = True           # next window predicted while this one is written
+                                     # (node: window.pipelined; same outputs)
     voxel_size: float = 0.05         # static map voxel, odom units (node: map.voxel_size)
     max_voxels: int = 500_000        # node: map.max_voxels
     backwards_reset_s: float = 0.5   # node: stamps.backwards_reset
@@ -337,7 +339,8 @@ def make_engine(predictor: Any, settings: ReplaySettings) -> Any:
         "window_size": settings.window, "stride": settings.stride,
         "max_keyframes": settings.keyframes, "drop_policy": "keep_all",
         "backwards_reset_s": settings.backwards_reset_s, "voxel_size": settings.voxel_size,
-        "max_voxels": settings.max_voxels, "seed": settings.seed})))
+        "max_voxels": settings.max_voxels, "seed": settings.seed,
+        "pipelined": settings.pipelined})))
 
 
 # --------------------------------------------------------------------------- the replay
@@ -379,8 +382,8 @@ class _ReplayRun:
     """One replay writing everything under ``root`` (see :func:`run_replay`).
 
     The loop mirrors the node's worker: ``submit`` each frame (the engine's input rules may drop
-    it), ``poll`` the engine, write the outputs of the emitted frames, then the window points and
-    the status; ``flush`` at the end of the input.
+    it), ``poll`` the engine one window at a time, write the outputs of the emitted frames, then
+    the window points and the status; ``flush`` at the end of the input.
     """
 
     def __init__(self, source: FrameSource, root: Path, settings: ReplaySettings,
@@ -439,6 +442,8 @@ class _ReplayRun:
                 if frame is None:
                     break
                 self._feed(frame)
+            while self._poll_one():                 # the windows still queued, one by one
+                pass
             self._emit(self.timer.run("engine", self.engine.flush))
         except BaseException:
             self.bar.close()
@@ -468,7 +473,18 @@ class _ReplayRun:
             self.bar.update(1)
             return
         self.pending.append((frame.index, frame))
-        self._emit(self.timer.run("engine", self.engine.poll))
+        # Run a window only once the one after it is queued too: the pipelined engine then
+        # predicts that one on the GPU while this one is emitted and written (what is emitted
+        # does not depend on when poll runs; a few more frames wait in the queue).
+        c = self.engine.counters
+        if c.queue_depth + c.pending >= self.s.window + self.s.stride:
+            self._poll_one()
+
+    def _poll_one(self) -> bool:
+        """Run at most one window and write it; False when none ran."""
+        outs = self.timer.run("engine", self.engine.poll, max_windows=1)
+        self._emit(outs)
+        return bool(outs)
 
     def _emit(self, outs: Sequence[Any]) -> None:
         """Write the emitted frames, then (like the node's worker) window points and status."""
@@ -649,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA: k-means loops and threshold as CUDA-graph replays (same "
                         "results; default on; node: vggt4d.cuda_graphs)")
+    p.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True,
+                   help="predict the next window while this one is written (same outputs; "
+                        "default on; node: window.pipelined)")
     p.add_argument("--voxel-size", type=float, default=0.05, help="static map voxel, odom units")
     p.add_argument("--input-stride", type=int, default=1, help="use every N-th input frame")
     p.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
@@ -676,6 +695,7 @@ def settings_from_args(a: argparse.Namespace) -> ReplaySettings:
         checkpoint=str(a.checkpoint), window=a.window, stride=a.stride, resolution=a.resolution,
         keyframes=a.keyframes, min_window=a.min_window, device=a.device, dtype=a.dtype,
         dynamic=not a.no_dynamic, refine=not a.no_refine, cuda_graphs=a.cuda_graphs,
+        pipelined=a.pipelined,
         voxel_size=a.voxel_size, seed=a.seed, storage=a.storage, bag=not a.no_bag,
         viz=not a.no_viz, depth_format=a.depth_format, input_kind=a.kind, topic=a.topic,
         input_stride=a.input_stride, max_frames=a.max_frames)
