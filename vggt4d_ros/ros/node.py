@@ -2,9 +2,11 @@
 
 Threads: image/camera_info callbacks (one mutually-exclusive group) only convert the message,
 check it and hand it to :meth:`StreamEngine.submit` (cheap, bounded queue, drop policy);
-one worker thread runs :meth:`StreamEngine.poll` (the model) and publishes; timers
-(diagnostics, static map) and services run in their own groups on a MultiThreadedExecutor.
-No callback ever waits for the model.
+one worker thread runs :meth:`StreamEngine.poll` one window at a time and publishes it; with
+``window.pipelined`` the engine's own prediction thread already runs the next window on the GPU
+meanwhile (started by ``submit`` once its frames are queued). Timers (diagnostics, static map)
+and services run in their own groups on a MultiThreadedExecutor. No callback ever waits for
+the model.
 
 Frames (REP-105): ``odom -> base_link`` (odometry, /tf) and ``base_link -> camera optical
 frame`` (/tf_static, from parameters). The engine's world is the optical frame of the first
