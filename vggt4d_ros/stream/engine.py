@@ -36,10 +36,11 @@ Threads
 
 Pipelining (``StreamConfig.pipelined``, default on)
     Predictions run on one engine-owned thread. Window n+1's frames are known before window n
-    is aligned and emitted: its anchors are window n's overlap (and keyframes), its new frames
-    the next ``stride`` queued ones. As soon as those are queued (already when window n's
-    prediction returns, or later from ``submit``), window n+1's prediction starts on the GPU
-    while the CPU aligns and emits window n and the caller publishes it. The started
+    is even predicted: its anchors are window n's overlap (and keyframes), its new frames the
+    next ``stride`` queued ones. As soon as those are queued (already when window n is
+    started, or later from ``submit``), window n+1's prediction is queued on that thread right
+    behind window n's, and runs on the GPU while the CPU aligns and emits window n and the
+    caller publishes it. The started
     prediction is used only if window n+1, once its turn comes, has exactly the frames it was
     started with (same keys); otherwise (window n went LOST and re-shows its last good frame,
     a keyframe was evicted, a reset came) it is discarded and the window predicted again.
@@ -431,10 +432,6 @@ class StreamEngine:
             self._dropped_local["inference_error"] += len(new_frames)
             raise
         t_pred = time.perf_counter()
-        # the next window's prediction may start now, assuming this one tracks; corrected
-        # after the emit if it does not (a prediction already started is then discarded)
-        history = (list(self._history) + list(new_frames))[-self.config.overlap:]
-        self._plan_next_window(self._select_anchors(history, None))
         if anchor_recs and anchor_recs[0].depth.shape != pred.resolution_hw:
             raise ValueError("predictor resolution changed within a sequence: "
                              f"{anchor_recs[0].depth.shape} -> {pred.resolution_hw}")
@@ -457,21 +454,29 @@ class StreamEngine:
     def _predict(self, anchor_recs: list[FrameRecord], new_frames: list[QueuedFrame],
                  keys: list[int]) -> WindowPrediction:
         """The window's prediction: the one started early if it has exactly these frames, else
-        predicted now (on the prediction thread when pipelined)."""
+        predicted now (on the prediction thread when pipelined).
+
+        Pipelined, the next window is planned before this prediction is waited for: its
+        anchors are this window's overlap (assuming it tracks; corrected after the emit if it
+        does not, a prediction already started is then discarded), so when its frames are
+        queued it runs right behind this one and the device never waits for the host."""
         with self._ahead_lock:
             early, self._lookahead, self._next_window = self._lookahead, None, None
             thread = self._predict_thread
+        if early is not None and early.keys != tuple(keys):
+            self._lookahead_misses += 1   # it finishes unobserved; the thread runs one at a time
+            early = None
         if early is not None:
-            if early.keys == tuple(keys):
-                self._lookahead_hits += 1
-                return early.result.result()
-            self._lookahead_misses += 1
-            # one window at a time on the device: let the discarded prediction finish first
-            early.result.exception()
-        images = np.stack([r.image for r in anchor_recs] + [f.image for f in new_frames])
-        if thread is None:
-            return self.predictor.predict(images, keys)
-        return thread.submit(self.predictor.predict, images, keys).result()
+            self._lookahead_hits += 1
+            result = early.result
+        else:
+            images = np.stack([r.image for r in anchor_recs] + [f.image for f in new_frames])
+            if thread is None:
+                return self.predictor.predict(images, keys)
+            result = thread.submit(self.predictor.predict, images, keys)
+        history = (list(self._history) + list(new_frames))[-self.config.overlap:]
+        self._plan_next_window(self._select_anchors(history, None))
+        return result.result()
 
     def _plan_next_window(self, anchors: Sequence) -> None:
         """Record the next window's anchors (records or queued frames, ``.key`` / ``.image``)
