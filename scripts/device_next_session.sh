@@ -6,7 +6,7 @@
 #    500-frame streams: pipelined and serial engine with every frame queued, pipelined behind a
 #    30 Hz camera. Window sizes must be {16, 12 (the flush)}, no window may take seconds (a
 #    compile), "predicted ahead" 60 with none discarded;
-# 2. one pipelined stream alone in its process (the node's case; run 35: 31.0 frames/s, window
+# 2. one pipelined stream alone in its process (the node's case; runs 35-36: 29.8-31.0 frames/s, window
 #    mean 262 ms, p90 276, memory plateau 6.558 GB);
 # 3. graph_check (the CUDA-graph path: labels equal to eager and scikit-learn).
 # Each step has its own timeout and log file (never piped: a pipe's buffer is lost when the
