@@ -163,8 +163,9 @@ def test_soak_30hz_640x480_bounded_memory_queue_and_consistent_drops():
             json.dump(report, f, indent=1)
 
     assert all(n <= bound for n, bound in bounds.values()), bounds
-    # bounded queue: never above the configured size (sampled and as reported)
-    assert depth.max() <= QUEUE and len(depth) > 100
+    # bounded queue: never above the configured size (sampled and as reported), plus the
+    # STRIDE frames of a window whose prediction already started (pinned, not waiting)
+    assert depth.max() <= QUEUE + STRIDE and len(depth) > 100
     # bounded memory after warm-up
     assert growth < RSS_GROWTH_BOUND_MB, report
     # accounting: every received frame is published, dropped (with a reason) or still pending

@@ -418,8 +418,12 @@ def test_bad_input_is_logged_counted_and_survived(h, stamps, kind):
         h.pub_info.publish(info)
         h.pub_image.publish(img)
     elif kind == "stamp_not_increasing":
-        last = h.node._last_stamp
-        img, info = h.frame_msgs(h.next_index, stamp_ns=last)
+        # the newest frame sent so far must have reached the node first: a stamp read while
+        # frames are still on the wire can be > stamps.backwards_reset older than the newest
+        # one by the time this frame arrives (then it counts as stamp_backwards instead)
+        newest = stamp_to_ns(h.frame_msgs(h.next_index - 1)[0].header.stamp)
+        assert h.wait(lambda: h.node._last_stamp == newest)
+        img, info = h.frame_msgs(h.next_index, stamp_ns=newest)
         h.pub_info.publish(info)
         h.pub_image.publish(img)
     elif kind == "image_size_changed":

@@ -95,7 +95,7 @@ def test_soak_30hz_vga_bounded_queue_memory_and_accounting(policy, duration_s):
           f"(peak sample {max(rss):.0f}), latency p50 {np.percentile(lat, 50):.3f}s "
           f"p99 {np.percentile(lat, 99):.3f}s")
     assert received > 0 and processed > 0
-    assert max_queue <= QUEUE
+    assert max_queue <= QUEUE + STRIDE       # + the pinned frames of a started prediction
     assert sum(dropped.values()) > 0 or processed >= received - WINDOW   # (a fast machine)
     assert set(dropped) <= {"queue_full"}, dropped          # the only drop the policy makes
     pending = received - processed - sum(dropped.values())

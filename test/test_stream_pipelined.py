@@ -196,7 +196,7 @@ def test_poll_max_windows_and_close():
         f = gt.render(i)
         engine.submit(FrameInput(f.stamp_ns, f.image))
     assert len(engine.poll(max_windows=1)) == 8 and engine.counters.windows == 1
-    assert engine.counters.queue_depth == 12
+    assert engine.counters.queue_depth == 12    # (window 1 started: 4 of them pinned)
     assert len(engine.poll(max_windows=2)) == 8 and engine.counters.windows == 3
     assert pred.threads == {"vggt4d_predict_0"}
     engine.close()
@@ -205,3 +205,62 @@ def test_poll_max_windows_and_close():
     pred.threads.clear()
     assert len(engine.poll()) == 4 and engine.counters.windows == 4
     assert pred.threads == {threading.current_thread().name}
+
+
+def test_drop_oldest_never_drops_the_frames_of_a_started_prediction():
+    """Live input with a queue as small as the stride: the frames of a window whose prediction
+    already started are pinned in the queue, so later arrivals drop other frames, not those (a
+    dropped one would void the prediction: a second prediction of the window, falling further
+    behind)."""
+    gt = _gt(40)
+    pred = _Scripted(gt, delay_s=0.05)
+    engine = StreamEngine(pred, StreamConfig(**CFG, drop_policy="drop_oldest", max_queue=4))
+    frames = [gt.render(i) for i in range(20)]
+    outs = []
+    for f in frames[:8]:
+        outs += engine.push(FrameInput(f.stamp_ns, f.image))
+    for f in frames[8:12]:                    # window 1 complete: its prediction starts
+        engine.submit(FrameInput(f.stamp_ns, f.image))
+    assert engine.counters.queue_depth == 4 and engine.counters.pending == 0
+    for f in frames[12:18]:                   # 6 more arrive before the worker polls again
+        engine.submit(FrameInput(f.stamp_ns, f.image))
+    c = engine.counters
+    # the bound holds for the waiting frames (4); the started window's 4 are pinned on top
+    assert c.dropped == {"queue_full": 2} and c.queue_depth == 4 + 4
+    outs += engine.poll()
+    c = engine.counters
+    assert c.lookahead_hits == 2 and c.lookahead_misses == 0
+    # window 1 = frames 8-11 (all kept), window 2 = the 4 newest queued: 14-17 (12, 13 dropped)
+    assert [o.stamp_ns for o in outs[8:]] == [f.stamp_ns for f in frames[8:12] + frames[14:18]]
+    assert c.frames_out + sum(c.dropped.values()) + c.queue_depth + c.pending == c.frames_in
+    engine.close()
+
+
+def test_a_size_change_behind_a_sequence_tail_is_never_planned_as_its_continuation():
+    """The window that ends a sequence (pending frames run before a reset marker) plans
+    nothing: the frames behind the marker (another image size) start a new sequence. Found by
+    the node tests: the camera callback's submit raised from np.stack of mixed sizes."""
+    gt = _gt(40)
+    # frame keys are assigned in submission order: key k is world frame k (the GT predictor
+    # cannot look the half-size images up by content)
+    keyed = GroundTruthPredictor(gt.world, seed=5, index_of_key=lambda k: k)
+    big = [gt.render(i) for i in range(10)]
+    small = [np.ascontiguousarray(gt.render(i).image[::2, ::2]) for i in range(10, 20)]
+
+    def script(pipelined):
+        engine = StreamEngine(_Scripted(keyed), StreamConfig(**CFG, pipelined=pipelined))
+        outs = []
+        for f in big:                         # window 0 at frame 8; frames 8, 9 pending
+            outs += engine.push(FrameInput(f.stamp_ns, f.image))
+        for i, img in enumerate(small):       # reset marker + 10 frames of another size
+            assert engine.submit(FrameInput(big[-1].stamp_ns + (i + 1) * 10**8, img)) is None
+        outs += engine.poll() + engine.flush()
+        engine.close()
+        return engine, outs
+
+    engine, outs = script(True)
+    serial, ref = script(False)
+    assert [o.stamp_ns for o in outs] == [o.stamp_ns for o in ref]
+    assert [o.sequence for o in outs] == [0] * 10 + [1] * 10
+    assert engine.counters.resets == {"image_size_changed": 1}
+    assert engine.counters.lookahead_misses == 0

@@ -398,7 +398,7 @@ class Vggt4dNode(Node):
                             f"{shape[0]} to {rgb.shape[1]}x{rgb.shape[0]}: resetting the "
                             "sequence")
         if self.settings["drop_policy"] == "drop_newest" and \
-                self.engine.counters.queue_depth >= self.settings["queue_size"]:
+                self._waiting_frames() >= self.settings["queue_size"]:
             with self._lock:
                 self.node_dropped["queue_full"] += 1
             self.log.warn("queue_full", "inference queue full: newest frame dropped")
@@ -418,6 +418,11 @@ class Vggt4dNode(Node):
                 for old in sorted(self._pending)[: len(self._pending) // 2]:
                     del self._pending[old]
         self._wake.set()
+
+    def _waiting_frames(self) -> int:
+        """Queued frames still waiting (those of a started prediction are being predicted)."""
+        c = self.engine.counters
+        return c.queue_depth - c.queue_started
 
     def _limit_size(self, rgb: np.ndarray) -> np.ndarray:
         """Downscale (INTER_AREA, aspect kept) images wider than input.max_width."""

@@ -105,7 +105,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               "(odom, path, masks, depth, clouds, status)", choices=RELIABILITIES),
     ParamSpec("qos.outputs.depth", 10, "history depth of per-frame outputs", lo=1, hi=1000),
     # input handling
-    ParamSpec("queue_size", 8, "frames waiting for the inference worker (bounded)",
+    ParamSpec("queue_size", 8, "frames waiting for the inference worker (bounded; the "
+              "window.stride frames of a window whose prediction already started come on top)",
               lo=1, hi=1000),
     ParamSpec("drop_policy", "drop_oldest", "when the queue is full: drop_oldest (lowest "
               "latency) or drop_newest", choices=DROP_POLICIES, dynamic=True),

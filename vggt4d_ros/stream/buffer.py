@@ -11,11 +11,14 @@ stamp older by  > ``backwards_reset_ns``    new sequence (bag loop / replay rest
                                             RESETs (reason ``stamp_backwards``), frame accepted
 image size differs from the sequence's      RESET (reason ``image_size_changed``), frame accepted
 queue full (policy ``drop_oldest``)         oldest queued frame dropped, counted ``queue_full``
+                                            (frames pinned for a started prediction are
+                                            neither dropped nor counted in ``max_queue``)
 not a uint8 [H,W,3] array / bad stamp type  ValueError (a caller bug, not a data condition)
 ==========================================  ===============================================
 
 Policy ``keep_all`` (offline replay) never drops for lack of room; ``drop_oldest`` (live)
-keeps at most ``max_queue`` frames waiting for the worker, so latency stays bounded.
+keeps at most ``max_queue`` frames waiting for the worker, so latency stays bounded (plus at
+most one window's new frames whose prediction has started, see ``pin_frames``).
 """
 from __future__ import annotations
 
@@ -76,8 +79,8 @@ def validate_frame(frame: FrameInput) -> None:
 class InputQueue:
     """Thread-safe input stage: validates stamps/sizes, assigns keys, applies the drop policy.
 
-    ``submit`` is cheap (safe to call from a camera callback); ``pop`` / ``pop_all`` are called
-    by the single worker that runs the windows; ``peek_frames`` may be called from any thread.
+    ``submit`` is cheap (safe to call from a camera callback); ``pop`` / ``pin_frames`` /
+    ``pop_all`` are the worker's (the engine serialises their callers).
     """
 
     def __init__(self, drop_policy: str = "keep_all", max_queue: int = 64,
@@ -94,6 +97,7 @@ class InputQueue:
         self._lock = threading.Lock()
         self._items: deque[QueueItem] = deque()
         self._n_frames = 0                    # frames (not markers) in _items
+        self._pinned = 0                      # the oldest items, frames never dropped
         self._next_key = 0                    # keys are never reused, even across resets
         self._last_stamp: Optional[int] = None
         self._shape: Optional[tuple[int, int]] = None
@@ -128,7 +132,7 @@ class InputQueue:
             self._next_key += 1
             self._n_frames += 1
             if self.drop_policy == "drop_oldest":
-                while self._n_frames > self.max_queue:
+                while self._n_frames - self._pinned > self.max_queue:
                     self._drop_oldest_frame()
             return None
 
@@ -138,7 +142,7 @@ class InputQueue:
 
     def _drop_oldest_frame(self) -> None:
         for i, item in enumerate(self._items):
-            if isinstance(item, QueuedFrame):
+            if i >= self._pinned and isinstance(item, QueuedFrame):
                 del self._items[i]
                 self._n_frames -= 1
                 self.dropped["queue_full"] += 1
@@ -150,6 +154,7 @@ class InputQueue:
             if not self._items:
                 return None
             item = self._items.popleft()
+            self._pinned = max(self._pinned - 1, 0)
             if isinstance(item, QueuedFrame):
                 self._n_frames -= 1
             return item
@@ -159,23 +164,29 @@ class InputQueue:
         with self._lock:
             return len(self._items)
 
-    def peek_frames(self, n: int) -> list[QueuedFrame]:
-        """The oldest ``n`` queued frames without taking them; fewer if the queue holds fewer or
-        a reset marker comes first (frames after a marker belong to another sequence)."""
-        out: list[QueuedFrame] = []
+    def pin_frames(self, n: int) -> list[QueuedFrame]:
+        """Pin the oldest ``n`` queued frames (the next window's, whose prediction starts now)
+        and return them, if the queue holds that many before any reset marker; else pin
+        nothing and return []. Pinned frames are already being predicted: ``drop_oldest``
+        neither drops them (that would void the prediction) nor counts them against
+        ``max_queue`` (they are not waiting). ``pop`` unpins them as it takes them."""
         with self._lock:
+            frames = []
             for item in self._items:
-                if len(out) >= n or isinstance(item, ResetMarker):
+                if len(frames) >= n or isinstance(item, ResetMarker):
                     break
-                out.append(item)
-        return out
+                frames.append(item)
+            if len(frames) < n:
+                return []
+            self._pinned = n
+            return frames
 
     def pop_all(self) -> list[QueueItem]:
         """Take every queued item (frames and reset markers, in arrival order)."""
         with self._lock:
             items = list(self._items)
             self._items.clear()
-            self._n_frames = 0
+            self._n_frames = self._pinned = 0
             return items
 
     def clear(self) -> int:
@@ -185,7 +196,7 @@ class InputQueue:
         with self._lock:
             n = self._n_frames
             self._items.clear()
-            self._n_frames = 0
+            self._n_frames = self._pinned = 0
             self._last_stamp = None
             self._shape = None
             return n
@@ -193,3 +204,9 @@ class InputQueue:
     def __len__(self) -> int:
         with self._lock:
             return self._n_frames
+
+    @property
+    def pinned(self) -> int:
+        """Queued frames pinned for a started prediction (see ``pin_frames``)."""
+        with self._lock:
+            return self._pinned

@@ -37,20 +37,23 @@ Threads
 Pipelining (``StreamConfig.pipelined``, default on)
     Predictions run on one engine-owned thread. Window n+1's frames are known before window n
     is even predicted: its anchors are window n's overlap (and keyframes), its new frames the
-    next ``stride`` queued ones. As soon as those are queued (already when window n is
-    started, or later from ``submit``), window n+1's prediction is queued on that thread right
-    behind window n's, and runs on the GPU while the CPU aligns and emits window n and the
-    caller publishes it. The started
+    next ``stride`` queued ones. As soon as those are queued (already when window n starts,
+    or later from ``submit``), they are pinned in the queue (``drop_oldest`` neither drops
+    them nor counts them in ``max_queue``) and window n+1's prediction is queued on that
+    thread right behind window n's: it runs on the GPU while the CPU aligns and emits window n
+    and the caller publishes it. The started
     prediction is used only if window n+1, once its turn comes, has exactly the frames it was
     started with (same keys); otherwise (window n went LOST and re-shows its last good frame,
     a keyframe was evicted, a reset came) it is discarded and the window predicted again.
-    Results therefore never depend on timing: pipelined and serial runs emit the same frames.
-    The predictor is only ever called from that one thread, one window at a time, so GPU
-    memory is that of one window. ``close()`` stops the thread.
+    Results therefore never depend on timing: pipelined and serial runs emit the same frames
+    (under ``drop_oldest`` which frames are dropped depends on timing anyway). The predictor
+    is only ever called from that one thread, one window at a time, so GPU memory is that of
+    one window. ``close()`` stops the thread.
 
 Memory (bounded; a long run keeps flat retained memory)
     overlap + keyframe (+ one recovery-anchor) records, at most ``window_size`` pending frames,
-    the input queue (``max_queue`` under ``drop_oldest``), the voxel map (``max_voxels``) and
+    the input queue (``max_queue`` under ``drop_oldest``, plus the ``stride`` pinned frames of
+    a started prediction), the voxel map (``max_voxels``) and
     the trajectory: a preallocated ring of ``trajectory_capacity`` poses (stamp + x y z qx qy
     qz qw, 64 B each), the oldest overwritten when full.
 """
@@ -204,6 +207,8 @@ class StreamCounters:
     resets: dict[str, int] = field(default_factory=dict)
     queue_depth: int = 0
     pending: int = 0                     # taken from the queue, waiting for their window
+    queue_started: int = 0               # of queue_depth: frames whose window's prediction
+                                         # started (pinned; not counted against max_queue)
     lookahead_hits: int = 0              # windows whose prediction started early and was used
     lookahead_misses: int = 0            # early predictions discarded (window changed)
 
@@ -279,7 +284,8 @@ class StreamEngine:
         return StreamCounters(self._queue.frames_in, self._frames_out, dict(dropped),
                               self._windows, self._lost_windows, self._lost_events,
                               self._recoveries, dict(self._resets), len(self._queue),
-                              len(self._pending), self._lookahead_hits, self._lookahead_misses)
+                              len(self._pending), self._queue.pinned, self._lookahead_hits,
+                              self._lookahead_misses)
 
     def submit(self, frame: FrameInput) -> Optional[str]:
         """Validate and queue a frame (thread-safe, cheap). Returns the drop reason or None.
@@ -417,17 +423,21 @@ class StreamEngine:
         if not self._pending:
             return []
         batch, self._pending = self._pending, []
-        return self._process(batch)
+        # the last window of a sequence (a reset marker or the end of the stream follows):
+        # whatever comes next is not its continuation, so nothing is planned after it
+        return self._process(batch, plan_next=False)
 
     # ------------------------------------------------------------------ one window
-    def _process(self, new_frames: list[QueuedFrame]) -> list[FrameOutput]:
+    def _process(self, new_frames: list[QueuedFrame], plan_next: bool = True
+                 ) -> list[FrameOutput]:
         """Predict one window ([keyframes, overlap, new]), place it in the odometry frame,
-        fuse its static points and emit its new frames."""
+        fuse its static points and emit its new frames; pipelined and ``plan_next``, plan the
+        next window (module docstring)."""
         t0 = time.perf_counter()
         anchor_recs = self._anchor_records()
         keys = [r.key for r in anchor_recs] + [f.key for f in new_frames]
         try:
-            pred = self._predict(anchor_recs, new_frames, keys).validate(len(keys))
+            pred = self._predict(anchor_recs, new_frames, keys, plan_next).validate(len(keys))
         except Exception:
             self._dropped_local["inference_error"] += len(new_frames)
             raise
@@ -443,7 +453,8 @@ class StreamEngine:
         t_align = time.perf_counter()
         new_idx = list(range(len(anchor_recs), len(keys)))
         outputs = self._emit(pred, sim, res, anchors, new_idx, new_frames, frame_valid, rng)
-        self._plan_next_window(self._anchor_records())
+        if plan_next:
+            self._plan_next_window(self._anchor_records())
         timings = dict(pred.timings)
         timings.update(predict_s=t_pred - t0, align_s=t_align - t_pred,
                        total_s=time.perf_counter() - t0)
@@ -452,7 +463,7 @@ class StreamEngine:
 
     # ------------------------------------------------------------------ predictions
     def _predict(self, anchor_recs: list[FrameRecord], new_frames: list[QueuedFrame],
-                 keys: list[int]) -> WindowPrediction:
+                 keys: list[int], plan_next: bool) -> WindowPrediction:
         """The window's prediction: the one started early if it has exactly these frames, else
         predicted now (on the prediction thread when pipelined).
 
@@ -474,8 +485,9 @@ class StreamEngine:
             if thread is None:
                 return self.predictor.predict(images, keys)
             result = thread.submit(self.predictor.predict, images, keys)
-        history = (list(self._history) + list(new_frames))[-self.config.overlap:]
-        self._plan_next_window(self._select_anchors(history, None))
+        if plan_next:
+            history = (list(self._history) + list(new_frames))[-self.config.overlap:]
+            self._plan_next_window(self._select_anchors(history, None))
         return result.result()
 
     def _plan_next_window(self, anchors: Sequence) -> None:
@@ -496,11 +508,18 @@ class StreamEngine:
                 return
             frames = plan.taken[:plan.need]
             if len(frames) < plan.need:
-                frames = frames + self._queue.peek_frames(plan.need - len(frames))
-                if len(frames) < plan.need:
+                queued = self._queue.pin_frames(plan.need - len(frames))
+                if not queued:
                     return
+                frames = frames + queued
+            images = plan.anchor_images + [f.image for f in frames]
+            if len({im.shape for im in images}) > 1:
+                # never within a sequence (a size change queues a reset marker first); a
+                # camera callback must not raise for it anyway
+                self._next_window = None
+                return
             keys = plan.anchor_keys + [f.key for f in frames]
-            images = np.stack(plan.anchor_images + [f.image for f in frames])
+            images = np.stack(images)
             self._lookahead = _Lookahead(tuple(keys), self._predict_thread.submit(
                 self.predictor.predict, images, keys))
             self._next_window = None
