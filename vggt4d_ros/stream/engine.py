@@ -207,8 +207,8 @@ class StreamCounters:
     resets: dict[str, int] = field(default_factory=dict)
     queue_depth: int = 0
     pending: int = 0                     # taken from the queue, waiting for their window
-    queue_started: int = 0               # of queue_depth: frames whose window's prediction
-                                         # started (pinned; not counted against max_queue)
+    # of queue_depth: frames whose window's prediction started (pinned, not counted in max_queue)
+    queue_started: int = 0
     lookahead_hits: int = 0              # windows whose prediction started early and was used
     lookahead_misses: int = 0            # early predictions discarded (window changed)
 

@@ -105,8 +105,7 @@ class ReplaySettings:
     dynamic: bool = True             # False = plain VGGT (no VGGT4D masks / key suppression)
     refine: bool = True              # VGGT4D mask refinement
     cuda_graphs: bool = True         # CUDA-graph k-means (node: vggt4d.cuda_graphs)
-    pipelined: bool = True           # next window predicted while this one is written
-                                     # (node: window.pipelined; same outputs)
+    pipelined: bool = True           # predict ahead, same outputs (node: window.pipelined)
     voxel_size: float = 0.05         # static map voxel, odom units (node: map.voxel_size)
     max_voxels: int = 500_000        # node: map.max_voxels
     backwards_reset_s: float = 0.5   # node: stamps.backwards_reset
