@@ -22,6 +22,7 @@ from reliability_harness import (DOMAIN_ID, TINY, NodeHarness, new_context,  # n
                                  synth_frames, wait_for)
 from vggt4d_ros.ros import node as node_mod  # noqa: E402
 from vggt4d_ros.ros.probe import qos_for  # noqa: E402
+from vggt4d_ros.ros.stamp_match import stamp_to_ns  # noqa: E402
 
 pytestmark = pytest.mark.ros
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,6 +166,45 @@ def test_failed_windows_are_dropped_frame_by_frame_and_counted():
     assert (received, processed, dropped, queued) == (20, 16, 4, 0)
     assert h.node.bad_input["inference_error"] == 2
     assert d["dropped.inference_error"] == "4" and d["resets.inference_error"] == "2"
+
+
+def test_a_backlog_of_windows_publishes_every_windows_static_points():
+    """A slow first window leaves several windows queued behind it: the worker runs them one
+    per poll and publishes each as it is emitted, static points included (one poll used to run
+    the whole backlog and publish only the last window's points)."""
+    from sensor_msgs.msg import PointCloud2
+
+    from vggt4d_ros.stream.engine import StreamEngine
+    from vggt4d_ros.stream.factory import build_predictor
+
+    class SlowFirstWindow:
+        def __init__(self, inner) -> None:
+            self.inner, self.calls = inner, 0
+
+        def predict(self, images, frame_keys):
+            self.calls += 1
+            if self.calls == 1:
+                time.sleep(2.0)            # the other 12 frames arrive meanwhile
+            return self.inner.predict(images, frame_keys)
+
+    def factory(settings, device):
+        pred = SlowFirstWindow(build_predictor(node_mod.predictor_config(settings, device)))
+        return StreamEngine(pred, node_mod.stream_config(settings))
+    h = NodeHarness({}, namespace="/rel_backlog", engine_factory=factory)
+    try:
+        h.probe.watch(f"{h.ns}/static_points", PointCloud2, qos_for(depth=100))
+        assert wait_for(lambda: h.node.pub_points.get_subscription_count() >= 1)
+        for img, stamp in synth_frames(16):
+            h.send(img, stamp)
+        assert wait_for(lambda: h.node.frames_processed == 16)
+        windows = h.node.engine.counters.windows
+        assert windows == 7                   # 4 frames, then 6 windows of 2 new frames
+        assert wait_for(lambda: len(h.probe.get(f"{h.ns}/static_points")) == windows)
+        clouds = h.probe.get(f"{h.ns}/static_points")
+        stamps = [stamp_to_ns(c.header.stamp) for c in clouds]
+        assert stamps == sorted(set(stamps))  # one per window, in order
+    finally:
+        h.close()
 
 
 # ---------------------------------------------------------------------------- bad checkpoints
