@@ -79,8 +79,8 @@ def validate_frame(frame: FrameInput) -> None:
 class InputQueue:
     """Thread-safe input stage: validates stamps/sizes, assigns keys, applies the drop policy.
 
-    ``submit`` is cheap (safe to call from a camera callback); ``pop`` / ``pin_frames`` /
-    ``pop_all`` are the worker's (the engine serialises their callers).
+    ``submit`` is cheap (safe to call from a camera callback); ``pop`` / ``pin_frames`` are
+    the worker's (the engine serialises their callers).
     """
 
     def __init__(self, drop_policy: str = "keep_all", max_queue: int = 64,
@@ -180,14 +180,6 @@ class InputQueue:
                 return []
             self._pinned = n
             return frames
-
-    def pop_all(self) -> list[QueueItem]:
-        """Take every queued item (frames and reset markers, in arrival order)."""
-        with self._lock:
-            items = list(self._items)
-            self._items.clear()
-            self._n_frames = self._pinned = 0
-            return items
 
     def clear(self) -> int:
         """Forget queued frames and the stamp/size history (engine reset).

@@ -217,7 +217,9 @@ class StreamCounters:
 class _NextWindow:
     """What the next window will hold, known before the current one is emitted: its anchors
     (keys, input images) and the new frames it takes (``need``), of which ``taken`` are
-    already out of the input queue (the engine's pending frames)."""
+    already out of the input queue (the engine's pending frames). ``taken`` is its own list,
+    extended under the lock as frames leave the queue: ``submit``'s thread may start the
+    window while the worker has popped a frame but not yet added it to the pending list."""
 
     anchor_keys: list[int]
     anchor_images: list[np.ndarray]
