@@ -62,7 +62,10 @@ def reference_vggt4d(model, images: torch.Tensor, amp: Optional[torch.dtype] = N
     materialises the full per-source, per-head Gram tensors (``naive_saliency_maps``), clusters
     with scikit-learn and thresholds with scikit-image on the host, runs a complete second
     forward (patch embedding and every head again) and refines on the host with the
-    reference backends. Returns the same quantities as the pipeline (extrinsic, mask, ...).
+    reference backends. Returns the same quantities as the pipeline (extrinsic, mask, ...):
+    extrinsic [S,3,4] / pose_enc [S,9] (pass 2), mask / coarse [S,H,W] bool, pass1_extrinsic,
+    pass1_pose_enc, intrinsic [S,3,3], depth / depth_conf [S,H,W] (pass 1), saliency [S,h,w],
+    labels [S,h,w] int64 (feature clusters), threshold (float).
     """
     from vggt4d_ros.dynamic.cluster import cluster_features, cluster_mean_map
     from vggt4d_ros.dynamic.intervention import build_intervention_control
@@ -102,7 +105,15 @@ def reference_vggt4d(model, images: torch.Tensor, amp: Optional[torch.dtype] = N
     mask = refine_dynamic_mask(out1["depth"][0, ..., 0].float(), out1["intrinsic"][0].float(),
                                _cam_to_world(ext), coarse, images.float(),
                                cfg.refine_config())
-    return {"extrinsic": ext, "mask": mask, "coarse": coarse}
+    # pass-1 outputs, pose encodings, saliency, labels and threshold: additive, for
+    # tools/numerics_check (already computed above; nothing recomputed)
+    return {"extrinsic": ext, "mask": mask, "coarse": coarse,
+            "pose_enc": out2["pose_enc"][0].float(),
+            "pass1_extrinsic": out1["extrinsic"][0].float(),
+            "pass1_pose_enc": out1["pose_enc"][0].float(),
+            "intrinsic": out1["intrinsic"][0].float(),
+            "depth": out1["depth"][0, ..., 0].float(), "depth_conf": out1["depth_conf"][0].float(),
+            "saliency": saliency, "labels": labels.reshape(s, gh, gw), "threshold": thr}
 
 
 # --------------------------------------------------------------------------- sections
