@@ -29,7 +29,7 @@ def emulated_cuda_graphs(monkeypatch):
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from vggt4d_ros.dynamic import cluster, cuda_graph, refine_fast, threshold
+    from vggt4d_ros.dynamic import cluster, cuda_graph, pipeline, refine_fast, threshold
     syncing = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal",
                "unique_dim", "_unique2", "unique_consecutive", "allclose", "repeat_interleave",
                "bincount", "histc"}     # (output size from the data: read on the host)
@@ -52,7 +52,7 @@ def emulated_cuda_graphs(monkeypatch):
 
     captured = []
 
-    def capture(fn, device):
+    def capture(fn, device, priority=-1):
         run = watched(fn)
         run()                                               # the warm-up
         captured.append(fn)
@@ -64,4 +64,6 @@ def emulated_cuda_graphs(monkeypatch):
                         cuda_graph.GraphCache(refine_fast._refine_graphs.capacity))
     monkeypatch.setattr(threshold, "_coarse_graphs",
                         cuda_graph.GraphCache(threshold._coarse_graphs.capacity))
+    monkeypatch.setattr(pipeline, "_pass1_graphs",
+                        cuda_graph.GraphCache(pipeline._pass1_graphs.capacity))
     return captured

@@ -1,6 +1,7 @@
 """Benchmark accounting: analytic FLOPs match the spec's per-frame figures; timer basics."""
 import pytest
 
+from vggt4d_ros.tools.bench import STREAM_RUNS
 from vggt4d_ros.tools.bench_util import time_fn, tflops, vggt_flops
 
 
@@ -58,7 +59,7 @@ def test_graph_check_tool_runs_under_emulated_capture(emulated_cuda_graphs, monk
     assert all(r["graph_equals_eager"] and r["graph_equals_sklearn"] for r in rows.values())
 
 
-@pytest.mark.parametrize("run", ["serial", "pipelined", "live30"])
+@pytest.mark.parametrize("run", sorted(STREAM_RUNS))
 def test_bench_stream_reports_the_per_window_split(run):
     """vggt4d-bench's stream part on the CPU with a tiny random model, driven like the node
     (camera thread, worker polling one window at a time): every frame comes out and the
@@ -70,14 +71,16 @@ def test_bench_stream_reports_the_per_window_split(run):
     from vggt4d_ros.model.config import VGGTConfig
     from vggt4d_ros.model.vggt import VGGT
     from vggt4d_ros.stream.factory import TINY_VGGT_CONFIG
-    from vggt4d_ros.tools.bench import STREAM_RUNS, bench_stream
+    from vggt4d_ros.tools.bench import bench_stream
     torch.manual_seed(0)
     model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
-    pipelined, rate = STREAM_RUNS[run]
+    spec = STREAM_RUNS[run]
+    pipelined, rate = spec["pipelined"], spec["rate_hz"]
+    overrides = {"refine": False, **spec.get("set", {})}
     r = bench_stream(model, frames=11, height=28, width=42, window=4, stride=2,
-                     device=torch.device("cpu"), warmup_frames=4, overrides={"refine": False},
+                     device=torch.device("cpu"), warmup_frames=4, overrides=overrides,
                      pipelined=pipelined, rate_hz=rate)
-    assert r["frames_out"] == 11 and r["overrides"] == {"refine": False}
+    assert r["frames_out"] == 11 and r["overrides"] == overrides
     assert r["pipelined"] == pipelined and r["camera_rate_hz"] == rate
     assert r["flush_s"] > 0 and r["wall_s"] > 0          # the odd last frame: a flush window
     assert isinstance(r["cuda_graph_caches"], dict) and r["warmup_s"] > 0
@@ -108,3 +111,14 @@ def test_config_overrides_parse_python_literals_and_refuse_malformed_items():
     for bad in ("cuda_graphs", "=1", "x=not a literal"):
         with pytest.raises(ValueError):
             config_overrides([bad])
+
+
+def test_interleaved_medians_times_every_variant_in_turns():
+    import torch
+
+    from vggt4d_ros.tools.bench import interleaved_medians
+    order = []
+    fns = {name: (lambda n=name: order.append(n)) for name in ("a", "b", "c")}
+    med = interleaved_medians(fns, warmup=1, repeats=2, device=torch.device("cpu"))
+    assert order == ["a", "b", "c"] * 3 and set(med) == {"a", "b", "c"}
+    assert all(v >= 0 for v in med.values())

@@ -1,6 +1,8 @@
 """Two-pass VGGT4D pipeline: golden end-to-end, pass-2 intervention, fallbacks."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -287,8 +289,62 @@ def test_dynamic_pipeline_cuda_graph_option_keeps_results(golden_model, seq10,
     kw = dict(cluster_backend="fast", refine_backend="fast")
     plain = Vggt4dPipeline(golden_model, Vggt4dConfig(**kw))(images)
     graphed = Vggt4dPipeline(golden_model, Vggt4dConfig(cuda_graphs=True, **kw))(images)
-    assert len(emulated_cuda_graphs) == 4     # k-means: Lloyd block + seeding; threshold; refine
+    # pass 1; k-means: Lloyd block + seeding; threshold; refinement
+    assert len(emulated_cuda_graphs) == 5
     assert torch.equal(graphed.coarse_mask, plain.coarse_mask)
     assert torch.equal(graphed.extrinsic, plain.extrinsic)
     assert _iou(graphed.mask, plain.mask) >= 0.95              # measured 1.0
     assert _iou(graphed.mask, seq10["mask.refined"]) >= 0.95   # measured 0.9946 (= without)
+
+
+def test_pass1_cuda_graph_gives_the_eager_result_and_is_replayed(tiny_model, emulated_cuda_graphs,
+                                                                 monkeypatch):
+    """``pass1_graph`` (capture emulated on the CPU, host reads refused inside it): pass 1 as
+    a graph gives exactly the eager pass's outputs, saliency and masks; a second window of
+    the same shape replays it (no new capture) and the first window's result is a copy, not
+    the graph's memory. The value check the graph skips still runs."""
+    from vggt4d_ros.dynamic import pipeline as pipeline_mod
+    kw = dict(cluster_backend="fast", refine_backend="fast", cuda_graphs=True)
+    a, b = _images(5, seed=1), _images(5, seed=2)
+    eager = Vggt4dPipeline(tiny_model, Vggt4dConfig(pass1_graph=False, **kw))
+    ref_a, ref_b = eager(a), eager(b)
+    assert pipeline_mod._pass1_graphs.builds == 0
+    pipe = Vggt4dPipeline(tiny_model, Vggt4dConfig(**kw))
+    got_a = pipe(a)
+    got_b = pipe(b)
+    cache = pipeline_mod._pass1_graphs
+    assert (cache.builds, cache.hits) == (1, 1)
+    for got, ref in ((got_a, ref_a), (got_b, ref_b)):
+        for name in ("extrinsic", "pass1_extrinsic", "intrinsic", "depth", "depth_conf",
+                     "saliency", "coarse_mask", "mask"):
+            assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    assert not torch.equal(got_a.depth, got_b.depth)
+    pipe(_images(4, seed=3))                                  # another shape: its own graph
+    assert cache.builds == 2
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        pipe(a * 2)
+
+
+def test_pass1_cuda_graph_under_inference_mode(tiny_model, emulated_cuda_graphs, monkeypatch):
+    """A caller in ``torch.inference_mode`` (the bench, tools): the graph is built outside
+    inference mode (graph-cache rule), which turns autograd back on; the captured pass must
+    run with autograd off (on the device, compiled blocks under autograd failed the capture:
+    "Inference tensors cannot be saved for backward", run 39)."""
+    from vggt4d_ros.dynamic import pipeline as pipeline_mod
+    grad_in_forward = []
+    forward = type(tiny_model).forward
+
+    def watched(self, *args, **kwargs):
+        grad_in_forward.append(torch.is_grad_enabled())
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(type(tiny_model), "forward", watched)
+    kw = dict(cluster_backend="fast", refine_backend="fast", cuda_graphs=True)
+    images = _images(4, seed=5)
+    with torch.inference_mode():
+        ref = Vggt4dPipeline(tiny_model, Vggt4dConfig(pass1_graph=False, **kw))(images)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                            # no capture fallback
+            got = Vggt4dPipeline(tiny_model, Vggt4dConfig(**kw))(images)
+    assert pipeline_mod._pass1_graphs.builds == 1 and not pipeline_mod._pass1_graphs.disabled_reason
+    assert len(grad_in_forward) >= 3 and not any(grad_in_forward)     # eager, warm-up, replay
+    assert torch.equal(got.depth, ref.depth) and torch.equal(got.extrinsic, ref.extrinsic)

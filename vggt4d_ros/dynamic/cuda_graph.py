@@ -23,17 +23,20 @@ def usable(t: Tensor) -> bool:
     return t.is_cuda
 
 
-def capture(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
+def capture(fn: Callable[[], None], device: torch.device, priority: int = -1
+            ) -> Callable[[], None]:
     """Warm ``fn`` up on a side stream, capture it; returns the graph's replay (which keeps
     the graph alive). ``fn`` runs exactly once for real (the warm-up): it must leave its
-    buffers in a state the caller re-initialises before the first replay."""
+    buffers in a state the caller re-initialises before the first replay.
+
+    ``priority``: of the capture stream, which the captured kernels keep whatever stream
+    replays them. High (-1, default) for the side stages, as the pipeline's side stream
+    (side_task.py): captured on a normal stream, their graphs queued behind the model pass
+    they should interleave with (run 23 on the H100: graphs then made the stream slower, 22.2
+    vs 24.3 frames/s). A model pass itself is captured at normal priority (0), so that those
+    side stages still go ahead of it."""
     current = torch.cuda.current_stream(device)
-    # high priority, as the pipeline's side stream (side_task.py): a captured kernel keeps the
-    # priority of the stream it was captured on, whatever stream replays it - captured on a
-    # normal stream, the side stages' graphs queued behind the model pass they should
-    # interleave with (run 23 on the H100: graphs then made the stream slower, 22.2 vs
-    # 24.3 frames/s)
-    side = torch.cuda.Stream(device, priority=-1)
+    side = torch.cuda.Stream(device, priority=priority)
     side.wait_stream(current)
     with torch.cuda.stream(side):
         fn()

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from ..geometry.unproject import depth_to_world_points
+from . import cuda_graph
 from .cluster import cluster_features
 from .intervention import build_intervention_control
 from .refine import RefineConfig, prepare_refinement
@@ -132,6 +133,12 @@ class Vggt4dConfig:
     # 252.4 vs 258.0 ms per window, 500-frame stream 25.3 vs 23.7 frames/s (run 27); stream
     # 24.2 vs 23.5 (run 24); costs ~0.2 GB of graph memory (docs/BENCHMARKS.md, runs 21-27).
     cuda_graphs: bool = True
+    # With cuda_graphs on CUDA, also pass 1 (aggregator with the saliency reduction, camera and
+    # depth heads) as one CUDA graph per window shape: its ~1,900 launches (~57 ms of host
+    # time on the H100 host, run 25) become one replay, so the host is free for the
+    # interleaved k-means while the GPU works. Same kernels, same results; the graph's memory
+    # (pass 1's working set) stays reserved per shape (two shapes kept).
+    pass1_graph: bool = True
     min_frames: int = 2
     points_pixel_offset: float = 0.0        # world points: official VGGT unprojection
 
@@ -360,8 +367,13 @@ class Vggt4dPipeline:
                                          cfg.cluster_backend, cfg.cuda_graphs),
                 dev, cfg.side_task_mode(), name="vggt4d-kmeans", stage="cluster")
         with timer("pass1"), self._attention_kernels():
-            out1 = self.model(images, control=control, patch_tokens=patch_tokens,
-                              autocast_dtype=amp, heads=heads1, head_autocast_dtype=head_amp)
+            graph = (self._pass1_graph(images, patch_tokens, amp, heads1, head_amp)
+                     if run_dynamic else None)
+            if graph is None:
+                out1 = self.model(images, control=control, patch_tokens=patch_tokens,
+                                  autocast_dtype=amp, heads=heads1, head_autocast_dtype=head_amp)
+            else:
+                out1, reducer = graph.run(self.model, images, patch_tokens)
             if cluster_task is not None:
                 cluster_task.launch()       # deferred: beside pass 1's queued kernels
         ext1 = out1["extrinsic"][0].float()
@@ -431,6 +443,24 @@ class Vggt4dPipeline:
         with ctx:
             return self.model.aggregator.embed_patches(images[None])
 
+    def _pass1_graph(self, images: Tensor, patch_tokens: Tensor, amp: Optional[torch.dtype],
+                     heads: Tuple[str, ...], head_amp: Optional[torch.dtype]
+                     ) -> Optional["_Pass1Graph"]:
+        """The cached CUDA graph of pass 1 for this window shape and configuration, or None
+        (graphs off, not CUDA, or capture failed in this process: the eager pass runs)."""
+        cfg = self.config
+        if not (cfg.cuda_graphs and cfg.pass1_graph and cuda_graph.usable(images)):
+            return None
+        specs = cfg.saliency_specs()
+        # everything the captured kernels depend on besides the inputs' values; the entry
+        # holds the model, so its id is not reused while the entry lives
+        key = (id(self.model), tuple(images.shape), tuple(patch_tokens.shape),
+               patch_tokens.dtype, amp, heads, head_amp, specs, tuple(cfg.window_offsets),
+               cfg.compile_blocks, cfg.compile_heads, cfg.attention_backend, images.device)
+        return _pass1_graphs.get(key, lambda: _Pass1Graph(
+            self.model, images, patch_tokens, amp, heads, head_amp, specs,
+            tuple(cfg.window_offsets)))
+
     def _attention_kernels(self):
         """Context forcing the configured fused-attention kernel (no-op for "auto")."""
         if self.config.attention_backend == "auto":
@@ -451,6 +481,57 @@ class Vggt4dPipeline:
                 return self._camera_pass(images, control, tokens, amp)[0].float()
             out2 = self.model(images, control=control, patch_tokens=tokens, autocast_dtype=amp)
         return out2["extrinsic"][0].float()
+
+
+class _Pass1Graph:
+    """Pass 1 of one window shape captured as a CUDA graph (``Vggt4dConfig.pass1_graph``).
+
+    Static inputs: images ``[S, 3, H, W]`` and DINO patch tokens ``[S, N, C]``; the capture
+    records the model forward (``heads``) with a saliency reducer of its own, whose
+    accumulators are graph memory: after a replay, ``reducer.maps()`` reads this window's
+    statistics. :meth:`run` copies the inputs in, replays and returns copies of the outputs
+    the pipeline reads (a later replay overwrites the graph's), plus that reducer."""
+
+    OUTPUTS = ("extrinsic", "intrinsic", "depth", "depth_conf")
+
+    def __init__(self, model: torch.nn.Module, images: Tensor, patch_tokens: Tensor,
+                 amp: Optional[torch.dtype], heads: Tuple[str, ...],
+                 head_amp: Optional[torch.dtype], specs, offsets: Tuple[int, ...]) -> None:
+        from ..model.hooks import AttentionControl
+        self.model = model                        # keeps it (and its id) alive
+        self.images = images.detach().clone()
+        self.tokens = patch_tokens.detach().clone()
+        self.reducer = GramSaliencyReducer(images.shape[0], offsets=offsets, specs=specs)
+        control = AttentionControl(capture=self.reducer.capture, on_qk=self.reducer.on_qk)
+        self.out: Dict[str, Tensor] = {}
+
+        def forward() -> None:
+            self.reducer.reset()                  # the capture records the accumulation
+            # no_grad here: the graph cache builds outside inference mode, which turns
+            # autograd back on (the H100 run 39 capture failed on that under inference_mode)
+            with torch.no_grad():
+                out = model(self.images, control=control, patch_tokens=self.tokens,
+                            autocast_dtype=amp, heads=heads, head_autocast_dtype=head_amp,
+                            validate=False)
+            self.out = {k: out[k] for k in self.OUTPUTS}
+        # normal priority: the interleaved side stages (high priority) go ahead of its kernels
+        self.replay = cuda_graph.capture(forward, images.device, priority=0)
+
+    def run(self, model: torch.nn.Module, images: Tensor, patch_tokens: Tensor
+            ) -> Tuple[Dict[str, Tensor], GramSaliencyReducer]:
+        """Pass 1 on ``images`` / ``patch_tokens`` -> (outputs as ``model(...)`` names them,
+        ``encoder_features`` = ``patch_tokens``; the reducer holding the saliency)."""
+        model.validate_images(images, model.config.patch_size)   # the check the graph skips
+        self.images.copy_(images)
+        self.tokens.copy_(patch_tokens)
+        self.replay()
+        out = {k: v.clone() for k, v in self.out.items()}
+        out["encoder_features"] = patch_tokens
+        return out, self.reducer
+
+
+# two window shapes (a stream's window and its end-of-sequence flush)
+_pass1_graphs: "cuda_graph.GraphCache[_Pass1Graph]" = cuda_graph.GraphCache(2, "pass1")
 
 
 def _cam_to_world(extrinsic: Tensor) -> Tensor:

@@ -132,7 +132,8 @@ class VGGT(nn.Module):
                 patch_tokens: Optional[torch.Tensor] = None,
                 autocast_dtype: Optional[torch.dtype] = None,
                 heads: Optional[Iterable[str]] = None,
-                head_autocast_dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
+                head_autocast_dtype: Optional[torch.dtype] = None,
+                validate: bool = True) -> Dict[str, Any]:
         """Predict cameras, depth, point maps (and tracks) for S frames.
 
         images [S, 3, H, W] or [B, S, 3, H, W], float in [0, 1], H, W multiples of 14.
@@ -149,8 +150,14 @@ class VGGT(nn.Module):
         ``head_autocast_dtype`` (default None = the official fp32 heads) runs the DPT heads
         under autocast in that dtype instead — faster, numerically different (see
         docs/BENCHMARKS.md for the measured deviation).
+
+        ``validate`` False skips :meth:`validate_images` (its value check reads the device on
+        the host, which a CUDA-graph capture forbids): the caller has checked the images.
         """
-        images = self.validate_images(images, self.config.patch_size)
+        if validate:
+            images = self.validate_images(images, self.config.patch_size)
+        elif images.dim() == 4:
+            images = images.unsqueeze(0)
         wanted = set(HEADS) if heads is None else set(heads)
         unknown = wanted - set(HEADS)
         if unknown:

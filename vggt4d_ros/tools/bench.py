@@ -30,7 +30,7 @@ import argparse
 import platform
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -295,11 +295,40 @@ def bench_ablation(model, images: torch.Tensor, warmup: int, repeats: int
     return rows
 
 
-STREAM_RUNS = {          # name: (engine pipelined, camera rate in Hz; 0 = every frame at once)
-    "pipelined": (True, 0.0),
-    "serial": (False, 0.0),
-    "live30": (True, 30.0),
+# Stream runs: the engine pipelined or serial; the camera rate (0 = every frame queued at
+# once: throughput); ``set``: Vggt4dConfig overrides of that run (A/B comparisons in one
+# process: device instances differ by up to ~25 %).
+STREAM_RUNS: Dict[str, Dict[str, object]] = {
+    "pipelined": {"pipelined": True, "rate_hz": 0.0},
+    "serial": {"pipelined": False, "rate_hz": 0.0},
+    "live30": {"pipelined": True, "rate_hz": 30.0},
+    "pipelined_no_pass1_graph": {"pipelined": True, "rate_hz": 0.0,
+                                 "set": {"pass1_graph": False}},
 }
+
+# Isolated-window variants timed against the defaults, calls interleaved (A, B, C, A, B, C,
+# ...) so that drift of the machine hits every variant alike.
+VGGT4D_VARIANTS: Dict[str, Dict[str, object]] = {
+    "no_pass1_graph": {"pass1_graph": False},
+}
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], object]], warmup: int, repeats: int,
+                        device: torch.device) -> Dict[str, float]:
+    """Median seconds per call of each function, the calls taken in turns after ``warmup``
+    rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    runs: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            runs[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(v)) for name, v in runs.items()}
 
 
 def bench_stream(model, frames: int, height: int, width: int, window: int, stride: int,
@@ -461,7 +490,8 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--stream-frames", type=int, default=500)
     p.add_argument("--stream-runs", nargs="+", default=list(STREAM_RUNS), choices=list(STREAM_RUNS),
                    help="stream runs: pipelined / serial engine with every frame queued at "
-                        "once (throughput), pipelined engine behind a 30 Hz camera (live)")
+                        "once (throughput), pipelined engine behind a 30 Hz camera (live), "
+                        "A/B baseline: pipelined without the pass-1 CUDA graph")
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--stride", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
@@ -545,14 +575,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             model.use_fused_blocks(True, compile=dev.type == "cuda")   # as the pipeline sets
             r = bench_pipeline(pipe, images, args.warmup, args.repeats)
             r["frames"] = s
+            if dev.type == "cuda":
+                # A/B in this process, calls interleaved: the defaults against each variant
+                pipes = {"default": pipe}
+                for name, kw in VGGT4D_VARIANTS.items():
+                    pipes[name] = Vggt4dPipeline(model, Vggt4dConfig(**{
+                        "cluster_backend": "fast", **args.overrides, **kw}))
+                r["variants_ms"] = {k: v * 1e3 for k, v in interleaved_medians(
+                    {k: (lambda p=p: p(images)) for k, p in pipes.items()}, args.warmup,
+                    args.repeats, dev).items()}
             plain = next((p for p in report["plain"] if p["frames"] == s), None)
             if plain:
                 r["ratio_to_plain_vggt"] = r["total"]["median_s"] / plain["full"]["median_s"]
             report["vggt4d"].append(r)
             st = " ".join(f"{k} {v * 1e3:.1f}" for k, v in r["stages"].items())
+            ab = "".join(f" | {k} {v:.1f}" for k, v in r.get("variants_ms", {}).items())
+            ab = f" | interleaved (ms){ab}" if ab else ""
             print(f"vggt4d S={s:3d}: total {r['total']['median_s'] * 1e3:7.1f} ms peak "
                   f"{r['total']['peak_gb']:.2f} GB ratio {r.get('ratio_to_plain_vggt', 0):.2f} "
-                  f"| {st} (ms)", flush=True)
+                  f"| {st} (ms){ab}", flush=True)
         del images
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -572,13 +613,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "stream" not in args.skip and args.stream_frames:
         report["stream_runs"] = {}
         for k, name in enumerate(args.stream_runs):
-            pipelined, rate = STREAM_RUNS[name]
+            spec = STREAM_RUNS[name]
+            pipelined, rate = bool(spec["pipelined"]), float(spec["rate_hz"])
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             st = bench_stream(model, args.stream_frames, args.height, args.width, args.window,
                               args.stride, dev, warmup_frames=3 * args.window if k == 0 else 0,
-                              overrides=args.overrides, pipelined=pipelined, rate_hz=rate)
+                              overrides={**args.overrides, **dict(spec.get("set", {}))},
+                              pipelined=pipelined, rate_hz=rate)
             report["stream_runs"][name] = st
             report["stream"] = report["stream"] or st
             camera = f"camera {rate:g} Hz" if rate else "all frames queued"
