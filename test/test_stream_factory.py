@@ -168,3 +168,33 @@ def test_cuda_graphs_option_reaches_the_pipeline_from_the_node_and_the_replay():
     assert settings.cuda_graphs is False
     assert rp.settings_from_args(rp.build_parser().parse_args(["in", "--out", "o"])).cuda_graphs \
         is True
+
+
+def test_image_cache_resizes_and_uploads_each_frame_once_with_the_same_tensor():
+    """Frames shared by consecutive windows are resized once (device cache by key); the window
+    tensor equals the one built without the cache; a new input size empties the cache."""
+    pred = Vggt4dWindowPredictor(_FakePipeline(), image_width=56, device="cpu", token_cache_size=6)
+    resized = []
+    inner = pred._resized
+
+    def counting(image, hw):
+        resized.append(hw)
+        return inner(image, hw)
+    pred._resized = counting
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(12, 48, 64, 3), dtype=np.uint8)
+    a = pred.to_tensor(frames[0:4], [0, 1, 2, 3])
+    b = pred.to_tensor(frames[2:6], [2, 3, 4, 5])
+    assert len(resized) == 6 and set(resized) == {(42, 56)}
+    assert torch.equal(b, pred.to_tensor(frames[2:6]))           # no keys: no cache
+    assert torch.equal(a[2:], b[:2]) and a.shape == (4, 3, 42, 56)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    for start in range(4, 10, 2):
+        pred.to_tensor(frames[start:start + 4], list(range(start, start + 4)))
+    assert len(pred._image_cache) <= 6
+    resized.clear()
+    big = rng.integers(0, 256, size=(2, 96, 128, 3), dtype=np.uint8)
+    pred.to_tensor(big, [10, 11])                      # same keys' content at a new size
+    assert len(resized) == 2 and len(pred._image_cache) == 2
+    with pytest.raises(ValueError, match="frame keys"):
+        pred.to_tensor(frames[:3], [0, 1])

@@ -11,6 +11,8 @@
 * per-frame DINO patch tokens are cached by frame key (bounded LRU) and handed to the pipeline
   when its ``__call__`` accepts ``patch_tokens=`` (frames shared by consecutive windows are then
   embedded once); without that support the cache stays unused;
+* the resized uint8 frames are cached on the device by frame key as well (a frame shared
+  by consecutive windows is resized and uploaded once);
 * outputs → numpy ``WindowPrediction``.
 
 ``checkpoint="random_tiny"`` builds the tiny VGGT of ``../shared/golden/vggt/config.json``
@@ -124,6 +126,8 @@ class Vggt4dWindowPredictor:
         self._cache: OrderedDict[int, Any] = OrderedDict()   # frame key -> patch tokens [N, C]
         self._cache_size = int(token_cache_size)
         self._cache_shape: Optional[tuple[int, int]] = None
+        self._image_cache: OrderedDict[int, Any] = OrderedDict()   # key -> uint8 [H, W, 3]
+        self._image_cache_key: Optional[tuple] = None   # (input size, working size) of it
         try:
             params = inspect.signature(pipeline.__call__).parameters
         except (TypeError, ValueError):
@@ -133,17 +137,43 @@ class Vggt4dWindowPredictor:
         self.cache_hits = 0
         self.cache_misses = 0
 
-    def to_tensor(self, images: np.ndarray):
-        """uint8 [S,H0,W0,3] -> float32 [S,3,H,W] in [0, 1] on the device (working resolution)."""
+    def to_tensor(self, images: np.ndarray, frame_keys: Optional[Sequence[int]] = None):
+        """uint8 [S,H0,W0,3] -> float32 [S,3,H,W] in [0, 1] on the device (working resolution).
+
+        With ``frame_keys``, each frame's resized uint8 image stays on the device under its
+        key (bounded LRU, as the token cache): a frame shared by consecutive windows is
+        resized (PIL, on the prediction thread) and uploaded once."""
         import torch
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 [S,H,W,3], got {images.dtype} {images.shape}")
-        h, w = working_size(images.shape[1], images.shape[2], self.image_width)
-        if (h, w) != images.shape[1:3]:
-            images = np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC))
-                               for im in images])
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        if frame_keys is not None and len(frame_keys) != len(images):
+            raise ValueError(f"{len(images)} images but {len(frame_keys)} frame keys")
+        hw = working_size(images.shape[1], images.shape[2], self.image_width)
+        if frame_keys is None or self._cache_size <= 0:
+            x = self._upload([self._resized(im, hw) for im in images])
+        else:
+            if self._image_cache_key != (images.shape[1:3], hw):
+                self._image_cache.clear()            # input or working size changed: stale
+                self._image_cache_key = (images.shape[1:3], hw)
+            missing = [i for i, k in enumerate(frame_keys) if k not in self._image_cache]
+            if missing:
+                up = self._upload([self._resized(images[i], hw) for i in missing])
+                for j, i in enumerate(missing):
+                    self._image_cache[frame_keys[i]] = up[j]
+            x = torch.stack([self._image_cache[k] for k in frame_keys])
+            _touch(self._image_cache, frame_keys, self._cache_size)
         return x.permute(0, 3, 1, 2).float().div_(255.0)
+
+    @staticmethod
+    def _resized(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+        if image.shape[:2] == hw:
+            return image
+        return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BICUBIC))
+
+    def _upload(self, images: list[np.ndarray]):
+        """uint8 [S,H,W,3] on the device."""
+        import torch
+        return torch.from_numpy(np.ascontiguousarray(np.stack(images))).to(self.device)
 
     def _patch_tokens(self, x, frame_keys: Sequence[int]):
         """Cached DINO patch tokens [S, N, C] for the window (embedding only the new frames)."""
@@ -161,10 +191,7 @@ class Vggt4dWindowPredictor:
         self.cache_misses += len(missing)
         self.cache_hits += len(frame_keys) - len(missing)
         out = torch.stack([self._cache[k] for k in frame_keys])
-        for k in frame_keys:
-            self._cache.move_to_end(k)
-        while len(self._cache) > max(self._cache_size, len(frame_keys)):
-            self._cache.popitem(last=False)
+        _touch(self._cache, frame_keys, self._cache_size)
         return out
 
     def predict(self, images: np.ndarray, frame_keys: Sequence[int]) -> WindowPrediction:
@@ -172,10 +199,11 @@ class Vggt4dWindowPredictor:
         if len(frame_keys) != len(images):
             raise ValueError(f"{len(images)} images but {len(frame_keys)} frame keys")
         t0 = time.perf_counter()
-        x = self.to_tensor(images)
+        keys = list(frame_keys)
+        x = self.to_tensor(images, keys)
         t1 = time.perf_counter()
         if self.supports_token_cache:
-            res = self.pipeline(x, patch_tokens=self._patch_tokens(x, list(frame_keys)))
+            res = self.pipeline(x, patch_tokens=self._patch_tokens(x, keys))
         else:
             res = self.pipeline(x)
         t2 = time.perf_counter()
@@ -189,6 +217,14 @@ class Vggt4dWindowPredictor:
                                 intrinsic=np_(res.intrinsic).astype(np.float64),
                                 depth=np_(res.depth), depth_conf=np_(res.depth_conf),
                                 mask=res.mask.detach().cpu().numpy().astype(bool), timings=timings)
+
+
+def _touch(cache: OrderedDict, keys: Sequence[int], size: int) -> None:
+    """Mark ``keys`` most recently used; evict the oldest beyond ``max(size, len(keys))``."""
+    for k in keys:
+        cache.move_to_end(k)
+    while len(cache) > max(size, len(keys)):
+        cache.popitem(last=False)
 
 
 def tiny_vggt_config():
