@@ -66,4 +66,6 @@ def emulated_cuda_graphs(monkeypatch):
                         cuda_graph.GraphCache(threshold._coarse_graphs.capacity))
     monkeypatch.setattr(pipeline, "_pass1_graphs",
                         cuda_graph.GraphCache(pipeline._pass1_graphs.capacity))
+    monkeypatch.setattr(pipeline, "_pass2_graphs",
+                        cuda_graph.GraphCache(pipeline._pass2_graphs.capacity))
     return captured

@@ -233,6 +233,39 @@ def test_last_layer_tokens_gives_the_full_rows_of_the_leading_tokens():
         agg.run(x, last_layer_tokens=0)
 
 
+def test_aggregator_split_run_equals_the_whole_run():
+    """aggregator.run(layer_range=(0, k)) then run(layer_range=(k, depth), entry_tokens=...)
+    gives the whole run's layers (key suppression in the first part, ``last_layer_tokens``
+    in the second: pass 2's eager head and graphed tail); bad ranges are rejected."""
+    import torch
+    from vggt4d_ros.model.config import VGGTConfig
+    from vggt4d_ros.model.hooks import AttentionControl
+    from vggt4d_ros.model.vggt import VGGT
+    from vggt4d_ros.stream.factory import TINY_VGGT_CONFIG
+    torch.manual_seed(0)
+    model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+    agg = model.aggregator
+    x = torch.rand(1, 3, 3, 28, 42)
+    keep = torch.rand(1, 3, 5 + 6, generator=torch.Generator().manual_seed(1)) > 0.3
+    control = AttentionControl(key_keep=keep, key_mask_layers={0, 1, 2, 3, 4})
+    last = agg.depth - 1
+    with torch.no_grad():
+        whole = agg.run(x, control=control, keep_layers={3, 10, last}, last_layer_tokens=1)
+        head = agg.run(x, control=control, keep_layers={3}, layer_range=(0, 5))
+        tail = agg.run(x, keep_layers={10, last}, last_layer_tokens=1, layer_range=(5, agg.depth),
+                       entry_tokens=head.tokens)
+    assert torch.equal(head.layers[3], whole.layers[3]) and head.layers[10] is None
+    assert tail.layers[3] is None and tail.patch_tokens is None
+    assert torch.equal(tail.layers[10], whole.layers[10])
+    assert torch.equal(tail.layers[last], whole.layers[last])
+    assert len(head.layers) == len(tail.layers) == agg.depth
+    for bad in ({"layer_range": (5, 5)}, {"layer_range": (0, agg.depth + 1)},
+                {"layer_range": (5, agg.depth)}, {"entry_tokens": head.tokens},
+                {"layer_range": (5, agg.depth), "entry_tokens": head.tokens[:, :7]}):
+        with pytest.raises(ValueError, match="layer_range|entry_tokens"):
+            agg.run(x, **bad)
+
+
 def test_gathered_keys_use_the_any_length_sdpa_kernels(monkeypatch):
     """Key suppression by gathered index (a key count that changes with every window) runs
     SDPA inside ``_any_length_kernels`` (on CUDA: no cuDNN, whose plans are built per key

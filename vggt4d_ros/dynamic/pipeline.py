@@ -139,6 +139,10 @@ class Vggt4dConfig:
     # interleaved k-means while the GPU works. Same kernels, same results; the graph's memory
     # (pass 1's working set) stays reserved per shape (two shapes kept).
     pass1_graph: bool = True
+    # Likewise pass 2 after its last key-masked layer (layers 5-23 and the camera head: their
+    # shapes do not depend on the mask); the masked layers stay eager (their key counts
+    # change with every window).
+    pass2_graph: bool = True
     min_frames: int = 2
     points_pixel_offset: float = 0.0        # world points: official VGGT unprojection
 
@@ -302,23 +306,33 @@ class Vggt4dPipeline:
     def _camera_pass(self, images: Tensor, control, patch_tokens: Optional[Tensor],
                      amp: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
         """Aggregator + camera head only -> (extrinsic [S,3,4], intrinsic [S,3,3])."""
-        from ..model.pose_encoding import pose_encoding_to_extri_intri
-
         model = self.model
         x = images[None]
         ctx = torch.autocast(images.device.type, dtype=amp) if amp is not None else _null()
-        with ctx:
-            # the last global block only for the camera tokens (~2 ms of a 16-frame pass)
-            agg = model.aggregator.run(x, control=control, patch_tokens=patch_tokens,
-                                       keep_layers={len(model.aggregator.frame_blocks) - 1},
-                                       last_layer_tokens=1)
-        # the camera head reads only the camera token: convert that, not the whole layer
-        tokens = [t[:, :, :1].float() if t is not None else t for t in agg.layers]
-        off = torch.autocast(images.device.type, enabled=False) if amp is not None else _null()
-        with off:
-            pose = model.camera_head(tokens)[-1]
-        ext, intr = pose_encoding_to_extri_intri(pose, tuple(images.shape[-2:]))
-        return ext[0], intr[0]
+        graph = self._pass2_graph(x, control, amp)
+        if graph is not None:
+            # the key-masked layers (data-dependent key counts) eagerly, the rest replayed
+            with ctx:
+                head = model.aggregator.run(x, control=control, patch_tokens=patch_tokens,
+                                            keep_layers=(), layer_range=(0, graph.start))
+            return graph.run(head.tokens)
+        return _camera_layers(model, x, control, patch_tokens, amp, None)
+
+    def _pass2_graph(self, x: Tensor, control, amp: Optional[torch.dtype]
+                     ) -> Optional["_Pass2TailGraph"]:
+        """The cached CUDA graph of pass 2's layers after the last key-masked one (their
+        shapes are fixed per window shape) and the camera head, or None (eager)."""
+        cfg = self.config
+        if not (cfg.cuda_graphs and cfg.pass2_graph and cuda_graph.usable(x)
+                and control is not None and control.key_mask_layers
+                and not any(control.capture.values())):
+            return None
+        start = max(control.key_mask_layers) + 1
+        if start >= len(self.model.aggregator.frame_blocks):
+            return None
+        key = (id(self.model), tuple(x.shape), start, amp, cfg.compile_blocks,
+               cfg.compile_heads, cfg.attention_backend, x.device)
+        return _pass2_graphs.get(key, lambda: _Pass2TailGraph(self.model, x, start, amp))
 
     # ------------------------------------------------------------------ main entry
     @torch.no_grad()
@@ -532,6 +546,64 @@ class _Pass1Graph:
 
 # two window shapes (a stream's window and its end-of-sequence flush)
 _pass1_graphs: "cuda_graph.GraphCache[_Pass1Graph]" = cuda_graph.GraphCache(2, "pass1")
+
+
+def _camera_layers(model: torch.nn.Module, x: Tensor, control, patch_tokens: Optional[Tensor],
+                   amp: Optional[torch.dtype], entry: Optional[Tuple[int, Tensor]]
+                   ) -> Tuple[Tensor, Tensor]:
+    """Aggregator (all layers, or from ``entry`` = (layer, tokens entering it)) + camera head
+    on ``x [1, S, 3, H, W]`` -> (extrinsic [S,3,4], intrinsic [S,3,3])."""
+    from ..model.pose_encoding import pose_encoding_to_extri_intri
+    dev = x.device.type
+    ctx = torch.autocast(dev, dtype=amp) if amp is not None else _null()
+    depth = len(model.aggregator.frame_blocks)
+    with ctx:
+        # the last global block only for the camera tokens (~2 ms of a 16-frame pass)
+        agg = model.aggregator.run(
+            x, control=control, patch_tokens=patch_tokens, keep_layers={depth - 1},
+            last_layer_tokens=1, layer_range=None if entry is None else (entry[0], depth),
+            entry_tokens=None if entry is None else entry[1])
+    # the camera head reads only the camera token: convert that, not the whole layer
+    tokens = [t[:, :, :1].float() if t is not None else t for t in agg.layers]
+    with torch.autocast(dev, enabled=False) if amp is not None else _null():
+        pose = model.camera_head(tokens)[-1]
+    ext, intr = pose_encoding_to_extri_intri(pose, tuple(x.shape[-2:]))
+    return ext[0], intr[0]
+
+
+class _Pass2TailGraph:
+    """Pass 2 after its last key-masked layer, captured as a CUDA graph
+    (``Vggt4dConfig.pass2_graph``): layers ``start``.. of the aggregator (no masks, no hooks:
+    fixed shapes per window shape) and the camera head. The masked layers run eagerly
+    (their key counts change per window); :meth:`run` copies the tokens they leave into the
+    static buffer, replays and returns copies of (extrinsic [S,3,4], intrinsic [S,3,3])."""
+
+    def __init__(self, model: torch.nn.Module, x: Tensor, start: int,
+                 amp: Optional[torch.dtype]) -> None:
+        self.model = model                        # keeps it (and its id) alive
+        self.start = start
+        s, _, h, w = x.shape[1:]
+        n = (h // model.aggregator.patch_size) * (w // model.aggregator.patch_size)
+        t = model.aggregator.patch_start_idx + n
+        dtype = amp if amp is not None else x.dtype
+        shape_only = torch.empty_like(x)          # the aggregator reads only its shape here
+        self.tokens = torch.zeros(x.shape[0], s * t, model.config.embed_dim, dtype=dtype,
+                                  device=x.device)
+        self.out: Tuple[Tensor, Tensor] = ()
+
+        def forward() -> None:
+            with torch.no_grad():                 # see _Pass1Graph
+                self.out = _camera_layers(model, shape_only, None, None, amp,
+                                          (start, self.tokens))
+        self.replay = cuda_graph.capture(forward, x.device, priority=0)
+
+    def run(self, tokens: Tensor) -> Tuple[Tensor, Tensor]:
+        self.tokens.copy_(tokens.reshape(self.tokens.shape))
+        self.replay()
+        return self.out[0].clone(), self.out[1].clone()
+
+
+_pass2_graphs: "cuda_graph.GraphCache[_Pass2TailGraph]" = cuda_graph.GraphCache(2, "pass2")
 
 
 def _cam_to_world(extrinsic: Tensor) -> Tensor:

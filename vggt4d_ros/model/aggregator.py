@@ -34,12 +34,15 @@ class AggregatorOutput:
     """Everything one aggregator pass produces.
 
     layers: list[depth] of [B, S, P+N, 2C] (None for layers not requested via keep_layers);
-    patch_start_idx: P; patch_tokens: DINO x_norm_patchtokens [B·S, N, C_dino].
+    patch_start_idx: P; patch_tokens: DINO x_norm_patchtokens [B·S, N, C_dino] (None when the
+    run started after layer 0); tokens: the last run global block's output [B, S·(P+N), C]
+    (rows limited by ``last_layer_tokens``), what the next layer would take.
     """
 
     layers: List[Optional[torch.Tensor]]
     patch_start_idx: int
-    patch_tokens: torch.Tensor
+    patch_tokens: Optional[torch.Tensor]
+    tokens: Optional[torch.Tensor] = None     # leaving the last layer run (see ``run``)
 
 
 class Aggregator(nn.Module):
@@ -115,13 +118,20 @@ class Aggregator(nn.Module):
     def run(self, images: torch.Tensor, control: Optional[AttentionControl] = None,
             patch_tokens: Optional[torch.Tensor] = None,
             keep_layers: Optional[Iterable[int]] = None,
-            last_layer_tokens: Optional[int] = None) -> AggregatorOutput:
+            last_layer_tokens: Optional[int] = None,
+            layer_range: Optional[Tuple[int, int]] = None,
+            entry_tokens: Optional[torch.Tensor] = None) -> AggregatorOutput:
         """Like ``forward`` but also returns the DINO patch tokens (see AggregatorOutput).
 
         ``last_layer_tokens`` n: the last global block computes only the first n tokens of
         each frame (n = 1: the camera token, all the camera head reads) and the last layer's
         output is ``[B, S, n, 2C]``; every token still serves as key/value, so those rows
         equal the full computation's. Ignored when a Q/K hook reads that layer.
+
+        ``layer_range`` (start, stop): run only layers start..stop-1 (default all); a run
+        that starts after layer 0 takes the tokens entering it as ``entry_tokens`` (the
+        ``tokens`` of a run that stopped there; ``images`` then only gives the shapes).
+        Splitting a forward this way gives the same result as running it whole.
         """
         if images.dim() != 5:
             raise ValueError("aggregator expects images [B, S, 3, H, W], got "
@@ -130,11 +140,13 @@ class Aggregator(nn.Module):
         gh, gw = h // self.patch_size, w // self.patch_size
         n, p = gh * gw, self.patch_start_idx
         t = p + n
-        if patch_tokens is None:
-            patch_tokens = self.embed_patches(images)
-        elif patch_tokens.dim() != 3 or patch_tokens.shape[:2] != (b * s, n):
-            raise ValueError(f"patch_tokens must be [B·S, N, C] = [{b * s}, {n}, C], "
-                             f"got {tuple(patch_tokens.shape)}")
+        start, stop = layer_range if layer_range is not None else (0, self.depth)
+        if not 0 <= start < stop <= self.depth:
+            raise ValueError(f"layer_range must satisfy 0 <= start < stop <= {self.depth}, "
+                             f"got {layer_range}")
+        if (start > 0) != (entry_tokens is not None):
+            raise ValueError("entry_tokens are required exactly when layer_range starts after "
+                             "layer 0")
         keep = set(range(self.depth)) if keep_layers is None else {int(i) for i in keep_layers}
 
         frame_sel = global_sel = None
@@ -142,16 +154,27 @@ class Aggregator(nn.Module):
             control.validate(b, s, t, self.depth)
             frame_sel, global_sel = control.key_selections(p, images.device)
 
-        special = self._special_tokens(b, s).to(patch_tokens.dtype)
-        tokens = torch.cat([special, patch_tokens], dim=1)              # [B·S, T, C]
+        if entry_tokens is None:
+            if patch_tokens is None:
+                patch_tokens = self.embed_patches(images)
+            elif patch_tokens.dim() != 3 or patch_tokens.shape[:2] != (b * s, n):
+                raise ValueError(f"patch_tokens must be [B·S, N, C] = [{b * s}, {n}, C], "
+                                 f"got {tuple(patch_tokens.shape)}")
+            special = self._special_tokens(b, s).to(patch_tokens.dtype)
+            tokens = torch.cat([special, patch_tokens], dim=1)          # [B·S, T, C]
+        else:
+            if entry_tokens.numel() != b * s * t * entry_tokens.shape[-1]:
+                raise ValueError(f"entry_tokens must hold [B, S·T, C] = [{b}, {s * t}, C], "
+                                 f"got {tuple(entry_tokens.shape)}")
+            tokens = entry_tokens
         c = tokens.shape[-1]
         rope_f = rope_g = None
         if self.rope is not None:
             rope_f = self.rope.tables(gh, gw, p, self.cfg.head_dim, images.device)
             rope_g = rope_f.tile(s)
 
-        layers: List[Optional[torch.Tensor]] = []
-        for i in range(self.depth):
+        layers: List[Optional[torch.Tensor]] = [None] * start
+        for i in range(start, stop):
             masked = control is not None and i in control.key_mask_layers
             f_hook = control.qk_callback("frame", i) if control is not None else None
             g_hook = control.qk_callback("global", i) if control is not None else None
@@ -171,7 +194,8 @@ class Aggregator(nn.Module):
                                          tokens.reshape(b, s, n_out, c)], dim=-1))
             else:
                 layers.append(None)
-        return AggregatorOutput(layers, p, patch_tokens)
+        layers += [None] * (self.depth - stop)
+        return AggregatorOutput(layers, p, patch_tokens, tokens)
 
 
 def _leading_rows(frames: int, tokens: int, n: int, device: torch.device) -> torch.Tensor:
