@@ -68,4 +68,6 @@ def emulated_cuda_graphs(monkeypatch):
                         cuda_graph.GraphCache(pipeline._pass1_graphs.capacity))
     monkeypatch.setattr(pipeline, "_pass2_graphs",
                         cuda_graph.GraphCache(pipeline._pass2_graphs.capacity))
+    monkeypatch.setattr(pipeline, "_embed_graphs",
+                        cuda_graph.GraphCache(pipeline._embed_graphs.capacity))
     return captured

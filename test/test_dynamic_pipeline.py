@@ -289,41 +289,46 @@ def test_dynamic_pipeline_cuda_graph_option_keeps_results(golden_model, seq10,
     kw = dict(cluster_backend="fast", refine_backend="fast")
     plain = Vggt4dPipeline(golden_model, Vggt4dConfig(**kw))(images)
     graphed = Vggt4dPipeline(golden_model, Vggt4dConfig(cuda_graphs=True, **kw))(images)
-    # pass 1; k-means: Lloyd block + seeding; threshold; pass 2's unmasked layers; refinement
-    assert len(emulated_cuda_graphs) == 6
+    # embed; pass 1; k-means: Lloyd block + seeding; threshold; pass 2's unmasked layers;
+    # refinement
+    assert len(emulated_cuda_graphs) == 7
     assert torch.equal(graphed.coarse_mask, plain.coarse_mask)
     assert torch.equal(graphed.extrinsic, plain.extrinsic)
     assert _iou(graphed.mask, plain.mask) >= 0.95              # measured 1.0
     assert _iou(graphed.mask, seq10["mask.refined"]) >= 0.95   # measured 0.9946 (= without)
 
 
-def test_pass_cuda_graphs_give_the_eager_result_and_are_replayed(tiny_model, emulated_cuda_graphs,
-                                                                monkeypatch):
-    """``pass1_graph`` / ``pass2_graph`` (capture emulated on the CPU, host reads refused
-    inside it): pass 1 and pass 2's unmasked layers as graphs give exactly the eager passes'
-    outputs, saliency and masks; a second window of the same shape replays them (no new
-    capture) and the first window's result is a copy, not the graph's memory. The value
-    check the graph skips still runs."""
+def test_model_cuda_graphs_give_the_eager_result_and_are_replayed(tiny_model,
+                                                                  emulated_cuda_graphs):
+    """``embed_graph`` / ``pass1_graph`` / ``pass2_graph`` (capture emulated on the CPU, host
+    reads refused inside it): the patch embedding, pass 1 and pass 2's unmasked layers as
+    graphs give exactly the eager outputs, saliency and masks; a second window of the same
+    shape replays them (no new capture); results (and embedded tokens) are copies, not the
+    graphs' memory. The value check the graph skips still runs."""
     from vggt4d_ros.dynamic import pipeline as pipeline_mod
     kw = dict(cluster_backend="fast", refine_backend="fast", cuda_graphs=True)
     a, b = _images(5, seed=1), _images(5, seed=2)
-    eager = Vggt4dPipeline(tiny_model, Vggt4dConfig(pass1_graph=False, pass2_graph=False, **kw))
+    eager = Vggt4dPipeline(tiny_model, Vggt4dConfig(pass1_graph=False, pass2_graph=False,
+                                                    embed_graph=False, **kw))
     ref_a, ref_b = eager(a), eager(b)
-    assert pipeline_mod._pass1_graphs.builds == pipeline_mod._pass2_graphs.builds == 0
+    caches = (pipeline_mod._embed_graphs, pipeline_mod._pass1_graphs, pipeline_mod._pass2_graphs)
+    assert [c.builds for c in caches] == [0, 0, 0]
     assert ref_a.token_mask.any() and ref_b.token_mask.any()       # pass 2 ran, masked
     pipe = Vggt4dPipeline(tiny_model, Vggt4dConfig(**kw))
     got_a = pipe(a)
     got_b = pipe(b)
-    cache = pipeline_mod._pass1_graphs
-    assert (cache.builds, cache.hits) == (1, 1)
-    assert (pipeline_mod._pass2_graphs.builds, pipeline_mod._pass2_graphs.hits) == (1, 1)
+    assert [(c.builds, c.hits) for c in caches] == [(1, 1)] * 3
+    tokens = pipe.embed_patches(b)                            # what a token cache keeps
+    assert torch.equal(tokens, eager.embed_patches(b)) and caches[0].hits == 2
+    pipe(a)                                                   # a copy, not the graph's memory
+    assert torch.equal(tokens, eager.embed_patches(b))
     for got, ref in ((got_a, ref_a), (got_b, ref_b)):
         for name in ("extrinsic", "pass1_extrinsic", "intrinsic", "depth", "depth_conf",
                      "saliency", "coarse_mask", "mask"):
             assert torch.equal(getattr(got, name), getattr(ref, name)), name
     assert not torch.equal(got_a.depth, got_b.depth)
-    pipe(_images(4, seed=3))                                  # another shape: its own graph
-    assert cache.builds == 2
+    pipe(_images(4, seed=3))                                  # another shape: its own graphs
+    assert [c.builds for c in caches] == [2, 2, 2]
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         pipe(a * 2)
 
@@ -345,11 +350,12 @@ def test_pass1_cuda_graph_under_inference_mode(tiny_model, emulated_cuda_graphs,
     images = _images(4, seed=5)
     with torch.inference_mode():
         ref = Vggt4dPipeline(tiny_model, Vggt4dConfig(pass1_graph=False, pass2_graph=False,
-                                                      **kw))(images)
+                                                      embed_graph=False, **kw))(images)
         with warnings.catch_warnings():
             warnings.simplefilter("error")                            # no capture fallback
             got = Vggt4dPipeline(tiny_model, Vggt4dConfig(**kw))(images)
-    for cache in (pipeline_mod._pass1_graphs, pipeline_mod._pass2_graphs):
+    for cache in (pipeline_mod._embed_graphs, pipeline_mod._pass1_graphs,
+                  pipeline_mod._pass2_graphs):
         assert cache.builds == 1 and not cache.disabled_reason
     assert len(grad_in_forward) >= 3 and not any(grad_in_forward)     # eager, warm-up, replay
     assert torch.equal(got.depth, ref.depth) and torch.equal(got.extrinsic, ref.extrinsic)

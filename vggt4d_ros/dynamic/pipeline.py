@@ -143,6 +143,9 @@ class Vggt4dConfig:
     # shapes do not depend on the mask); the masked layers stay eager (their key counts
     # change with every window).
     pass2_graph: bool = True
+    # Likewise the DINO patch embedding per frame count (a stream embeds only its new frames,
+    # at the start of each window: launched one by one, the GPU waited for the host there).
+    embed_graph: bool = True
     min_frames: int = 2
     points_pixel_offset: float = 0.0        # world points: official VGGT unprojection
 
@@ -453,9 +456,14 @@ class Vggt4dPipeline:
         computes them (same autocast): what a per-frame token cache may pass back as
         ``patch_tokens``."""
         amp = self._autocast_dtype(images.device)
-        ctx = torch.autocast(images.device.type, dtype=amp) if amp is not None else _null()
-        with ctx:
-            return self.model.aggregator.embed_patches(images[None])
+        cfg = self.config
+        if cfg.cuda_graphs and cfg.embed_graph and cuda_graph.usable(images):
+            key = (id(self.model), tuple(images.shape), images.dtype, amp, cfg.compile_blocks,
+                   cfg.attention_backend, images.device)
+            graph = _embed_graphs.get(key, lambda: _EmbedGraph(self.model, images, amp))
+            if graph is not None:
+                return graph.run(images)
+        return _embed(self.model, images, amp)
 
     def _pass1_graph(self, images: Tensor, patch_tokens: Tensor, amp: Optional[torch.dtype],
                      heads: Tuple[str, ...], head_amp: Optional[torch.dtype]
@@ -546,6 +554,38 @@ class _Pass1Graph:
 
 # two window shapes (a stream's window and its end-of-sequence flush)
 _pass1_graphs: "cuda_graph.GraphCache[_Pass1Graph]" = cuda_graph.GraphCache(2, "pass1")
+
+
+def _embed(model: torch.nn.Module, images: Tensor, amp: Optional[torch.dtype]) -> Tensor:
+    """DINO patch tokens ``[S, N, C]`` of ``images [S, 3, H, W]`` under pass 1's autocast."""
+    with torch.autocast(images.device.type, dtype=amp) if amp is not None else _null():
+        return model.aggregator.embed_patches(images[None])
+
+
+class _EmbedGraph:
+    """The DINO patch embedding of one frame count captured as a CUDA graph
+    (``Vggt4dConfig.embed_graph``): static images, replay, a copy of the tokens out (a
+    per-frame token cache keeps them across windows)."""
+
+    def __init__(self, model: torch.nn.Module, images: Tensor, amp: Optional[torch.dtype]
+                 ) -> None:
+        self.model = model                        # keeps it (and its id) alive
+        self.images = images.detach().clone()
+        self.tokens = images.new_empty(0)
+
+        def forward() -> None:
+            with torch.no_grad():                 # see _Pass1Graph
+                self.tokens = _embed(model, self.images, amp)
+        self.replay = cuda_graph.capture(forward, images.device, priority=0)
+
+    def run(self, images: Tensor) -> Tensor:
+        self.images.copy_(images)
+        self.replay()
+        return self.tokens.clone()
+
+
+# frame counts: a stream's first window, its stride, its end-of-sequence flush
+_embed_graphs: "cuda_graph.GraphCache[_EmbedGraph]" = cuda_graph.GraphCache(3, "embed")
 
 
 def _camera_layers(model: torch.nn.Module, x: Tensor, control, patch_tokens: Optional[Tensor],
