@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from vggt4d_ros.tools.bench_util import (H100_BF16_DENSE_TFLOPS, config_overrides, synchronize,
+from vggt4d_ros.tools.bench_util import (H100_BF16_DENSE_TFLOPS, parse_window_args, synchronize,
                                          tflops, time_fn, vggt_flops, write_report)
 
 RANDOM_LABEL = "random weights: geometry is meaningless"
@@ -514,12 +514,7 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
                         "the GIL while the worker emits a window")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    try:
-        args.overrides = config_overrides(args.set)
-    except ValueError as exc:
-        p.error(str(exc))
-    if args.height % 14 or args.width % 14 or min(args.height, args.width) <= 0:
-        p.error("--height and --width must be positive multiples of 14")
+    parse_window_args(p, args, args.set)
     if min(args.frames) < 1 or args.stream_frames < 0 or args.window < 2 or \
             not 0 < args.stride <= args.window:
         p.error("frames >= 1, window >= 2 and 0 < stride <= window")

@@ -112,6 +112,18 @@ def config_overrides(items: List[str]) -> Dict[str, object]:
     return out
 
 
+def parse_window_args(parser, args, overrides: List[str]) -> None:
+    """Shared checks of the GPU tools' arguments: ``overrides`` (``--set`` items) parsed into
+    ``args.overrides``, ``--height`` / ``--width`` positive multiples of 14; a bad value ends
+    in ``parser.error`` (exit 2 with the usage)."""
+    try:
+        args.overrides = config_overrides(overrides)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.height % 14 or args.width % 14 or min(args.height, args.width) <= 0:
+        parser.error("--height and --width must be positive multiples of 14")
+
+
 def write_report(report: Dict[str, object], out: Optional[str], default_name: str
                  ) -> Optional[str]:
     """Write ``report`` as JSON to ``out``, else to ``$OUT/default_name`` when ``$OUT`` is set

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from vggt4d_ros.tools.bench import RANDOM_LABEL, build_random_vggt, reference_vggt4d
-from vggt4d_ros.tools.bench_util import config_overrides, synchronize, write_report
+from vggt4d_ros.tools.bench_util import parse_window_args, synchronize, write_report
 
 # --------------------------------------------------------------------------- tolerances
 # The bf16 tolerance documented in docs/BENCHMARKS.md, "Run 1 - VGGT model check" (bf16
@@ -367,12 +367,7 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="report path (default $OUT/numerics_check.json "
                                                 "when $OUT is set)")
     args = p.parse_args(argv)
-    try:
-        args.overrides = config_overrides(args.fast_set)
-    except ValueError as exc:
-        p.error(str(exc))
-    if args.height % 14 or args.width % 14 or min(args.height, args.width) <= 0:
-        p.error("--height and --width must be positive multiples of 14")
+    parse_window_args(p, args, args.fast_set)
     if args.frames < 2:
         p.error("--frames must be >= 2 (VGGT4D needs a source frame)")
     return args
