@@ -298,15 +298,19 @@ def test_dynamic_pipeline_cuda_graph_option_keeps_results(golden_model, seq10,
     assert _iou(graphed.mask, seq10["mask.refined"]) >= 0.95   # measured 0.9946 (= without)
 
 
-def test_model_cuda_graphs_give_the_eager_result_and_are_replayed(tiny_model,
+@pytest.mark.parametrize("autocast", ["auto", "bf16"])
+def test_model_cuda_graphs_give_the_eager_result_and_are_replayed(tiny_model, autocast,
                                                                   emulated_cuda_graphs):
     """``embed_graph`` / ``pass1_graph`` / ``pass2_graph`` (capture emulated on the CPU, host
     reads refused inside it): the patch embedding, pass 1 and pass 2's unmasked layers as
     graphs give exactly the eager outputs, saliency and masks; a second window of the same
     shape replays them (no new capture); results (and embedded tokens) are copies, not the
-    graphs' memory. The value check the graph skips still runs."""
+    graphs' memory. The value check the graph skips still runs. bf16 autocast (the GPU
+    recipe, here on the CPU): the residual stream entering pass 2's graphed tail stays
+    float32 (a bf16 buffer there rounded it)."""
     from vggt4d_ros.dynamic import pipeline as pipeline_mod
-    kw = dict(cluster_backend="fast", refine_backend="fast", cuda_graphs=True)
+    kw = dict(cluster_backend="fast", refine_backend="fast", cuda_graphs=True,
+              autocast=autocast)
     a, b = _images(5, seed=1), _images(5, seed=2)
     eager = Vggt4dPipeline(tiny_model, Vggt4dConfig(pass1_graph=False, pass2_graph=False,
                                                     embed_graph=False, **kw))
@@ -359,3 +363,23 @@ def test_pass1_cuda_graph_under_inference_mode(tiny_model, emulated_cuda_graphs,
         assert cache.builds == 1 and not cache.disabled_reason
     assert len(grad_in_forward) >= 3 and not any(grad_in_forward)     # eager, warm-up, replay
     assert torch.equal(got.depth, ref.depth) and torch.equal(got.extrinsic, ref.extrinsic)
+
+
+def test_failed_model_captures_fall_back_to_the_eager_passes(tiny_model, emulated_cuda_graphs,
+                                                             monkeypatch):
+    """A capture refused by CUDA (here: every capture raises) disables the graphs with one
+    warning each and the window runs eagerly - pass 2 continuing from the tokens its masked
+    layers left (not run twice) - with the eager result."""
+    from vggt4d_ros.dynamic import cuda_graph
+    kw = dict(cluster_backend="fast", refine_backend="fast", cuda_graphs=True)
+    images = _images(4, seed=7)
+    ref = Vggt4dPipeline(tiny_model, Vggt4dConfig(pass1_graph=False, pass2_graph=False,
+                                                  embed_graph=False, **kw))(images)
+
+    def refuse(fn, device, priority=-1):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(cuda_graph, "capture", refuse)
+    with pytest.warns(RuntimeWarning, match="CUDA-graph capture failed"):
+        got = Vggt4dPipeline(tiny_model, Vggt4dConfig(**kw))(images)
+    for name in ("extrinsic", "depth", "saliency", "coarse_mask"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name

@@ -312,30 +312,33 @@ class Vggt4dPipeline:
         model = self.model
         x = images[None]
         ctx = torch.autocast(images.device.type, dtype=amp) if amp is not None else _null()
-        graph = self._pass2_graph(x, control, amp)
-        if graph is not None:
-            # the key-masked layers (data-dependent key counts) eagerly, the rest replayed
-            with ctx:
-                head = model.aggregator.run(x, control=control, patch_tokens=patch_tokens,
-                                            keep_layers=(), layer_range=(0, graph.start))
-            return graph.run(head.tokens)
-        return _camera_layers(model, x, control, patch_tokens, amp, None)
+        start = self._pass2_split(x, control)
+        if start is None:
+            return _camera_layers(model, x, control, patch_tokens, amp, None)
+        # the key-masked layers (data-dependent key counts) eagerly, the rest replayed
+        with ctx:
+            head = model.aggregator.run(x, control=control, patch_tokens=patch_tokens,
+                                        keep_layers=(), layer_range=(0, start))
+        cfg = self.config
+        key = (id(model), tuple(x.shape), start, head.tokens.dtype, amp, cfg.compile_blocks,
+               cfg.compile_heads, cfg.attention_backend, x.device)
+        graph = _pass2_graphs.get(key, lambda: _Pass2TailGraph(model, x, start, head.tokens,
+                                                               amp))
+        if graph is None:                   # capture failed in this process: the eager tail
+            return _camera_layers(model, x, None, None, amp, (start, head.tokens))
+        return graph.run(head.tokens)
 
-    def _pass2_graph(self, x: Tensor, control, amp: Optional[torch.dtype]
-                     ) -> Optional["_Pass2TailGraph"]:
-        """The cached CUDA graph of pass 2's layers after the last key-masked one (their
-        shapes are fixed per window shape) and the camera head, or None (eager)."""
+    def _pass2_split(self, x: Tensor, control) -> Optional[int]:
+        """The first layer of pass 2 after its key-masked ones when that tail runs as a CUDA
+        graph (``pass2_graph``: no masks, no hooks, shapes fixed per window shape), else
+        None (the whole pass eagerly)."""
         cfg = self.config
         if not (cfg.cuda_graphs and cfg.pass2_graph and cuda_graph.usable(x)
                 and control is not None and control.key_mask_layers
                 and not any(control.capture.values())):
             return None
         start = max(control.key_mask_layers) + 1
-        if start >= len(self.model.aggregator.frame_blocks):
-            return None
-        key = (id(self.model), tuple(x.shape), start, amp, cfg.compile_blocks,
-               cfg.compile_heads, cfg.attention_backend, x.device)
-        return _pass2_graphs.get(key, lambda: _Pass2TailGraph(self.model, x, start, amp))
+        return start if start < len(self.model.aggregator.frame_blocks) else None
 
     # ------------------------------------------------------------------ main entry
     @torch.no_grad()
@@ -618,17 +621,14 @@ class _Pass2TailGraph:
     (their key counts change per window); :meth:`run` copies the tokens they leave into the
     static buffer, replays and returns copies of (extrinsic [S,3,4], intrinsic [S,3,3])."""
 
-    def __init__(self, model: torch.nn.Module, x: Tensor, start: int,
+    def __init__(self, model: torch.nn.Module, x: Tensor, start: int, tokens: Tensor,
                  amp: Optional[torch.dtype]) -> None:
         self.model = model                        # keeps it (and its id) alive
         self.start = start
-        s, _, h, w = x.shape[1:]
-        n = (h // model.aggregator.patch_size) * (w // model.aggregator.patch_size)
-        t = model.aggregator.patch_start_idx + n
-        dtype = amp if amp is not None else x.dtype
         shape_only = torch.empty_like(x)          # the aggregator reads only its shape here
-        self.tokens = torch.zeros(x.shape[0], s * t, model.config.embed_dim, dtype=dtype,
-                                  device=x.device)
+        # the tokens' own dtype: under bf16 autocast the residual stream stays float32, and a
+        # bf16 buffer would round it (found in review after run 41; same results now)
+        self.tokens = tokens.detach().clone()
         self.out: Tuple[Tensor, Tensor] = ()
 
         def forward() -> None:
@@ -638,7 +638,7 @@ class _Pass2TailGraph:
         self.replay = cuda_graph.capture(forward, x.device, priority=0)
 
     def run(self, tokens: Tensor) -> Tuple[Tensor, Tensor]:
-        self.tokens.copy_(tokens.reshape(self.tokens.shape))
+        self.tokens.copy_(tokens)
         self.replay()
         return self.out[0].clone(), self.out[1].clone()
 
