@@ -338,6 +338,42 @@ def test_invalid_parameters_refused_at_startup():
         rclpy.try_shutdown(context=ctx)
 
 
+def test_model_warm_up_at_startup_runs_two_windows():
+    """model.warmup_width/height: two synthetic windows of that camera's working size go
+    through the real predictor (random_tiny, CPU) while the node starts - all of the first
+    window's frames and the second's stride new ones embedded -; the per-frame caches are
+    empty after. A half-set size is refused at start-up."""
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    seen = []
+    try:
+        def factory(settings, device):
+            engine = node_mod.default_engine_factory(settings, device)
+            seen.append(engine.predictor)
+            return engine
+        base = {"window.size": 4, "window.stride": 2, "model.checkpoint": "random_tiny",
+                "model.device": "cpu", "model.image_width": 56}
+        node = node_mod.Vggt4dNode(
+            engine_factory=factory, context=ctx,
+            parameter_overrides=[Parameter(k, value=v) for k, v in
+                                 {**base, "model.warmup_width": 640,
+                                  "model.warmup_height": 480}.items()])
+        try:
+            predictor = seen[0]
+            assert node.warmup_s > 0
+            assert predictor.cache_misses == 4 + 2 and predictor.cache_hits == 2
+            assert not predictor._cache and not predictor._image_cache    # emptied after
+            assert predictor.last_window_frames == 4 and predictor.oom_retries == 0
+        finally:
+            node.destroy_node()
+        with pytest.raises(node_mod.StartupError, match="warmup"):
+            node_mod.Vggt4dNode(engine_factory=lambda s, d: None, context=ctx,
+                                parameter_overrides=[Parameter(k, value=v) for k, v in
+                                                     {**base, "model.warmup_width": 640}.items()])
+    finally:
+        rclpy.try_shutdown(context=ctx)
+
+
 def test_cuda_unavailable_is_a_startup_error_before_advertising():
     ctx = rclpy.Context()
     rclpy.init(context=ctx)

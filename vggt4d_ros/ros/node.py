@@ -270,6 +270,25 @@ class Vggt4dNode(Node):
             self.get_logger().warning("model.checkpoint 'random_tiny': tiny RANDOM weights, "
                                       "outputs are meaningless (demos and tests only)")
         self.engine = engine_factory(self.settings, self.device)
+        self.warmup_s = self._warm_up()
+
+    def _warm_up(self) -> float:
+        """``model.warmup_width/height``: compile and capture the model for that camera's
+        windows now, before any topic is advertised (StartupError if it fails)."""
+        s = self.settings
+        camera_hw = (s["model.warmup_height"], s["model.warmup_width"])
+        if min(camera_hw) <= 0:
+            return 0.0
+        from vggt4d_ros.stream.factory import warm_up
+        try:
+            seconds = warm_up(self.engine.predictor, camera_hw, s["model.image_width"],
+                              s["window.size"], s["window.stride"])
+        except Exception as exc:  # noqa: BLE001 - any failure here is a start-up failure
+            raise StartupError(f"model warm-up for {camera_hw[1]}x{camera_hw[0]} images "
+                               f"failed: {exc}") from exc
+        self.get_logger().info(f"model warmed up for {camera_hw[1]}x{camera_hw[0]} images "
+                               f"(windows of {s['window.size']} frames) in {seconds:.1f} s")
+        return seconds
 
     # ------------------------------------------------------------------ interface set-up
     def _qos(self, prefix: str) -> QoSProfile:

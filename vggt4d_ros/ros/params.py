@@ -58,6 +58,12 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("model.image_width", 518, "working width in pixels the predictor resizes to "
               "(multiple of 14)", lo=28, hi=1022, step=14),
     ParamSpec("model.seed", 0, "seed of 'random_tiny' weights", lo=0, hi=2**31 - 1),
+    ParamSpec("model.warmup_width", 0, "camera image width (pixels) to warm the model up for "
+              "at start-up, before any topic exists: two synthetic windows compile the model "
+              "and capture its CUDA graphs (the first real windows otherwise take ~1-2 min on "
+              "CUDA); 0 = off (with model.warmup_height)", lo=0, hi=8192),
+    ParamSpec("model.warmup_height", 0, "camera image height (pixels) of the start-up warm-up; "
+              "0 = off (with model.warmup_width)", lo=0, hi=8192),
     # window
     ParamSpec("window.size", 16, "frames per window: new frames + overlap (keyframes come on "
               "top; on CUDA each distinct window size compiles once, ~15-25 s)",
@@ -224,6 +230,10 @@ def check_combination(values: dict[str, Any]) -> Optional[str]:
     if low and not stride < low <= size:
         return f"window.min_size ({low}) must be 0 (auto) or in (window.stride, window.size] " \
                f"= ({stride}, {size}] so that every new frame is still predicted"
+    warm = (values.get("model.warmup_width", 0), values.get("model.warmup_height", 0))
+    if (warm[0] > 0) != (warm[1] > 0):
+        return f"model.warmup_width and model.warmup_height must both be 0 (no warm-up) or " \
+               f"both positive, got {list(warm)}"
     frames = [values["frames.odom_frame"], values["frames.base_frame"],
               values["frames.camera_frame"]]
     if len(set(frames)) != 3:

@@ -194,6 +194,11 @@ class Vggt4dWindowPredictor:
         _touch(self._cache, frame_keys, self._cache_size)
         return out
 
+    def clear_caches(self) -> None:
+        """Forget every cached frame (patch tokens and resized images)."""
+        self._cache.clear()
+        self._image_cache.clear()
+
     def predict(self, images: np.ndarray, frame_keys: Sequence[int]) -> WindowPrediction:
         """images [S,H0,W0,3] uint8 RGB -> WindowPrediction at the working resolution."""
         if len(frame_keys) != len(images):
@@ -217,6 +222,28 @@ class Vggt4dWindowPredictor:
                                 intrinsic=np_(res.intrinsic).astype(np.float64),
                                 depth=np_(res.depth), depth_conf=np_(res.depth_conf),
                                 mask=res.mask.detach().cpu().numpy().astype(bool), timings=timings)
+
+
+def warm_up(predictor, camera_hw: tuple[int, int], image_width: int, window: int,
+            stride: int) -> float:
+    """Run two synthetic windows through ``predictor`` at the working size of a camera of
+    ``camera_hw`` (height, width) pixels: the first of ``window`` frames (all embedded, as a
+    stream's first window), the second sharing ``window - stride`` of them (a steady-state
+    window). On CUDA this compiles the model and captures its graphs for those shapes, which
+    the first real windows would otherwise pay (~1-2 min on the H100). Frame keys are
+    negative (never a real frame's); the predictor's per-frame caches are emptied after.
+    Returns the seconds it took. Random images: the outputs are discarded."""
+    t0 = time.perf_counter()
+    h, w = working_size(camera_hw[0], camera_hw[1], image_width)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(window + stride, h, w, 3), dtype=np.uint8)
+    keys = [-1 - i for i in range(window + stride)]
+    predictor.predict(frames[:window], keys[:window])
+    predictor.predict(frames[stride:], keys[stride:])
+    clear = getattr(predictor, "clear_caches", None)
+    if callable(clear):
+        clear()
+    return time.perf_counter() - t0
 
 
 def _touch(cache: OrderedDict, keys: Sequence[int], size: int) -> None:
