@@ -40,7 +40,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -322,8 +322,8 @@ class Vggt4dPipeline:
         cfg = self.config
         key = (id(model), tuple(x.shape), start, head.tokens.dtype, amp, cfg.compile_blocks,
                cfg.compile_heads, cfg.attention_backend, x.device)
-        graph = _pass2_graphs.get(key, lambda: _Pass2TailGraph(model, x, start, head.tokens,
-                                                               amp))
+        graph = _pass2_graphs.get(key, lambda: _capture_pass2_tail(model, x, start,
+                                                                   head.tokens, amp))
         if graph is None:                   # capture failed in this process: the eager tail
             return _camera_layers(model, x, None, None, amp, (start, head.tokens))
         return graph.run(head.tokens)
@@ -393,7 +393,10 @@ class Vggt4dPipeline:
                 out1 = self.model(images, control=control, patch_tokens=patch_tokens,
                                   autocast_dtype=amp, heads=heads1, head_autocast_dtype=head_amp)
             else:
-                out1, reducer = graph.run(self.model, images, patch_tokens)
+                self.model.validate_images(images, self.model.config.patch_size)   # skipped in it
+                out1 = graph.run(images, patch_tokens)
+                out1["encoder_features"] = patch_tokens
+                reducer = graph.state             # holds this window's statistics now
             if cluster_task is not None:
                 cluster_task.launch()       # deferred: beside pass 1's queued kernels
         ext1 = out1["extrinsic"][0].float()
@@ -463,14 +466,15 @@ class Vggt4dPipeline:
         if cfg.cuda_graphs and cfg.embed_graph and cuda_graph.usable(images):
             key = (id(self.model), tuple(images.shape), images.dtype, amp, cfg.compile_blocks,
                    cfg.attention_backend, images.device)
-            graph = _embed_graphs.get(key, lambda: _EmbedGraph(self.model, images, amp))
+            graph = _embed_graphs.get(key, lambda: _ModelGraph(
+                self.model, lambda x: _embed(self.model, x, amp), (images,)))
             if graph is not None:
                 return graph.run(images)
         return _embed(self.model, images, amp)
 
     def _pass1_graph(self, images: Tensor, patch_tokens: Tensor, amp: Optional[torch.dtype],
                      heads: Tuple[str, ...], head_amp: Optional[torch.dtype]
-                     ) -> Optional["_Pass1Graph"]:
+                     ) -> Optional["_ModelGraph"]:
         """The cached CUDA graph of pass 1 for this window shape and configuration, or None
         (graphs off, not CUDA, or capture failed in this process: the eager pass runs)."""
         cfg = self.config
@@ -482,7 +486,7 @@ class Vggt4dPipeline:
         key = (id(self.model), tuple(images.shape), tuple(patch_tokens.shape),
                patch_tokens.dtype, amp, heads, head_amp, specs, tuple(cfg.window_offsets),
                cfg.compile_blocks, cfg.compile_heads, cfg.attention_backend, images.device)
-        return _pass1_graphs.get(key, lambda: _Pass1Graph(
+        return _pass1_graphs.get(key, lambda: _capture_pass1(
             self.model, images, patch_tokens, amp, heads, head_amp, specs,
             tuple(cfg.window_offsets)))
 
@@ -508,55 +512,69 @@ class Vggt4dPipeline:
         return out2["extrinsic"][0].float()
 
 
-class _Pass1Graph:
-    """Pass 1 of one window shape captured as a CUDA graph (``Vggt4dConfig.pass1_graph``).
+class _ModelGraph:
+    """A model computation of one shape captured as a CUDA graph (``Vggt4dConfig`` embed /
+    pass-1 / pass-2 graphs): ``fn(*inputs)`` is recorded on static copies of ``inputs``;
+    :meth:`run` copies new inputs in, replays and returns copies of the outputs (a tensor, or
+    a tuple or dict of them: a later replay overwrites the graph's own). ``state``: what else
+    the capture records into (pass 1's saliency reducer). ``model`` is kept alive: its id is
+    part of the cache keys.
 
-    Static inputs: images ``[S, 3, H, W]`` and DINO patch tokens ``[S, N, C]``; the capture
-    records the model forward (``heads``) with a saliency reducer of its own, whose
-    accumulators are graph memory: after a replay, ``reducer.maps()`` reads this window's
-    statistics. :meth:`run` copies the inputs in, replays and returns copies of the outputs
-    the pipeline reads (a later replay overwrites the graph's), plus that reducer."""
+    The capture runs under ``no_grad``: the graph cache builds outside inference mode, which
+    turns autograd back on (run 39 on the H100: compiled blocks then failed the capture). It
+    is captured at normal priority, so that the interleaved side stages (high priority) still
+    go ahead of its kernels."""
 
-    OUTPUTS = ("extrinsic", "intrinsic", "depth", "depth_conf")
-
-    def __init__(self, model: torch.nn.Module, images: Tensor, patch_tokens: Tensor,
-                 amp: Optional[torch.dtype], heads: Tuple[str, ...],
-                 head_amp: Optional[torch.dtype], specs, offsets: Tuple[int, ...]) -> None:
-        from ..model.hooks import AttentionControl
-        self.model = model                        # keeps it (and its id) alive
-        self.images = images.detach().clone()
-        self.tokens = patch_tokens.detach().clone()
-        self.reducer = GramSaliencyReducer(images.shape[0], offsets=offsets, specs=specs)
-        control = AttentionControl(capture=self.reducer.capture, on_qk=self.reducer.on_qk)
-        self.out: Dict[str, Tensor] = {}
+    def __init__(self, model: torch.nn.Module, fn: Callable[..., Any],
+                 inputs: Tuple[Tensor, ...], state: Any = None) -> None:
+        self.model = model
+        self.state = state
+        self.inputs = tuple(t.detach().clone() for t in inputs)
+        self.out: Any = None
 
         def forward() -> None:
-            self.reducer.reset()                  # the capture records the accumulation
-            # no_grad here: the graph cache builds outside inference mode, which turns
-            # autograd back on (the H100 run 39 capture failed on that under inference_mode)
             with torch.no_grad():
-                out = model(self.images, control=control, patch_tokens=self.tokens,
-                            autocast_dtype=amp, heads=heads, head_autocast_dtype=head_amp,
-                            validate=False)
-            self.out = {k: out[k] for k in self.OUTPUTS}
-        # normal priority: the interleaved side stages (high priority) go ahead of its kernels
-        self.replay = cuda_graph.capture(forward, images.device, priority=0)
+                self.out = fn(*self.inputs)
+        self.replay = cuda_graph.capture(forward, self.inputs[0].device, priority=0)
 
-    def run(self, model: torch.nn.Module, images: Tensor, patch_tokens: Tensor
-            ) -> Tuple[Dict[str, Tensor], GramSaliencyReducer]:
-        """Pass 1 on ``images`` / ``patch_tokens`` -> (outputs as ``model(...)`` names them,
-        ``encoder_features`` = ``patch_tokens``; the reducer holding the saliency)."""
-        model.validate_images(images, model.config.patch_size)   # the check the graph skips
-        self.images.copy_(images)
-        self.tokens.copy_(patch_tokens)
+    def run(self, *inputs: Tensor) -> Any:
+        for static, new in zip(self.inputs, inputs):
+            static.copy_(new)
         self.replay()
-        out = {k: v.clone() for k, v in self.out.items()}
-        out["encoder_features"] = patch_tokens
-        return out, self.reducer
+        out = self.out
+        if isinstance(out, dict):
+            return {k: v.clone() for k, v in out.items()}
+        if isinstance(out, tuple):
+            return tuple(v.clone() for v in out)
+        return out.clone()
+
+
+_PASS1_OUTPUTS = ("extrinsic", "intrinsic", "depth", "depth_conf")
+
+
+def _capture_pass1(model: torch.nn.Module, images: Tensor, patch_tokens: Tensor,
+                   amp: Optional[torch.dtype], heads: Tuple[str, ...],
+                   head_amp: Optional[torch.dtype], specs, offsets: Tuple[int, ...]
+                   ) -> _ModelGraph:
+    """Pass 1 (``Vggt4dConfig.pass1_graph``) on images ``[S, 3, H, W]`` and DINO patch tokens
+    ``[S, N, C]``: the model forward (``heads``) -> the :data:`_PASS1_OUTPUTS`, with a saliency
+    reducer of its own (the graph's ``state``) whose accumulators are graph memory: after a
+    replay, ``reducer.maps()`` reads that window's statistics. The image value check (a host
+    read) is skipped inside: the caller runs it."""
+    from ..model.hooks import AttentionControl
+    reducer = GramSaliencyReducer(images.shape[0], offsets=offsets, specs=specs)
+    control = AttentionControl(capture=reducer.capture, on_qk=reducer.on_qk)
+
+    def forward(images: Tensor, tokens: Tensor) -> Dict[str, Tensor]:
+        reducer.reset()                           # the capture records the accumulation
+        out = model(images, control=control, patch_tokens=tokens, autocast_dtype=amp,
+                    heads=heads, head_autocast_dtype=head_amp, validate=False)
+        return {k: out[k] for k in _PASS1_OUTPUTS}
+    return _ModelGraph(model, forward, (images, patch_tokens), state=reducer)
 
 
 # two window shapes (a stream's window and its end-of-sequence flush)
-_pass1_graphs: "cuda_graph.GraphCache[_Pass1Graph]" = cuda_graph.GraphCache(2, "pass1")
+_pass1_graphs: "cuda_graph.GraphCache[_ModelGraph]" = cuda_graph.GraphCache(2, "pass1")
 
 
 def _embed(model: torch.nn.Module, images: Tensor, amp: Optional[torch.dtype]) -> Tensor:
@@ -565,30 +583,8 @@ def _embed(model: torch.nn.Module, images: Tensor, amp: Optional[torch.dtype]) -
         return model.aggregator.embed_patches(images[None])
 
 
-class _EmbedGraph:
-    """The DINO patch embedding of one frame count captured as a CUDA graph
-    (``Vggt4dConfig.embed_graph``): static images, replay, a copy of the tokens out (a
-    per-frame token cache keeps them across windows)."""
-
-    def __init__(self, model: torch.nn.Module, images: Tensor, amp: Optional[torch.dtype]
-                 ) -> None:
-        self.model = model                        # keeps it (and its id) alive
-        self.images = images.detach().clone()
-        self.tokens = images.new_empty(0)
-
-        def forward() -> None:
-            with torch.no_grad():                 # see _Pass1Graph
-                self.tokens = _embed(model, self.images, amp)
-        self.replay = cuda_graph.capture(forward, images.device, priority=0)
-
-    def run(self, images: Tensor) -> Tensor:
-        self.images.copy_(images)
-        self.replay()
-        return self.tokens.clone()
-
-
 # frame counts: a stream's first window, its stride, its end-of-sequence flush
-_embed_graphs: "cuda_graph.GraphCache[_EmbedGraph]" = cuda_graph.GraphCache(3, "embed")
+_embed_graphs: "cuda_graph.GraphCache[_ModelGraph]" = cuda_graph.GraphCache(3, "embed")
 
 
 def _camera_layers(model: torch.nn.Module, x: Tensor, control, patch_tokens: Optional[Tensor],
@@ -614,36 +610,19 @@ def _camera_layers(model: torch.nn.Module, x: Tensor, control, patch_tokens: Opt
     return ext[0], intr[0]
 
 
-class _Pass2TailGraph:
-    """Pass 2 after its last key-masked layer, captured as a CUDA graph
-    (``Vggt4dConfig.pass2_graph``): layers ``start``.. of the aggregator (no masks, no hooks:
-    fixed shapes per window shape) and the camera head. The masked layers run eagerly
-    (their key counts change per window); :meth:`run` copies the tokens they leave into the
-    static buffer, replays and returns copies of (extrinsic [S,3,4], intrinsic [S,3,3])."""
-
-    def __init__(self, model: torch.nn.Module, x: Tensor, start: int, tokens: Tensor,
-                 amp: Optional[torch.dtype]) -> None:
-        self.model = model                        # keeps it (and its id) alive
-        self.start = start
-        shape_only = torch.empty_like(x)          # the aggregator reads only its shape here
-        # the tokens' own dtype: under bf16 autocast the residual stream stays float32, and a
-        # bf16 buffer would round it (found in review after run 41; same results now)
-        self.tokens = tokens.detach().clone()
-        self.out: Tuple[Tensor, Tensor] = ()
-
-        def forward() -> None:
-            with torch.no_grad():                 # see _Pass1Graph
-                self.out = _camera_layers(model, shape_only, None, None, amp,
-                                          (start, self.tokens))
-        self.replay = cuda_graph.capture(forward, x.device, priority=0)
-
-    def run(self, tokens: Tensor) -> Tuple[Tensor, Tensor]:
-        self.tokens.copy_(tokens)
-        self.replay()
-        return self.out[0].clone(), self.out[1].clone()
+def _capture_pass2_tail(model: torch.nn.Module, x: Tensor, start: int, tokens: Tensor,
+                        amp: Optional[torch.dtype]) -> _ModelGraph:
+    """Pass 2 after its last key-masked layer (``Vggt4dConfig.pass2_graph``): layers
+    ``start``.. of the aggregator (no masks, no hooks: fixed shapes per window shape) and the
+    camera head, from the tokens the masked layers leave -> (extrinsic [S,3,4], intrinsic
+    [S,3,3]). The static token buffer keeps their dtype: under bf16 autocast the residual
+    stream stays float32, and a bf16 buffer rounded it (found in review after run 41)."""
+    shape_only = torch.empty_like(x)          # the aggregator reads only its shape here
+    return _ModelGraph(model, lambda t: _camera_layers(model, shape_only, None, None, amp,
+                                                       (start, t)), (tokens,))
 
 
-_pass2_graphs: "cuda_graph.GraphCache[_Pass2TailGraph]" = cuda_graph.GraphCache(2, "pass2")
+_pass2_graphs: "cuda_graph.GraphCache[_ModelGraph]" = cuda_graph.GraphCache(2, "pass2")
 
 
 def _cam_to_world(extrinsic: Tensor) -> Tensor:
