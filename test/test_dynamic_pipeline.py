@@ -383,3 +383,39 @@ def test_failed_model_captures_fall_back_to_the_eager_passes(tiny_model, emulate
         got = Vggt4dPipeline(tiny_model, Vggt4dConfig(**kw))(images)
     for name in ("extrinsic", "depth", "saliency", "coarse_mask"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
+
+
+def test_block_options_are_per_pipeline_and_part_of_the_graph_keys(tiny_model,
+                                                                   emulated_cuda_graphs):
+    """Two pipelines on one model with different block options (bf16 autocast, capture
+    emulated): each call sets its own options and restores the model's after; each option set
+    has its own model graphs; the weight cache changes no result. ``head_dtype="auto"``
+    follows the aggregator's autocast; ``official_recipe`` turns the numerics options off."""
+    from vggt4d_ros.dynamic import pipeline as pipeline_mod
+    kw = dict(cluster_backend="fast", refine_backend="fast", cuda_graphs=True, autocast="bf16")
+    a = _images(4, seed=1)
+    cached = Vggt4dPipeline(tiny_model, Vggt4dConfig(cast_weight_cache=True, **kw))
+    uncached = Vggt4dPipeline(tiny_model, Vggt4dConfig(cast_weight_cache=False, **kw))
+    fns = tiny_model.fused_functions
+    seen = []
+    real = fns.attention_output_mlp
+
+    def spy(*args, **kwargs):
+        seen.append(fns.cast_weights)
+        return real(*args, **kwargs)
+    fns.attention_output_mlp = spy
+    try:
+        got_c, got_u = cached(a), uncached(a)
+    finally:
+        fns.attention_output_mlp = real
+    assert True in seen and False in seen
+    assert (fns.cast_weights, fns.gelu_epilogue) == (False, False)       # restored
+    assert pipeline_mod._pass1_graphs.builds == 2 and pipeline_mod._embed_graphs.builds == 2
+    for name in ("extrinsic", "depth", "mask", "saliency"):
+        assert torch.equal(getattr(got_c, name), getattr(got_u, name)), name
+    cfg = Vggt4dConfig()
+    assert cfg.head_autocast_dtype(None) is None
+    assert cfg.head_autocast_dtype(torch.bfloat16) is torch.bfloat16
+    official = Vggt4dConfig.official_recipe(refine=False)
+    assert official.head_autocast_dtype(torch.bfloat16) is None
+    assert not official.mlp_gelu_epilogue and not official.refine

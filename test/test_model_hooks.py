@@ -294,3 +294,75 @@ def test_gathered_keys_use_the_any_length_sdpa_kernels(monkeypatch):
     att.attend(q, k, v, None, None)
     assert len(entered) == 1
     assert isinstance(real(q), contextlib.nullcontext)      # CPU: the default backends
+
+
+def test_cast_weight_cache_gives_the_same_outputs_and_follows_weight_updates():
+    """``FusedBlockFunctions.cast_weights`` under bf16 autocast: the blocks' linear weights
+    cast once and kept give the per-call casts' outputs bit for bit; a changed weight is
+    re-cast in place (same storage, so a CUDA graph that captured it stays valid). The GELU
+    epilogue option is ignored off CUDA (the exact GELU stays)."""
+    import torch
+    from vggt4d_ros.model.config import VGGTConfig
+    from vggt4d_ros.model.layers.block import Block
+    from vggt4d_ros.model.vggt import VGGT
+    from vggt4d_ros.stream.factory import TINY_VGGT_CONFIG
+    torch.manual_seed(0)
+    model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+    images = torch.rand(3, 3, 28, 42)
+    bf16 = torch.bfloat16
+    model.use_fused_blocks(True)
+    fns = model.fused_functions
+    with torch.inference_mode():
+        plain = model(images, autocast_dtype=bf16)
+        fns.cast_weights = True
+        cached = model(images, autocast_dtype=bf16)
+        blocks = [m for m in model.aggregator.modules() if isinstance(m, Block)]
+        assert all(b._cast_cache is not None for b in blocks)
+        copy = blocks[0]._cast_cache[1][4]                     # fc1 weight, bf16
+        assert copy.dtype == bf16 and not copy.is_inference()
+        fns.gelu_epilogue = True                               # CPU: no effect
+        again = model(images, autocast_dtype=bf16)
+    for key in ("pose_enc", "depth", "world_points"):
+        assert torch.equal(plain[key], cached[key]), key
+        assert torch.equal(plain[key], again[key]), key
+    with torch.no_grad():
+        blocks[0].mlp.fc1.weight.mul_(1.5)
+    with torch.inference_mode():
+        fresh = model(images, autocast_dtype=bf16)
+        assert blocks[0]._cast_cache[1][4].data_ptr() == copy.data_ptr()
+        assert torch.equal(copy, blocks[0].mlp.fc1.weight.to(bf16))
+        fns.cast_weights = False
+        uncached = model(images, autocast_dtype=bf16)
+    model.use_fused_blocks(False)
+    assert torch.equal(fresh["depth"], uncached["depth"])
+    assert not torch.equal(fresh["depth"], plain["depth"])
+
+
+def test_gelu_epilogue_maths_is_the_tanh_gelu_mlp():
+    """``attention_output_mlp(gelu_epilogue=True)`` = the block's MLP with the tanh GELU
+    (the cuBLASLt epilogue's GELU on CUDA; the same maths unfused here), and
+    ``linear_gelu_tanh`` casts to the autocast dtype it is given."""
+    import torch
+    import torch.nn.functional as F
+    from vggt4d_ros.model.layers.fused import attention_output_mlp, linear_gelu_tanh
+    g = torch.Generator().manual_seed(0)
+    b, t, c, h = 2, 7, 16, 4
+    x = torch.randn(b, t, c, generator=g)
+    attn = torch.randn(b, h, t, c // h, generator=g)
+    w = {n: torch.randn(*shape, generator=g) * 0.2 for n, shape in (
+        ("proj_w", (c, c)), ("proj_b", (c,)), ("g1", (c,)), ("nw", (c,)), ("nb", (c,)),
+        ("fc1_w", (4 * c, c)), ("fc1_b", (4 * c,)), ("fc2_w", (c, 4 * c)), ("fc2_b", (c,)),
+        ("g2", (c,)))}
+    args = (x, attn, w["proj_w"], w["proj_b"], w["g1"], w["nw"], w["nb"], 1e-6,
+            w["fc1_w"], w["fc1_b"], w["fc2_w"], w["fc2_b"], w["g2"])
+    got = attention_output_mlp(*args, gelu_epilogue=True)
+    exact = attention_output_mlp(*args)
+    y = F.linear(attn.transpose(1, 2).reshape(b, t, c), w["proj_w"], w["proj_b"])
+    x1 = x + y * w["g1"]
+    hid = F.gelu(F.linear(F.layer_norm(x1, (c,), w["nw"], w["nb"], 1e-6), w["fc1_w"],
+                          w["fc1_b"]), approximate="tanh")
+    want = x1 + F.linear(hid, w["fc2_w"], w["fc2_b"]) * w["g2"]
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.equal(got, exact) and torch.allclose(got, exact, atol=1e-2)
+    low = linear_gelu_tanh(x, w["fc1_w"][:, :c], w["fc1_b"], torch.bfloat16)
+    assert low.dtype == torch.bfloat16 and low.shape == (b, t, 4 * c)

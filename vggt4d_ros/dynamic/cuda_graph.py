@@ -12,7 +12,8 @@ from __future__ import annotations
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Callable, Dict, Generic, Hashable, Optional, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Dict, Generic, Hashable, Iterator, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -57,6 +58,21 @@ def cache_stats() -> Dict[str, Dict[str, int]]:
     """Per named cache: ``hits`` (replays of a cached graph), ``builds`` (captures), ``size``."""
     return {name: {"hits": c.hits, "builds": c.builds, "size": len(c)}
             for name, c in _named_caches.items()}
+
+
+@contextmanager
+def scaled_capacities(factor: int) -> Iterator[None]:
+    """Every named cache keeps ``factor`` times its capacity for the duration, restored after
+    (surplus entries go at the next build): an A/B of ``factor`` configurations in one
+    process, each with graphs of its own, must not evict and recapture in every call."""
+    saved = {name: c.capacity for name, c in _named_caches.items()}
+    for name, c in _named_caches.items():
+        c.capacity = saved[name] * max(1, factor)
+    try:
+        yield
+    finally:
+        for name, c in _named_caches.items():
+            c.capacity = saved.get(name, c.capacity)
 
 
 class GraphCache(Generic[T]):

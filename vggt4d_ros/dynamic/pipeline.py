@@ -98,7 +98,22 @@ class Vggt4dConfig:
     pass2_camera_only: bool = True          # pass 2 runs aggregator + camera head only
     autocast: str = "auto"                  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "off"
     pass1_point_head: bool = False          # world points come from depth: the point head is idle
-    head_dtype: str = "fp32"                # DPT heads: "fp32" (official) | "bf16" (measured)
+    # Numerics of the GPU speed path (each off = the official recipe; all three off:
+    # ``Vggt4dConfig.official_recipe()``). Measured on the H100 (docs/BENCHMARKS.md, runs
+    # 43-46): together 19 ms of a 248 ms window, and the fast path still agrees with the fp32
+    # reference within the bf16 tolerance (tools/numerics_check).
+    # DPT depth head dtype: "auto" = bf16 when the aggregator runs under bf16 autocast (CUDA),
+    # else float32 | "fp32" (the official recipe: heads in float32) | "bf16".
+    head_dtype: str = "auto"
+    # On CUDA under autocast, with the fused block path (compile_blocks): each block's MLP
+    # GELU fused into its first GEMM (a cuBLASLt epilogue). That GELU is the tanh
+    # approximation (|difference| < 5e-4, below bf16 resolution) instead of the official
+    # exact GELU; elsewhere (CPU, fp32) the exact GELU runs whatever this says.
+    mlp_gelu_epilogue: bool = True
+    # Under autocast with the fused block path: keep the blocks' linear weights cast to bf16
+    # once (a second copy: 1.8 GB for VGGT-1B) instead of casting them in every call. Same
+    # values, same results.
+    cast_weight_cache: bool = True
     attention_backend: str = "auto"         # SDPA kernel: "auto" (PyTorch's pick) | "cudnn" | "flash"
     # torch.compile the transformer blocks on CUDA (measured 165 -> 99 ms for the 16-frame
     # aggregator on an H200; the first window of each shape compiles, ~18 s). On CPU the same
@@ -155,8 +170,9 @@ class Vggt4dConfig:
                              f"got {self.cluster_backend!r}")
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
-        if self.head_dtype not in ("fp32", "bf16"):
-            raise ValueError(f"head_dtype must be 'fp32' or 'bf16', got {self.head_dtype!r}")
+        if self.head_dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"head_dtype must be 'auto', 'fp32' or 'bf16', "
+                             f"got {self.head_dtype!r}")
         if self.attention_backend not in ("auto", "cudnn", "flash"):
             raise ValueError(f"attention_backend must be 'auto', 'cudnn' or 'flash', "
                              f"got {self.attention_backend!r}")
@@ -168,6 +184,18 @@ class Vggt4dConfig:
                              f"got {self.refine_backend!r}")
         if self.min_frames < 2:
             raise ValueError("min_frames must be >= 2 (saliency needs a source frame)")
+
+    @classmethod
+    def official_recipe(cls, **overrides: Any) -> "Vggt4dConfig":
+        """The official numerics: float32 DPT heads, exact GELU (bf16 aggregator on CUDA);
+        the execution speed-ups that keep results (graphs, compiled blocks, caches) stay."""
+        return cls(**{"head_dtype": "fp32", "mlp_gelu_epilogue": False, **overrides})
+
+    def head_autocast_dtype(self, amp: Optional[torch.dtype]) -> Optional[torch.dtype]:
+        """Autocast dtype of the DPT heads given the aggregator's (None = float32)."""
+        if self.head_dtype == "bf16" or (self.head_dtype == "auto" and amp is not None):
+            return torch.bfloat16
+        return None
 
     def side_task_mode(self) -> str:
         """How the k-means and the refinement's pose-free half run (``side_task.SideTask``)."""
@@ -319,9 +347,8 @@ class Vggt4dPipeline:
         with ctx:
             head = model.aggregator.run(x, control=control, patch_tokens=patch_tokens,
                                         keep_layers=(), layer_range=(0, start))
-        cfg = self.config
-        key = (id(model), tuple(x.shape), start, head.tokens.dtype, amp, cfg.compile_blocks,
-               cfg.compile_heads, cfg.attention_backend, x.device)
+        key = (id(model), tuple(x.shape), start, head.tokens.dtype, amp, self._kernel_key(),
+               x.device)
         graph = _pass2_graphs.get(key, lambda: _capture_pass2_tail(model, x, start,
                                                                    head.tokens, amp))
         if graph is None:                   # capture failed in this process: the eager tail
@@ -340,6 +367,30 @@ class Vggt4dPipeline:
         start = max(control.key_mask_layers) + 1
         return start if start < len(self.model.aggregator.frame_blocks) else None
 
+    @contextmanager
+    def _block_options(self) -> Iterator[None]:
+        """This config's fused-block options (``mlp_gelu_epilogue``, ``cast_weight_cache``)
+        on the model's block functions for the duration of a call, restored after: pipelines
+        with different options may share one model (bench variants)."""
+        fns = getattr(self.model, "fused_functions", None)
+        if fns is None:
+            yield
+            return
+        saved = (fns.gelu_epilogue, fns.cast_weights)
+        fns.gelu_epilogue = self.config.mlp_gelu_epilogue
+        fns.cast_weights = self.config.cast_weight_cache
+        try:
+            yield
+        finally:
+            fns.gelu_epilogue, fns.cast_weights = saved
+
+    def _kernel_key(self) -> Tuple[Any, ...]:
+        """The config fields that change which kernels a model pass launches (part of every
+        CUDA-graph cache key)."""
+        cfg = self.config
+        return (cfg.compile_blocks, cfg.compile_heads, cfg.attention_backend,
+                cfg.mlp_gelu_epilogue, cfg.cast_weight_cache)
+
     # ------------------------------------------------------------------ main entry
     @torch.no_grad()
     def __call__(self, images: Tensor, patch_tokens: Optional[Tensor] = None) -> Vggt4dResult:
@@ -349,6 +400,10 @@ class Vggt4dPipeline:
         embed_patches``), e.g. cached per frame by the streaming engine; pass 1 then skips the
         patch embedding (identical result).
         """
+        with self._block_options():
+            return self._run(images, patch_tokens)
+
+    def _run(self, images: Tensor, patch_tokens: Optional[Tensor]) -> Vggt4dResult:
         cfg = self.config
         images = self._check_images(images)
         s, _, h, w = images.shape
@@ -371,7 +426,7 @@ class Vggt4dPipeline:
             control = AttentionControl(capture=reducer.capture, on_qk=reducer.on_qk,
                                        encoder_features=True)
         heads1 = ("camera", "depth", "point") if cfg.pass1_point_head else ("camera", "depth")
-        head_amp = torch.bfloat16 if cfg.head_dtype == "bf16" else None
+        head_amp = cfg.head_autocast_dtype(amp)
         gh, gw = h // cfg.patch_size, w // cfg.patch_size
         dev = images.device
         cluster_task = None
@@ -463,14 +518,15 @@ class Vggt4dPipeline:
         ``patch_tokens``."""
         amp = self._autocast_dtype(images.device)
         cfg = self.config
-        if cfg.cuda_graphs and cfg.embed_graph and cuda_graph.usable(images):
-            key = (id(self.model), tuple(images.shape), images.dtype, amp, cfg.compile_blocks,
-                   cfg.attention_backend, images.device)
-            graph = _embed_graphs.get(key, lambda: _ModelGraph(
-                self.model, lambda x: _embed(self.model, x, amp), (images,)))
-            if graph is not None:
-                return graph.run(images)
-        return _embed(self.model, images, amp)
+        with self._block_options():
+            if cfg.cuda_graphs and cfg.embed_graph and cuda_graph.usable(images):
+                key = (id(self.model), tuple(images.shape), images.dtype, amp,
+                       self._kernel_key(), images.device)
+                graph = _embed_graphs.get(key, lambda: _ModelGraph(
+                    self.model, lambda x: _embed(self.model, x, amp), (images,)))
+                if graph is not None:
+                    return graph.run(images)
+            return _embed(self.model, images, amp)
 
     def _pass1_graph(self, images: Tensor, patch_tokens: Tensor, amp: Optional[torch.dtype],
                      heads: Tuple[str, ...], head_amp: Optional[torch.dtype]
@@ -485,7 +541,7 @@ class Vggt4dPipeline:
         # holds the model, so its id is not reused while the entry lives
         key = (id(self.model), tuple(images.shape), tuple(patch_tokens.shape),
                patch_tokens.dtype, amp, heads, head_amp, specs, tuple(cfg.window_offsets),
-               cfg.compile_blocks, cfg.compile_heads, cfg.attention_backend, images.device)
+               self._kernel_key(), images.device)
         return _pass1_graphs.get(key, lambda: _capture_pass1(
             self.model, images, patch_tokens, amp, heads, head_amp, specs,
             tuple(cfg.window_offsets)))

@@ -12,7 +12,7 @@ everything in the parameters' dtype (float32 on CPU: the golden-reference path).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from .heads.dpt_head import DPTHead
 from .heads.track_head import TrackHead
 from .hooks import AttentionControl
 from .pose_encoding import pose_encoding_to_extri_intri
+
+if TYPE_CHECKING:
+    from .layers.fused import FusedBlockFunctions
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HEADS = ("camera", "depth", "point", "track")
@@ -47,6 +50,7 @@ class VGGT(nn.Module):
         self.depth_head = _build_dpt(cfg, 2, "exp") if enable_depth else None
         self.point_head = _build_dpt(cfg, 4, "inv_log") if enable_point else None
         self.track_head = _build_track(cfg) if enable_track else None
+        self.fused_functions: Optional["FusedBlockFunctions"] = None  # use_fused_blocks
 
     # ------------------------------------------------------------------ speed options
     def use_fused_blocks(self, enabled: bool = True, compile: bool = False,
@@ -62,6 +66,7 @@ class VGGT(nn.Module):
         from .layers.block import Block
         from .layers.fused import FusedBlockFunctions, _raise_recompile_limit
         fns = FusedBlockFunctions(compile=compile, mode=mode) if enabled else None
+        self.fused_functions = fns          # its options are set per call (Vggt4dPipeline)
         for module in self.aggregator.modules():
             if isinstance(module, Block):
                 module.fused = fns

@@ -224,14 +224,16 @@ def ablation_steps() -> List[tuple]:
 
     def pipe(**kw):
         for flag in ("compile_blocks", "compile_heads", "overlap_stages", "cuda_graphs",
-                     "interleave_stages"):
+                     "interleave_stages", "cast_weight_cache", "mlp_gelu_epilogue"):
             kw.setdefault(flag, False)              # each switched on by its own step
+        kw.setdefault("head_dtype", "fp32")
         return lambda model: Vggt4dPipeline(model, Vggt4dConfig(**kw))
 
     compiled = dict(cluster_backend="fast", refine_backend="fast", attention_backend="cudnn",
                     compile_blocks=True, compile_heads=True)
+    graphs = dict(compiled, interleave_stages=True, cuda_graphs=True)
     # the last cumulative step (= the product defaults); the variants after it start here
-    defaults = dict(compiled, interleave_stages=True, cuda_graphs=True)
+    defaults = dict(graphs, cast_weight_cache=True, mlp_gelu_epilogue=True, head_dtype="bf16")
 
     return [
         ("reference_fp32", "reference path: fp32 eager, stored Q/K + full Gram tensors, "
@@ -267,12 +269,15 @@ def ablation_steps() -> List[tuple]:
          pipe(**compiled, interleave_stages=True)),
         ("+cuda_graphs", "k-means loops (DINO tokens; refinement seeding + Lloyd) and the "
          "threshold stage as CUDA-graph replays (captured at high priority)",
+         pipe(**graphs)),
+        ("+cast_weight_cache", "block linear weights cast to bf16 once, not in every call",
+         pipe(**graphs, cast_weight_cache=True)),
+        ("+bf16_heads_gelu_epilogue", "numerics within the bf16 tolerance: DPT depth head "
+         "under bf16 autocast, MLP GELU (tanh) fused into its GEMM",
          pipe(**defaults)),
         ("+overlapped_stages (not default)", "the two side stages from a worker thread "
          "instead of interleaved (GIL contention)",
          pipe(**dict(defaults, interleave_stages=False), overlap_stages=True)),
-        ("+bf16_heads (numerics change; not default)", "DPT depth head under bf16 autocast",
-         pipe(**defaults, head_dtype="bf16")),
     ]
 
 
@@ -314,6 +319,13 @@ VGGT4D_VARIANTS: Dict[str, Dict[str, object]] = {
     "no_pass2_graph": {"pass2_graph": False},
     "no_embed_graph": {"embed_graph": False},
     "no_model_graphs": {"embed_graph": False, "pass1_graph": False, "pass2_graph": False},
+    # the numerics / memory options, each off (runs 43-44 measured them the other way round)
+    "no_gelu_epilogue": {"mlp_gelu_epilogue": False},
+    "no_cast_weights": {"cast_weight_cache": False},
+    "fp32_heads": {"head_dtype": "fp32"},
+    "official_numerics": {"mlp_gelu_epilogue": False, "head_dtype": "fp32"},
+    "none_of_the_three": {"mlp_gelu_epilogue": False, "cast_weight_cache": False,
+                          "head_dtype": "fp32"},
 }
 
 
@@ -497,6 +509,10 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
                         "once (throughput), pipelined engine behind a 30 Hz camera (live), "
                         "A/B baseline: pipelined without the model's CUDA graphs (embed, "
                         "pass 1, pass 2's tail)")
+    p.add_argument("--variants", nargs="*", default=list(VGGT4D_VARIANTS),
+                   choices=list(VGGT4D_VARIANTS),
+                   help="isolated-window variants timed interleaved with the defaults (each "
+                        "compiles / captures its own kernels on its first call)")
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--stride", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
@@ -575,15 +591,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             model.use_fused_blocks(True, compile=dev.type == "cuda")   # as the pipeline sets
             r = bench_pipeline(pipe, images, args.warmup, args.repeats)
             r["frames"] = s
-            if dev.type == "cuda":
+            if dev.type == "cuda" and args.variants:
+                from vggt4d_ros.dynamic import cuda_graph
                 # A/B in this process, calls interleaved: the defaults against each variant
                 pipes = {"default": pipe}
-                for name, kw in VGGT4D_VARIANTS.items():
+                for name in args.variants:
+                    kw = VGGT4D_VARIANTS[name]
                     pipes[name] = Vggt4dPipeline(model, Vggt4dConfig(**{
                         "cluster_backend": "fast", **args.overrides, **kw}))
-                r["variants_ms"] = {k: v * 1e3 for k, v in interleaved_medians(
-                    {k: (lambda p=p: p(images)) for k, p in pipes.items()}, args.warmup,
-                    args.repeats, dev).items()}
+                # each configuration keeps its own model graphs (their cache keys differ)
+                with cuda_graph.scaled_capacities(len(pipes)):
+                    r["variants_ms"] = {k: v * 1e3 for k, v in interleaved_medians(
+                        {k: (lambda p=p: p(images)) for k, p in pipes.items()}, args.warmup,
+                        args.repeats, dev).items()}
             plain = next((p for p in report["plain"] if p["frames"] == s), None)
             if plain:
                 r["ratio_to_plain_vggt"] = r["total"]["median_s"] / plain["full"]["median_s"]

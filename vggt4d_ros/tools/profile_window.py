@@ -175,6 +175,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="torch.backends.cudnn.benchmark = True (conv algorithm search)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="Vggt4dConfig overrides (python literals), e.g. compile_blocks=False")
+    p.add_argument("--top", type=int, default=8, help="heaviest kernels listed per stage")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -196,7 +197,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     t = time_fn(lambda: pipe(images), args.warmup, args.repeats, dev)
     report["window_ms_median"] = t.median_s * 1e3
-    report["profile"] = prof = profile_stages(pipe, images)
+    report["profile"] = prof = profile_stages(pipe, images, top=args.top)
     print(f"{report['device']} | {args.frames} frames | window {t.median_s * 1e3:.1f} ms "
           f"(median of {args.repeats}) | {RANDOM_LABEL}")
     for name, st in prof["stages"].items():

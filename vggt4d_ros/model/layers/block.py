@@ -1,7 +1,7 @@
 """Pre-norm transformer block: x + ls1(attn(norm1 x)), then x + ls2(mlp(norm2 x))."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
 
         self.fused: Optional[FusedBlockFunctions] = None   # set by VGGT.use_fused_blocks
+        # FusedBlockFunctions.cast_weights: the linear weights cast to the autocast dtype,
+        # (key, tensors); a plain attribute, not a buffer (never in the state dict)
+        self._cast_cache: Optional[Tuple[tuple, Tuple[Optional[torch.Tensor], ...]]] = None
 
     def forward(self, x: torch.Tensor, rope: Optional[RopeTables] = None,
                 on_qk: Optional[QKCallback] = None,
@@ -54,8 +57,11 @@ class Block(nn.Module):
         a, fn = self.attn, self.fused
         qn = a.q_norm if isinstance(a.q_norm, nn.LayerNorm) else None
         kn = a.k_norm if isinstance(a.k_norm, nn.LayerNorm) else None
+        mm_dtype = _autocast_dtype(x)
+        qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b = self._linear_weights(
+            mm_dtype if fn.cast_weights else None)
         q, k, v = fn.attention_inputs(
-            x, self.norm1.weight, self.norm1.bias, self.norm1.eps, a.qkv.weight, a.qkv.bias,
+            x, self.norm1.weight, self.norm1.bias, self.norm1.eps, qkv_w, qkv_b,
             a.num_heads, qn.weight if qn else None, qn.bias if qn else None,
             kn.weight if kn else None, kn.bias if kn else None, qn.eps if qn else 1e-5,
             rope.cos if rope is not None else None, rope.sin if rope is not None else None,
@@ -65,17 +71,55 @@ class Block(nn.Module):
         out = attend(q, k, v, on_qk, keys)
         g1 = self.ls1.gamma if isinstance(self.ls1, LayerScale) else None
         g2 = self.ls2.gamma if isinstance(self.ls2, LayerScale) else None
+        # the fused GELU only where it is a cuBLASLt epilogue (CUDA, under autocast): the
+        # float32 path (CPU, golden tests, the reference) keeps the exact GELU
+        gelu_epilogue = fn.gelu_epilogue and mm_dtype is not None and x.is_cuda
         return fn.attention_output_mlp(
-            x, out, a.proj.weight, a.proj.bias, g1, self.norm2.weight, self.norm2.bias,
-            self.norm2.eps, self.mlp.fc1.weight, self.mlp.fc1.bias, self.mlp.fc2.weight,
-            self.mlp.fc2.bias, g2)
+            x, out, proj_w, proj_b, g1, self.norm2.weight, self.norm2.bias, self.norm2.eps,
+            fc1_w, fc1_b, fc2_w, fc2_b, g2, gelu_epilogue, mm_dtype)
+
+    def _linear_weights(self, dtype: Optional[torch.dtype]) -> Tuple[Optional[torch.Tensor], ...]:
+        """(qkv, proj, fc1, fc2) weights and biases; with ``dtype`` their copies in that dtype,
+        cast once and kept (what autocast would produce in every call: same values).
+
+        The copies are refreshed in place when a parameter changed (its version counter), so
+        a CUDA graph that captured them reads the new values once an eager call refreshed
+        them."""
+        params = (self.attn.qkv.weight, self.attn.qkv.bias, self.attn.proj.weight,
+                  self.attn.proj.bias, self.mlp.fc1.weight, self.mlp.fc1.bias,
+                  self.mlp.fc2.weight, self.mlp.fc2.bias)
+        if dtype is None:
+            return params
+        key = (dtype, self.attn.qkv.weight.device,
+               tuple(p._version if p is not None else -1 for p in params))
+        cache = self._cast_cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        # normal tensors even when first built under inference_mode: they are refreshed in
+        # place, which inference tensors do not allow outside it
+        with torch.inference_mode(False), torch.no_grad():
+            if cache is not None and cache[0][:2] == key[:2]:
+                for dst, p in zip(cache[1], params):         # same storage: graphs stay valid
+                    if dst is not None:
+                        dst.copy_(p)
+                copies = cache[1]
+            else:
+                copies = tuple(p.detach().to(dtype) if p is not None else None
+                               for p in params)
+        self._cast_cache = (key, copies)
+        return copies
+
+
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype active for ``x``'s device, None when autocast is off there."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
 
 
 def _sdpa_qk_dtype(x: torch.Tensor, on_qk: Optional[QKCallback]) -> Optional[torch.dtype]:
     """The dtype SDPA will cast q/k to (the autocast dtype), so that the fused block casts them
     itself; None when autocast is off or a hook reads q/k (VGGT4D's Gram statistics see the
     float32 q/k the official code captures)."""
-    device = x.device.type
-    if on_qk is not None or not torch.is_autocast_enabled(device):
-        return None
-    return torch.get_autocast_dtype(device)
+    return None if on_qk is not None else _autocast_dtype(x)

@@ -63,22 +63,69 @@ def attention_inputs(x: Tensor, norm_w: Tensor, norm_b: Tensor, norm_eps: float,
 def attention_output_mlp(x: Tensor, attn: Tensor, proj_w: Tensor, proj_b: Optional[Tensor],
                          gamma1: Optional[Tensor], norm_w: Tensor, norm_b: Tensor,
                          norm_eps: float, fc1_w: Tensor, fc1_b: Optional[Tensor],
-                         fc2_w: Tensor, fc2_b: Optional[Tensor], gamma2: Optional[Tensor]
+                         fc2_w: Tensor, fc2_b: Optional[Tensor], gamma2: Optional[Tensor],
+                         gelu_epilogue: bool = False, mm_dtype: Optional[torch.dtype] = None
                          ) -> Tensor:
-    """x [B', T, C] residual stream, attn [B', heads, T, d] SDPA output -> block output."""
+    """x [B', T, C] residual stream, attn [B', heads, T, d] SDPA output -> block output.
+
+    ``gelu_epilogue``: the MLP's first layer and its GELU as :func:`linear_gelu_tanh` (the
+    tanh approximation of GELU, fused into the GEMM on CUDA) instead of the exact GELU as a
+    separate kernel; ``mm_dtype`` is the autocast dtype it must cast to itself.
+    """
     b, t, c = x.shape
     y = F.linear(attn.transpose(1, 2).reshape(b, t, c), proj_w, proj_b)
     x = x + (y * gamma1 if gamma1 is not None else y)
     h = F.layer_norm(x, (c,), norm_w, norm_b, norm_eps)
-    y = F.linear(F.gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
+    if gelu_epilogue:
+        hidden = linear_gelu_tanh(h, fc1_w, fc1_b, mm_dtype)
+    else:
+        hidden = F.gelu(F.linear(h, fc1_w, fc1_b))
+    y = F.linear(hidden, fc2_w, fc2_b)
     return x + (y * gamma2 if gamma2 is not None else y)
 
 
+def linear_gelu_tanh(x: Tensor, w: Tensor, b: Optional[Tensor],
+                     mm_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``gelu(x @ w.T + b, approximate="tanh")`` for x [..., in], w [out, in] -> [..., out].
+
+    On CUDA one cuBLASLt GEMM whose epilogue adds the bias and applies the GELU in float32
+    before the single rounding to the output dtype (``torch._addmm_activation``; its CUDA
+    GELU is the tanh approximation, which is why this is not the exact GELU of the official
+    MLP: |erf GELU - tanh GELU| < 5e-4, below bf16's resolution). The separate GELU kernel,
+    a read and a write of the [tokens, 4C] hidden activations per block, goes away.
+    ``mm_dtype`` (the autocast dtype, if any): the op is not on autocast's list, so the
+    operands are cast here as autocast casts those of a linear layer. Elsewhere (CPU) the
+    same maths unfused.
+    """
+    if mm_dtype is not None:
+        x, w = x.to(mm_dtype), w.to(mm_dtype)
+        b = b.to(mm_dtype) if b is not None else None
+    if not x.is_cuda or b is None:
+        return F.gelu(F.linear(x, w, b), approximate="tanh")
+    lead = x.shape[:-1]
+    y = torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t(), use_gelu=True)
+    return y.reshape(*lead, w.shape[0])
+
+
 class FusedBlockFunctions:
-    """The two block functions, compiled or not; shared by every block of a model."""
+    """The two block functions, compiled or not; shared by every block of a model.
+
+    Two execution options, read by every block at each call (a pipeline sets them for its
+    passes, so pipelines with different options can share one model):
+
+    * ``gelu_epilogue`` - on CUDA under autocast, the MLP's GELU fused into its first GEMM,
+      tanh approximation (:func:`linear_gelu_tanh`; a numerics change within bf16
+      resolution; the float32 path keeps the exact GELU);
+    * ``cast_weights`` - under autocast, keep each block's linear weights cast to the
+      autocast dtype once (``Block`` caches them) instead of casting them in every call:
+      the same values, one read of the float32 weights less per block and call, for the
+      memory of a second (bf16) copy of the block weights.
+    """
 
     def __init__(self, compile: bool = False, mode: Optional[str] = None) -> None:
         self.compiled = compile
+        self.gelu_epilogue = False
+        self.cast_weights = False
         pre: Callable = attention_inputs
         post: Callable = attention_output_mlp
         if compile:
