@@ -366,3 +366,46 @@ def test_gelu_epilogue_maths_is_the_tanh_gelu_mlp():
     assert not torch.equal(got, exact) and torch.allclose(got, exact, atol=1e-2)
     low = linear_gelu_tanh(x, w["fc1_w"][:, :c], w["fc1_b"], torch.bfloat16)
     assert low.dtype == torch.bfloat16 and low.shape == (b, t, 4 * c)
+
+
+def test_qk_rope_kernel_failure_falls_back_to_the_torch_functions(monkeypatch):
+    """A Triton that cannot build the qk-norm + RoPE kernel costs speed, not a window: one
+    warning, then the compiled torch functions (same outputs as the module path); an
+    out-of-memory error is not swallowed (the stream's OOM handling needs it)."""
+    import sys
+    import types
+
+    import torch
+    from vggt4d_ros.model.config import VGGTConfig
+    from vggt4d_ros.model.layers import block as block_mod
+    from vggt4d_ros.model.vggt import VGGT
+    from vggt4d_ros.stream.factory import TINY_VGGT_CONFIG
+    torch.manual_seed(0)
+    model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+    images = torch.rand(2, 3, 28, 42)
+
+    def broken(*args, **kwargs):
+        raise ValueError("no compiler here")
+    fake = types.ModuleType("vggt4d_ros.model.layers._qk_rope_triton")
+    fake.qk_norm_rope = broken
+    monkeypatch.setitem(sys.modules, "vggt4d_ros.model.layers._qk_rope_triton", fake)
+    monkeypatch.setattr(block_mod, "_QK_KERNEL_FAILED", "")
+    monkeypatch.setattr(block_mod, "_qk_kernel_usable",
+                        lambda x: not block_mod._QK_KERNEL_FAILED)
+    with torch.no_grad():
+        plain = model(images)
+        model.use_fused_blocks(True)
+        model.fused_functions.qk_rope_kernel = True
+        with pytest.warns(RuntimeWarning, match="qk-norm \\+ RoPE Triton kernel unavailable"):
+            fused = model(images)
+        assert "no compiler here" in block_mod._QK_KERNEL_FAILED
+        for key in ("pose_enc", "depth"):
+            assert torch.equal(plain[key], fused[key]), key
+
+        def oom(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        fake.qk_norm_rope = oom
+        monkeypatch.setattr(block_mod, "_qk_kernel_usable", lambda x: True)
+        with pytest.raises(torch.OutOfMemoryError):
+            model(images)
+    model.use_fused_blocks(False)

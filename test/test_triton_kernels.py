@@ -1,5 +1,5 @@
-"""The refinement's Triton kernels (CUDA-only in production) run here in Triton's CPU
-interpreter (``TRITON_INTERPRET=1``) against the portable torch path they replace.
+"""The Triton kernels (refinement; the blocks' qk-norm + RoPE; CUDA-only in production) run
+here in Triton's CPU interpreter (``TRITON_INTERPRET=1``) against the torch path they replace.
 
 Each check runs in a subprocess: the interpreter is chosen when a kernel is defined, so the
 variable must be set before ``_knn_triton`` / ``_kmeans_triton`` are imported - and must not
@@ -111,6 +111,65 @@ def test_kernels_are_not_specialised_on_the_query_count():
     default: divisible by 16 or not) compiled again mid-stream - a 13.4 s window on the H100
     (docs/BENCHMARKS.md, run 21)."""
     from vggt4d_ros.dynamic import _kmeans_triton, _knn_triton
+    from vggt4d_ros.model.layers import _qk_rope_triton
     for kernel in (_knn_triton._block_min_kernel, _knn_triton._knn_mean_kernel,
                    _kmeans_triton._lloyd_step_kernel):
         assert "num_q" in kernel.do_not_specialize, kernel
+    assert "t" in _qk_rope_triton._qk_norm_rope_kernel.do_not_specialize
+
+
+def test_qk_norm_rope_kernel_matches_the_block_functions():
+    """The fused qk-norm + RoPE kernel = ``attention_inputs``' qk-norm and RoPE (float32:
+    to rounding; bf16 in and out: to bf16 resolution), with and without RoPE tables; and a
+    tiny VGGT's fused block path with the kernel gives the module path's outputs."""
+    out = _run_interpreted("""
+        import json, torch
+        import torch.nn.functional as F
+        from vggt4d_ros.model.layers import block as block_mod
+        from vggt4d_ros.model.layers._qk_rope_triton import qk_norm_rope
+        from vggt4d_ros.model.layers.fused import attention_inputs
+        from vggt4d_ros.model.layers.rope import RotaryPositionEmbedding2D
+        torch.manual_seed(0)
+        b, heads, d, gh, gw, p = 2, 4, 16, 3, 5, 5
+        t, c = p + gh * gw, heads * d
+        x = torch.randn(b, t, c)
+        nw, nb = torch.randn(c) * 0.1 + 1, torch.randn(c) * 0.1
+        qkv_w, qkv_b = torch.randn(3 * c, c) * 0.2, torch.randn(3 * c) * 0.1
+        qn_w, qn_b = torch.randn(d) * 0.2 + 1, torch.randn(d) * 0.1
+        kn_w, kn_b = torch.randn(d) * 0.2 + 1, torch.randn(d) * 0.1
+        tabs = RotaryPositionEmbedding2D(100.0).tables(gh, gw, p, d, "cpu")
+        qkv = F.linear(F.layer_norm(x, (c,), nw, nb, 1e-5), qkv_w, qkv_b)
+        out = {}
+        for name, cos, sin in (("rope", tabs.cos, tabs.sin), ("plain", None, None)):
+            want = attention_inputs(x, nw, nb, 1e-5, qkv_w, qkv_b, heads, qn_w, qn_b, kn_w,
+                                    kn_b, 1e-6, cos, sin)
+            got = qk_norm_rope(qkv, heads, qn_w, qn_b, kn_w, kn_b, 1e-6, cos, sin,
+                               torch.float32)
+            low = qk_norm_rope(qkv.bfloat16(), heads, qn_w, qn_b, kn_w, kn_b, 1e-6, cos, sin,
+                               torch.bfloat16)
+            out[name] = [float((g - w).abs().max()) for g, w in zip(got, want)]
+            out[name + "_rel_bf16"] = max(float(((g.float() - w).abs() / (w.abs() + 1)).max())
+                                          for g, w in zip(low[:2], want[:2]))
+            out[name + "_dtypes"] = [str(low[0].dtype), str(got[0].dtype)]
+        from vggt4d_ros.model.config import VGGTConfig
+        from vggt4d_ros.model.vggt import VGGT
+        from vggt4d_ros.stream.factory import TINY_VGGT_CONFIG
+        model = VGGT(VGGTConfig.from_dict(TINY_VGGT_CONFIG), enable_track=False).eval()
+        images = torch.rand(3, 3, 28, 42)
+        calls = []
+        block_mod._qk_kernel_usable = lambda x: calls.append(1) or True
+        with torch.no_grad():
+            plain = model(images)
+            model.use_fused_blocks(True)
+            model.fused_functions.qk_rope_kernel = True
+            fused = model(images)
+        out["calls"] = len(calls)
+        out["model"] = max(float((plain[k] - fused[k]).abs().max())
+                           for k in ("pose_enc", "depth", "world_points"))
+        print(json.dumps(out))
+    """)
+    for name in ("rope", "plain"):
+        assert max(out[name][:2]) < 1e-5 and out[name][2] == 0.0, out
+        assert out[name + "_rel_bf16"] < 2e-2, out
+        assert out[name + "_dtypes"] == ["torch.bfloat16", "torch.float32"]
+    assert out["calls"] > 0 and out["model"] < 1e-4, out

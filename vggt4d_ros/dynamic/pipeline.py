@@ -114,6 +114,10 @@ class Vggt4dConfig:
     # once (a second copy: 1.8 GB for VGGT-1B) instead of casting them in every call. Same
     # values, same results.
     cast_weight_cache: bool = True
+    # On CUDA with the fused block path: each aggregator block's qk-norm and RoPE (and the
+    # cast for SDPA) as one Triton kernel instead of two inductor kernels (same maths up to
+    # the rounding of the LayerNorm reductions).
+    qk_rope_kernel: bool = True
     attention_backend: str = "auto"         # SDPA kernel: "auto" (PyTorch's pick) | "cudnn" | "flash"
     # torch.compile the transformer blocks on CUDA (measured 165 -> 99 ms for the 16-frame
     # aggregator on an H200; the first window of each shape compiles, ~18 s). On CPU the same
@@ -369,27 +373,29 @@ class Vggt4dPipeline:
 
     @contextmanager
     def _block_options(self) -> Iterator[None]:
-        """This config's fused-block options (``mlp_gelu_epilogue``, ``cast_weight_cache``)
-        on the model's block functions for the duration of a call, restored after: pipelines
-        with different options may share one model (bench variants)."""
+        """This config's fused-block options (``mlp_gelu_epilogue``, ``cast_weight_cache``,
+        ``qk_rope_kernel``) on the model's block functions for the duration of a call,
+        restored after: pipelines with different options may share one model (bench
+        variants)."""
         fns = getattr(self.model, "fused_functions", None)
         if fns is None:
             yield
             return
-        saved = (fns.gelu_epilogue, fns.cast_weights)
+        saved = (fns.gelu_epilogue, fns.cast_weights, fns.qk_rope_kernel)
         fns.gelu_epilogue = self.config.mlp_gelu_epilogue
         fns.cast_weights = self.config.cast_weight_cache
+        fns.qk_rope_kernel = self.config.qk_rope_kernel
         try:
             yield
         finally:
-            fns.gelu_epilogue, fns.cast_weights = saved
+            fns.gelu_epilogue, fns.cast_weights, fns.qk_rope_kernel = saved
 
     def _kernel_key(self) -> Tuple[Any, ...]:
         """The config fields that change which kernels a model pass launches (part of every
         CUDA-graph cache key)."""
         cfg = self.config
         return (cfg.compile_blocks, cfg.compile_heads, cfg.attention_backend,
-                cfg.mlp_gelu_epilogue, cfg.cast_weight_cache)
+                cfg.mlp_gelu_epilogue, cfg.cast_weight_cache, cfg.qk_rope_kernel)
 
     # ------------------------------------------------------------------ main entry
     @torch.no_grad()

@@ -224,7 +224,8 @@ def ablation_steps() -> List[tuple]:
 
     def pipe(**kw):
         for flag in ("compile_blocks", "compile_heads", "overlap_stages", "cuda_graphs",
-                     "interleave_stages", "cast_weight_cache", "mlp_gelu_epilogue"):
+                     "interleave_stages", "cast_weight_cache", "mlp_gelu_epilogue",
+                     "qk_rope_kernel"):
             kw.setdefault(flag, False)              # each switched on by its own step
         kw.setdefault("head_dtype", "fp32")
         return lambda model: Vggt4dPipeline(model, Vggt4dConfig(**kw))
@@ -233,7 +234,8 @@ def ablation_steps() -> List[tuple]:
                     compile_blocks=True, compile_heads=True)
     graphs = dict(compiled, interleave_stages=True, cuda_graphs=True)
     # the last cumulative step (= the product defaults); the variants after it start here
-    defaults = dict(graphs, cast_weight_cache=True, mlp_gelu_epilogue=True, head_dtype="bf16")
+    defaults = dict(graphs, cast_weight_cache=True, qk_rope_kernel=True, mlp_gelu_epilogue=True,
+                    head_dtype="bf16")
 
     return [
         ("reference_fp32", "reference path: fp32 eager, stored Q/K + full Gram tensors, "
@@ -272,6 +274,8 @@ def ablation_steps() -> List[tuple]:
          pipe(**graphs)),
         ("+cast_weight_cache", "block linear weights cast to bf16 once, not in every call",
          pipe(**graphs, cast_weight_cache=True)),
+        ("+qk_rope_kernel", "qk-norm + RoPE + cast of each block as one Triton kernel",
+         pipe(**graphs, cast_weight_cache=True, qk_rope_kernel=True)),
         ("+bf16_heads_gelu_epilogue", "numerics within the bf16 tolerance: DPT depth head "
          "under bf16 autocast, MLP GELU (tanh) fused into its GEMM",
          pipe(**defaults)),
@@ -320,12 +324,13 @@ VGGT4D_VARIANTS: Dict[str, Dict[str, object]] = {
     "no_embed_graph": {"embed_graph": False},
     "no_model_graphs": {"embed_graph": False, "pass1_graph": False, "pass2_graph": False},
     # the numerics / memory options, each off (runs 43-44 measured them the other way round)
+    "no_qk_rope_kernel": {"qk_rope_kernel": False},
     "no_gelu_epilogue": {"mlp_gelu_epilogue": False},
     "no_cast_weights": {"cast_weight_cache": False},
     "fp32_heads": {"head_dtype": "fp32"},
     "official_numerics": {"mlp_gelu_epilogue": False, "head_dtype": "fp32"},
-    "none_of_the_three": {"mlp_gelu_epilogue": False, "cast_weight_cache": False,
-                          "head_dtype": "fp32"},
+    "none_of_the_four": {"mlp_gelu_epilogue": False, "cast_weight_cache": False,
+                         "head_dtype": "fp32", "qk_rope_kernel": False},
 }
 
 

@@ -1,6 +1,7 @@
 """Pre-norm transformer block: x + ls1(attn(norm1 x)), then x + ls2(mlp(norm2 x))."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -60,12 +61,22 @@ class Block(nn.Module):
         mm_dtype = _autocast_dtype(x)
         qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b = self._linear_weights(
             mm_dtype if fn.cast_weights else None)
-        q, k, v = fn.attention_inputs(
-            x, self.norm1.weight, self.norm1.bias, self.norm1.eps, qkv_w, qkv_b,
-            a.num_heads, qn.weight if qn else None, qn.bias if qn else None,
-            kn.weight if kn else None, kn.bias if kn else None, qn.eps if qn else 1e-5,
-            rope.cos if rope is not None else None, rope.sin if rope is not None else None,
-            _sdpa_qk_dtype(x, on_qk))
+        qk_dtype = _sdpa_qk_dtype(x, on_qk)
+        qkv_out = None
+        if fn.qk_rope_kernel and qn is not None and kn is not None and _qk_kernel_usable(x):
+            qkv = fn.attention_qkv(x, self.norm1.weight, self.norm1.bias, self.norm1.eps,
+                                   qkv_w, qkv_b)
+            # without a cast for SDPA, q/k stay float32 (what the qk-norm gives under autocast)
+            qkv_out = _qk_norm_rope(qkv, a.num_heads, qn, kn, rope, qk_dtype or torch.float32)
+        if qkv_out is not None:
+            q, k, v = qkv_out
+        else:
+            q, k, v = fn.attention_inputs(
+                x, self.norm1.weight, self.norm1.bias, self.norm1.eps, qkv_w, qkv_b,
+                a.num_heads, qn.weight if qn else None, qn.bias if qn else None,
+                kn.weight if kn else None, kn.bias if kn else None, qn.eps if qn else 1e-5,
+                rope.cos if rope is not None else None, rope.sin if rope is not None else None,
+                qk_dtype)
         if rows is not None:
             q, x = q.index_select(2, rows), x.index_select(1, rows)
         out = attend(q, k, v, on_qk, keys)
@@ -108,6 +119,37 @@ class Block(nn.Module):
                                for p in params)
         self._cast_cache = (key, copies)
         return copies
+
+
+_QK_KERNEL_FAILED = ""          # why the Triton qk-norm + RoPE kernel is off in this process
+
+
+def _qk_kernel_usable(x: torch.Tensor) -> bool:
+    """The Triton qk-norm + RoPE kernel runs on CUDA tensors, unless it failed to build in
+    this process (a test under Triton's CPU interpreter patches this)."""
+    return x.is_cuda and not _QK_KERNEL_FAILED
+
+
+def _qk_norm_rope(qkv: torch.Tensor, num_heads: int, qn: nn.LayerNorm, kn: nn.LayerNorm,
+                  rope: Optional[RopeTables], out_dtype: torch.dtype
+                  ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """q, k, v from the Triton kernel; None (with ONE warning per process) if Triton cannot
+    import or compile it here: the caller then runs the compiled torch functions (same
+    maths), so a missing or broken Triton costs speed, never a window."""
+    global _QK_KERNEL_FAILED
+    try:
+        from ._qk_rope_triton import qk_norm_rope
+        return qk_norm_rope(qkv, num_heads, qn.weight, qn.bias, kn.weight, kn.bias, qn.eps,
+                            rope.cos if rope is not None else None,
+                            rope.sin if rope is not None else None, out_dtype)
+    except torch.OutOfMemoryError:
+        raise                                  # the stream's OOM handling needs to see it
+    except Exception as exc:                   # ImportError, triton's CompilationError, ...
+        _QK_KERNEL_FAILED = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        warnings.warn(f"qk-norm + RoPE Triton kernel unavailable ({_QK_KERNEL_FAILED}); "
+                      "using the compiled torch functions (same maths)", RuntimeWarning,
+                      stacklevel=3)
+        return None
 
 
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:

@@ -60,6 +60,14 @@ def attention_inputs(x: Tensor, norm_w: Tensor, norm_b: Tensor, norm_eps: float,
     return q, k, v
 
 
+def attention_qkv(x: Tensor, norm_w: Tensor, norm_b: Tensor, norm_eps: float, qkv_w: Tensor,
+                  qkv_b: Optional[Tensor]) -> Tensor:
+    """x [B', T, C] -> the qkv projection [B', T, 3C] of norm1(x): the part of
+    :func:`attention_inputs` before the qk-norm, for the fused qk-norm + RoPE kernel."""
+    c = x.shape[-1]
+    return F.linear(F.layer_norm(x, (c,), norm_w, norm_b, norm_eps), qkv_w, qkv_b)
+
+
 def attention_output_mlp(x: Tensor, attn: Tensor, proj_w: Tensor, proj_b: Optional[Tensor],
                          gamma1: Optional[Tensor], norm_w: Tensor, norm_b: Tensor,
                          norm_eps: float, fc1_w: Tensor, fc1_b: Optional[Tensor],
@@ -119,14 +127,19 @@ class FusedBlockFunctions:
     * ``cast_weights`` - under autocast, keep each block's linear weights cast to the
       autocast dtype once (``Block`` caches them) instead of casting them in every call:
       the same values, one read of the float32 weights less per block and call, for the
-      memory of a second (bf16) copy of the block weights.
+      memory of a second (bf16) copy of the block weights;
+    * ``qk_rope_kernel`` - on CUDA, a block with qk-norm and RoPE normalises and rotates its
+      q/k in one Triton kernel (``_qk_rope_triton``) after the compiled :func:`attention_qkv`
+      instead of inductor's two kernels (same maths up to the reductions' rounding).
     """
 
     def __init__(self, compile: bool = False, mode: Optional[str] = None) -> None:
         self.compiled = compile
         self.gelu_epilogue = False
         self.cast_weights = False
+        self.qk_rope_kernel = False
         pre: Callable = attention_inputs
+        qkv: Callable = attention_qkv
         post: Callable = attention_output_mlp
         if compile:
             # One graph per (block kind, window size): frame/global/DINO blocks of pass 1 and 2
@@ -135,8 +148,10 @@ class FusedBlockFunctions:
             # three window sizes (seen on the device); allow more.
             _raise_recompile_limit(64)
             pre = torch.compile(pre, dynamic=False, mode=mode)
+            qkv = torch.compile(qkv, dynamic=False, mode=mode)
             post = torch.compile(post, dynamic=False, mode=mode)
         self.attention_inputs = pre
+        self.attention_qkv = qkv
         self.attention_output_mlp = post
 
 
