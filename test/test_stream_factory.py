@@ -198,3 +198,32 @@ def test_image_cache_resizes_and_uploads_each_frame_once_with_the_same_tensor():
     assert len(resized) == 2 and len(pred._image_cache) == 2
     with pytest.raises(ValueError, match="frame keys"):
         pred.to_tensor(frames[:3], [0, 1])
+
+
+def test_numerics_option_reaches_the_pipeline_from_the_node_and_the_replay():
+    """model.numerics (node parameter, default fast) and vggt4d-replay --numerics end up in
+    the pipeline's config: fast = the pipeline defaults (bf16 heads under autocast, GELU
+    epilogue), official = Vggt4dConfig.official_recipe() (float32 heads, exact GELU); a bad
+    value is refused."""
+    pytest.importorskip("rclpy")
+    from vggt4d_ros.dynamic.pipeline import Vggt4dConfig
+    from vggt4d_ros.ros import node as node_mod
+    from vggt4d_ros.ros import params as P
+    from vggt4d_ros.tools import replay as rp
+    values = {spec.name: spec.default for spec in P.PARAMS}
+    assert values["model.numerics"] == "fast"
+    values.update({"model.checkpoint": "random_tiny"})
+    for numerics, gelu, heads in (("fast", True, torch.bfloat16), ("official", False, None)):
+        values["model.numerics"] = numerics
+        cfg = node_mod.predictor_config(P.NodeSettings(values), "cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe_cfg = build_predictor(cfg).pipeline.config
+        assert pipe_cfg.mlp_gelu_epilogue is gelu
+        assert pipe_cfg.head_autocast_dtype(torch.bfloat16) is heads
+        assert pipe_cfg.cast_weight_cache and pipe_cfg.qk_rope_kernel     # same results
+    assert Vggt4dConfig().mlp_gelu_epilogue
+    args = rp.build_parser().parse_args(["in", "--out", "o", "--numerics", "official"])
+    assert rp.settings_from_args(args).numerics == "official"
+    with pytest.raises(ValueError, match="numerics"):
+        PredictorConfig(numerics="fp8")

@@ -114,6 +114,7 @@ def predictor_config(settings: P.NodeSettings, device: str):
         "checkpoint": settings["model.checkpoint"],
         "device": device,
         "dtype": settings["model.dtype"],
+        "numerics": settings["model.numerics"],
         "image_width": settings["model.image_width"],
         "seed": settings["model.seed"],
         "dynamic": settings["vggt4d.dynamic"],

@@ -19,6 +19,8 @@ from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescr
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from vggt4d_ros.stream.factory import NUMERICS
+
 
 class ConfigError(ValueError):
     """Invalid configuration (parameter value or combination), with an actionable message."""
@@ -55,6 +57,11 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("model.dtype", "auto", "inference dtype: auto (bfloat16 autocast on cuda, "
               "float32 on cpu), float32, bfloat16, float16 (run as bfloat16 autocast)",
               choices=DTYPES),
+    ParamSpec("model.numerics", "fast", "GPU numerics: fast (bf16 DPT depth head and the MLP "
+              "GELU fused into its GEMM, tanh form: within the bf16 tolerance of the fp32 "
+              "reference, docs/BENCHMARKS.md runs 43-47) or official (float32 heads, exact "
+              "GELU: the official recipe, ~7 % slower); float32/CPU runs are unaffected",
+              choices=NUMERICS),
     ParamSpec("model.image_width", 518, "working width in pixels the predictor resizes to "
               "(multiple of 14)", lo=28, hi=1022, step=14),
     ParamSpec("model.seed", 0, "seed of 'random_tiny' weights", lo=0, hi=2**31 - 1),

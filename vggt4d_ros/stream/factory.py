@@ -66,6 +66,9 @@ TINY_VGGT_CONFIG: dict[str, Any] = {
 }
 
 
+NUMERICS = ("fast", "official")      # PredictorConfig.numerics
+
+
 @dataclass
 class PredictorConfig:
     """What ``build_predictor`` needs (filled from ROS parameters or CLI flags).
@@ -74,7 +77,9 @@ class PredictorConfig:
     device: "cpu" | "cuda" | "cuda:N" | "auto". dtype: "auto" (bf16 autocast on CUDA, fp32 on
     CPU) | "float32" | "bfloat16" | "float16" (mapped to bf16 autocast, with a warning).
     image_width: working width in pixels (multiple of 14). cluster_backend: "torch" (fast) |
-    "sklearn" (reference) — or the pipeline's own names "fast" | "reference".
+    "sklearn" (reference) — or the pipeline's own names "fast" | "reference". numerics:
+    "fast" (the pipeline's defaults: bf16 DPT heads and the GEMM-fused tanh GELU on CUDA) |
+    "official" (``Vggt4dConfig.official_recipe()``: float32 heads, exact GELU).
     """
 
     checkpoint: str = "facebook/VGGT-1B"
@@ -86,6 +91,7 @@ class PredictorConfig:
     refine: bool = True
     cluster_backend: str = "torch"
     cuda_graphs: bool = True             # Vggt4dConfig.cuda_graphs (CUDA-graph k-means)
+    numerics: str = "fast"               # "fast" | "official" (Vggt4dConfig.official_recipe)
     token_cache_size: int = 64
     local_files_only: bool = False
 
@@ -99,6 +105,9 @@ class PredictorConfig:
             raise ValueError(f"cluster_backend must be torch|sklearn, got {self.cluster_backend!r}")
         if self.token_cache_size < 0:
             raise ValueError(f"token_cache_size must be >= 0, got {self.token_cache_size}")
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {'|'.join(NUMERICS)}, "
+                             f"got {self.numerics!r}")
 
     @property
     def random_weights(self) -> bool:
@@ -299,9 +308,10 @@ def build_predictor(config: Optional[PredictorConfig] = None) -> Vggt4dWindowPre
         warnings.warn("dtype float16 is run as bfloat16 autocast (the VGGT recipe)", stacklevel=2)
     backend = {"torch": "fast", "sklearn": "reference"}.get(config.cluster_backend,
                                                             config.cluster_backend)
+    make = Vggt4dConfig.official_recipe if config.numerics == "official" else Vggt4dConfig
     pipe = Vggt4dPipeline(build_model(config, device),
-                          Vggt4dConfig(dynamic=config.dynamic, refine=config.refine,
-                                       cluster_backend=backend, autocast=autocast,
-                                       cuda_graphs=config.cuda_graphs))
+                          make(dynamic=config.dynamic, refine=config.refine,
+                               cluster_backend=backend, autocast=autocast,
+                               cuda_graphs=config.cuda_graphs))
     label = RANDOM_WEIGHTS_LABEL if config.random_weights else ""
     return Vggt4dWindowPredictor(pipe, config.image_width, device, config.token_cache_size, label)

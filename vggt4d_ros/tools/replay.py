@@ -105,6 +105,7 @@ class ReplaySettings:
     dynamic: bool = True             # False = plain VGGT (no VGGT4D masks / key suppression)
     refine: bool = True              # VGGT4D mask refinement
     cuda_graphs: bool = True         # CUDA-graph k-means (node: vggt4d.cuda_graphs)
+    numerics: str = "fast"           # fast | official (node: model.numerics)
     pipelined: bool = True           # predict ahead, same outputs (node: window.pipelined)
     voxel_size: float = 0.05         # static map voxel, odom units (node: map.voxel_size)
     max_voxels: int = 500_000        # node: map.max_voxels
@@ -326,7 +327,7 @@ def make_predictor(settings: ReplaySettings) -> Any:
         "checkpoint": settings.checkpoint, "device": resolve_device(settings.device),
         "dtype": settings.dtype, "image_width": settings.resolution, "seed": settings.seed,
         "dynamic": settings.dynamic, "refine": settings.refine,
-        "cuda_graphs": settings.cuda_graphs}))
+        "cuda_graphs": settings.cuda_graphs, "numerics": settings.numerics}))
     return factory.build_predictor(cfg)
 
 
@@ -664,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA: k-means loops and threshold as CUDA-graph replays (same "
                         "results; default on; node: vggt4d.cuda_graphs)")
+    p.add_argument("--numerics", choices=("fast", "official"), default="fast",
+                   help="GPU numerics: fast (bf16 depth head, GEMM-fused tanh GELU) or official "
+                        "(float32 heads, exact GELU); node: model.numerics")
     p.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True,
                    help="predict the next window while this one is written (same outputs; "
                         "default on; node: window.pipelined)")
@@ -694,7 +698,7 @@ def settings_from_args(a: argparse.Namespace) -> ReplaySettings:
         checkpoint=str(a.checkpoint), window=a.window, stride=a.stride, resolution=a.resolution,
         keyframes=a.keyframes, min_window=a.min_window, device=a.device, dtype=a.dtype,
         dynamic=not a.no_dynamic, refine=not a.no_refine, cuda_graphs=a.cuda_graphs,
-        pipelined=a.pipelined,
+        numerics=a.numerics, pipelined=a.pipelined,
         voxel_size=a.voxel_size, seed=a.seed, storage=a.storage, bag=not a.no_bag,
         viz=not a.no_viz, depth_format=a.depth_format, input_kind=a.kind, topic=a.topic,
         input_stride=a.input_stride, max_frames=a.max_frames)
