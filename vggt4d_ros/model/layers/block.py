@@ -95,7 +95,8 @@ class Block(nn.Module):
 
         The copies are refreshed in place when a parameter changed (its version counter), so
         a CUDA graph that captured them reads the new values once an eager call refreshed
-        them."""
+        them (a block that only replays inside a graph is never refreshed: load a new model
+        to change weights)."""
         params = (self.attn.qkv.weight, self.attn.qkv.bias, self.attn.proj.weight,
                   self.attn.proj.bias, self.mlp.fc1.weight, self.mlp.fc1.bias,
                   self.mlp.fc2.weight, self.mlp.fc2.bias)

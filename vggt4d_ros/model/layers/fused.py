@@ -116,9 +116,10 @@ def linear_gelu_tanh(x: Tensor, w: Tensor, b: Optional[Tensor],
 
 
 class FusedBlockFunctions:
-    """The two block functions, compiled or not; shared by every block of a model.
+    """The block functions (attention inputs, the qkv projection alone, attention output +
+    MLP), compiled or not; shared by every block of a model.
 
-    Two execution options, read by every block at each call (a pipeline sets them for its
+    Three execution options, read by every block at each call (a pipeline sets them for its
     passes, so pipelines with different options can share one model):
 
     * ``gelu_epilogue`` - on CUDA under autocast, the MLP's GELU fused into its first GEMM,
