@@ -98,10 +98,12 @@ class Vggt4dConfig:
     pass2_camera_only: bool = True          # pass 2 runs aggregator + camera head only
     autocast: str = "auto"                  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "off"
     pass1_point_head: bool = False          # world points come from depth: the point head is idle
-    # Numerics of the GPU speed path (each off = the official recipe; all three off:
-    # ``Vggt4dConfig.official_recipe()``). Measured on the H100 (docs/BENCHMARKS.md, runs
-    # 43-46): together 19 ms of a 248 ms window, and the fast path still agrees with the fp32
-    # reference within the bf16 tolerance (tools/numerics_check).
+    # The GPU speed path's block and head options. head_dtype and mlp_gelu_epilogue change
+    # numerics (both as the official recipe: ``Vggt4dConfig.official_recipe()``);
+    # cast_weight_cache and qk_rope_kernel keep results. Measured on the H100
+    # (docs/BENCHMARKS.md, runs 43-47): the four together 28 ms of a 253 ms window, and the
+    # fast path still agrees with the fp32 reference within the bf16 tolerance
+    # (tools/numerics_check).
     # DPT depth head dtype: "auto" = bf16 when the aggregator runs under bf16 autocast (CUDA),
     # else float32 | "fp32" (the official recipe: heads in float32) | "bf16".
     head_dtype: str = "auto"
@@ -343,12 +345,11 @@ class Vggt4dPipeline:
         """Aggregator + camera head only -> (extrinsic [S,3,4], intrinsic [S,3,3])."""
         model = self.model
         x = images[None]
-        ctx = torch.autocast(images.device.type, dtype=amp) if amp is not None else _null()
         start = self._pass2_split(x, control)
         if start is None:
             return _camera_layers(model, x, control, patch_tokens, amp, None)
         # the key-masked layers (data-dependent key counts) eagerly, the rest replayed
-        with ctx:
+        with _autocast(x.device.type, amp):
             head = model.aggregator.run(x, control=control, patch_tokens=patch_tokens,
                                         keep_layers=(), layer_range=(0, start))
         key = (id(model), tuple(x.shape), start, head.tokens.dtype, amp, self._kernel_key(),
@@ -641,7 +642,7 @@ _pass1_graphs: "cuda_graph.GraphCache[_ModelGraph]" = cuda_graph.GraphCache(2, "
 
 def _embed(model: torch.nn.Module, images: Tensor, amp: Optional[torch.dtype]) -> Tensor:
     """DINO patch tokens ``[S, N, C]`` of ``images [S, 3, H, W]`` under pass 1's autocast."""
-    with torch.autocast(images.device.type, dtype=amp) if amp is not None else _null():
+    with _autocast(images.device.type, amp):
         return model.aggregator.embed_patches(images[None])
 
 
@@ -656,9 +657,8 @@ def _camera_layers(model: torch.nn.Module, x: Tensor, control, patch_tokens: Opt
     on ``x [1, S, 3, H, W]`` -> (extrinsic [S,3,4], intrinsic [S,3,3])."""
     from ..model.pose_encoding import pose_encoding_to_extri_intri
     dev = x.device.type
-    ctx = torch.autocast(dev, dtype=amp) if amp is not None else _null()
     depth = len(model.aggregator.frame_blocks)
-    with ctx:
+    with _autocast(dev, amp):
         # the last global block only for the camera tokens (~2 ms of a 16-frame pass)
         agg = model.aggregator.run(
             x, control=control, patch_tokens=patch_tokens, keep_layers={depth - 1},
@@ -697,3 +697,8 @@ def _cam_to_world(extrinsic: Tensor) -> Tensor:
 @contextmanager
 def _null() -> Iterator[None]:
     yield
+
+
+def _autocast(device_type: str, amp: Optional[torch.dtype]):
+    """Autocast to ``amp`` on that device type; a no-op context for None (float32)."""
+    return torch.autocast(device_type, dtype=amp) if amp is not None else _null()

@@ -27,7 +27,6 @@ as JSON, to ``--out`` (default ``$OUT/bench.json`` when ``$OUT`` is set).
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -35,8 +34,9 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from vggt4d_ros.tools.bench_util import (H100_BF16_DENSE_TFLOPS, parse_window_args, synchronize,
-                                         tflops, time_fn, vggt_flops, write_report)
+from vggt4d_ros.tools.bench_util import (H100_BF16_DENSE_TFLOPS, cuda_missing, parse_window_args,
+                                         run_info, synchronize, tflops, time_fn, vggt_flops,
+                                         write_report)
 
 RANDOM_LABEL = "random weights: geometry is meaningless"
 
@@ -547,9 +547,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     dev = torch.device(args.device)
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print("vggt4d-bench: CUDA is not available (this benchmark is for the GPU device)",
-              file=sys.stderr)
+    if cuda_missing(dev, "vggt4d-bench", "this benchmark is for the GPU device"):
         return 2
     from vggt4d_ros.dynamic.pipeline import Vggt4dConfig, Vggt4dPipeline
     from vggt4d_ros.model.config import VGGTConfig
@@ -557,11 +555,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     t_start = time.perf_counter()
     model = build_random_vggt(dev, config=cfg)
     report: Dict[str, object] = {
-        "label": RANDOM_LABEL,
-        "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor(),
-        "torch": torch.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "label": RANDOM_LABEL, **run_info(dev),
         "command": "vggt4d-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
                  "cudnn": torch.backends.cudnn.allow_tf32},

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +112,25 @@ def config_overrides(items: List[str]) -> Dict[str, object]:
         except (ValueError, SyntaxError) as exc:
             raise ValueError(f"--set {key}: {value!r} is not a Python literal") from exc
     return out
+
+
+def cuda_missing(device: torch.device, prog: str, why: str) -> bool:
+    """True, after one line on stderr, when ``device`` is CUDA and there is no GPU: the GPU
+    tools then exit 2."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"{prog}: CUDA is not available ({why})", file=sys.stderr)
+        return True
+    return False
+
+
+def run_info(device: torch.device) -> Dict[str, object]:
+    """Where and when a device report was made: device name, torch / CUDA / Python versions,
+    UTC date (the header every GPU tool's JSON report starts with)."""
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine())
+    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
 
 
 def parse_window_args(parser, args, overrides: List[str]) -> None:

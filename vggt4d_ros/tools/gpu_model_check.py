@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from vggt4d_ros.model.config import VGGTConfig
 from vggt4d_ros.model.hooks import AttentionControl
 from vggt4d_ros.model.vggt import VGGT
-from vggt4d_ros.tools.bench_util import time_fn, tflops, vggt_flops
+from vggt4d_ros.tools.bench_util import cuda_missing, run_info, time_fn, tflops, vggt_flops
 
 COMPARED = ("pose_enc", "depth", "world_points", "depth_conf")
 
@@ -79,8 +78,7 @@ def _pose_angle_deg(a: torch.Tensor, b: torch.Tensor) -> float:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parse_args(argv)
     dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_model_check: CUDA is not available; this check needs a GPU", file=sys.stderr)
+    if cuda_missing(dev, "gpu_model_check", "this check needs a GPU"):
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False      # fp32 runs are a float32 reference
     torch.backends.cudnn.allow_tf32 = False
@@ -93,10 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
     report: Dict[str, object] = {
-        "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor(),
-        "config": args.config or "vggt_1b", "torch": torch.__version__,
-        "cuda": torch.version.cuda, "python": platform.python_version(),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        **run_info(dev), "config": args.config or "vggt_1b",
         "command": " ".join([sys.executable, "-m", "vggt4d_ros.tools.gpu_model_check"]
                             + (argv if argv is not None else sys.argv[1:])),
         "params": n_params, "build_s": build_s, "height": args.height, "width": args.width,

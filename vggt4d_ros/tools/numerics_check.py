@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import platform
 import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -36,7 +35,8 @@ import torch
 from torch import Tensor
 
 from vggt4d_ros.tools.bench import RANDOM_LABEL, build_random_vggt, reference_vggt4d
-from vggt4d_ros.tools.bench_util import parse_window_args, synchronize, write_report
+from vggt4d_ros.tools.bench_util import (cuda_missing, parse_window_args, run_info, synchronize,
+                                         write_report)
 
 # --------------------------------------------------------------------------- tolerances
 # The bf16 tolerance documented in docs/BENCHMARKS.md, "Run 1 - VGGT model check" (bf16
@@ -376,8 +376,7 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(argv)
     dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print("numerics_check: CUDA is not available", file=sys.stderr)
+    if cuda_missing(dev, "numerics_check", "use --device cpu for a CPU run"):
         return 2
     from vggt4d_ros.dynamic.benchmark import TINY, synthetic_window
     from vggt4d_ros.model.config import VGGTConfig
@@ -386,11 +385,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     images = synthetic_window(args.frames, args.height, args.width, seed=args.seed,
                               device=str(dev))
     report: Dict[str, object] = {
-        "label": RANDOM_LABEL,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-        else (platform.processor() or platform.machine()),
-        "torch": torch.__version__, "cuda": torch.version.cuda,
-        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "label": RANDOM_LABEL, **run_info(dev),
         "command": "python -m vggt4d_ros.tools.numerics_check "
                    + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": "tiny" if args.tiny else "VGGT-1B", "seed": args.seed,

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 from vggt4d_ros.tools.bench import RANDOM_LABEL, build_random_vggt
-from vggt4d_ros.tools.bench_util import config_overrides, synchronize, time_fn, write_report
+from vggt4d_ros.tools.bench_util import (config_overrides, cuda_missing, run_info, synchronize,
+                                         time_fn, write_report)
 
 
 def profile_stages(pipe, images: torch.Tensor, top: int = 8) -> Dict[str, object]:
@@ -178,23 +178,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--top", type=int, default=8, help="heaviest kernels listed per stage")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("profile_window: CUDA is not available (this tool is for the GPU device)",
-              file=sys.stderr)
+    dev = torch.device("cuda")
+    if cuda_missing(dev, "profile_window", "this tool is for the GPU device"):
         return 2
     from vggt4d_ros.dynamic.pipeline import Vggt4dConfig, Vggt4dPipeline
     overrides = config_overrides(args.set)
-    dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     model = build_random_vggt(dev)
     pipe = Vggt4dPipeline(model, Vggt4dConfig(cluster_backend="fast", **overrides))
     gen = torch.Generator(device=dev).manual_seed(1)
     images = torch.rand(args.frames, 3, args.height, args.width, device=dev, generator=gen)
-    report: Dict[str, object] = {"label": RANDOM_LABEL, "device": torch.cuda.get_device_name(),
-                                 "torch": torch.__version__, "frames": args.frames,
+    report: Dict[str, object] = {"label": RANDOM_LABEL, **run_info(dev), "frames": args.frames,
                                  "size": [args.height, args.width], "overrides": overrides,
-                                 "cudnn_benchmark": args.cudnn_benchmark,
-                                 "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+                                 "cudnn_benchmark": args.cudnn_benchmark}
     t = time_fn(lambda: pipe(images), args.warmup, args.repeats, dev)
     report["window_ms_median"] = t.median_s * 1e3
     report["profile"] = prof = profile_stages(pipe, images, top=args.top)

@@ -68,6 +68,7 @@ import cv2
 import numpy as np
 
 from vggt4d_ros.geometry.transforms import invert_se3
+from vggt4d_ros.stream.factory import NUMERICS
 from vggt4d_ros.stream.odom import (LINK_FROM_OPTICAL, OdomFrames, TwistEstimator,
                                     covariance_in_base)
 from vggt4d_ros.tools.atomic import atomic_output_dir
@@ -665,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA: k-means loops and threshold as CUDA-graph replays (same "
                         "results; default on; node: vggt4d.cuda_graphs)")
-    p.add_argument("--numerics", choices=("fast", "official"), default="fast",
+    p.add_argument("--numerics", choices=NUMERICS, default="fast",
                    help="GPU numerics: fast (bf16 depth head, GEMM-fused tanh GELU) or official "
                         "(float32 heads, exact GELU); node: model.numerics")
     p.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True,
